@@ -1,0 +1,1 @@
+"""Ablation analysis of MLflow runs (tables, knob importance, plots)."""

@@ -1,0 +1,210 @@
+"""Command lines: ``python -m platform.sweep METHOD`` and ``python -m platform.train METHOD``.
+
+Parsing and validation happen here, before anything is started or written; bad input
+becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+from .errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of argparse's usage dump
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
+def _parse_sets(pairs: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set expects key=value, got '{pair}'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("method", help="method name, e.g. okdph")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a knob (repeatable)")
+    p.add_argument("--space", type=Path, help="search space file (default: search_spaces/METHOD.yaml)")
+    p.add_argument("--epochs", type=_positive_int, help="epochs per run (default: the space file's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every generator (default 0)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
+    p.add_argument("--experiment", help="MLflow experiment name (default: the method's name)")
+    p.add_argument("--out", type=Path, default=Path("kd_results"), help="results directory (default kd_results)")
+    p.add_argument("--workers-per-trial", type=_positive_int, default=1,
+                   help="Ray Train DDP workers per run (1 runs in-process unless --use-train)")
+    p.add_argument("--cpus-per-trial", type=_non_negative_float, default=1.0, help="CPUs per worker")
+    p.add_argument("--gpus-per-trial", type=_non_negative_float, default=0.0,
+                   help="GPUs per worker (fractions share a GPU)")
+    p.add_argument("--use-train", action="store_true", help="run even one worker through a TorchTrainer")
+    p.add_argument("--address", help="join an existing Ray cluster ('auto' or host:port; default $RAY_ADDRESS)")
+
+
+def _launch(args: argparse.Namespace, storage: Path) -> Any:
+    from .trial import Launch
+    if args.cpus_per_trial <= 0:
+        raise UsageError("--cpus-per-trial must be positive")
+    if args.gpus_per_trial > 0 and not (args.address or os.environ.get("RAY_ADDRESS")):
+        import torch
+        if torch.cuda.device_count() == 0:
+            raise UsageError("--gpus-per-trial > 0 but this machine has no CUDA GPU (use --address to join a GPU cluster)")
+    return Launch(workers=args.workers_per_trial, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial,
+                  use_train=args.use_train, storage_path=str(storage.resolve()))
+
+
+def _run(main: Any, argv: Sequence[str] | None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return main(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def sweep_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m platform.sweep",
+                description="Sweep a distillation method's knobs with Ray Tune (Optuna TPE + ASHA), logged to MLflow.")
+    _common(p)
+    p.add_argument("--samples", type=_positive_int, help="trials to run (default: the space file's)")
+    p.add_argument("--max-concurrent", type=_positive_int, help="trials at once (default: CPUs / CPUs per trial)")
+    p.add_argument("--name", help="sweep name (default METHOD-YYYYmmdd-HHMMSS)")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="SWEEP_DIR",
+                   help="finish an interrupted sweep (default: the newest one of METHOD in --out)")
+    p.add_argument("--quiet", action="store_true", help="no live trial table")
+    return p
+
+
+def _latest_sweep(out: Path, method: str) -> Path:
+    from .sweep import STATE_FILE
+    found = sorted((p.parent for p in out.glob(f"{method}-*/{STATE_FILE}")), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UsageError(f"--resume: no sweep of '{method}' in '{out}'")
+    return found[-1]
+
+
+def sweep_settings(argv: Sequence[str] | None) -> Any:
+    """Parse and validate a sweep command line into settings; touches nothing on disk."""
+    from .space import load_space
+    from .sweep import SweepSettings
+    from .tracking import resolve_tracking_uri
+    args = sweep_parser().parse_args(argv)
+    if args.resume:
+        conflicting = [f for f, v in (("--set", args.set), ("--space", args.space), ("--samples", args.samples),
+                                      ("--epochs", args.epochs), ("--name", args.name)) if v]
+        if conflicting:
+            raise UsageError(f"--resume continues a sweep as it was started; drop {conflicting[0]}")
+        path = _latest_sweep(args.out, args.method) if args.resume == "latest" else Path(args.resume)
+        s = SweepSettings.from_sweep_dir(path.resolve())
+        if s.method != args.method:
+            raise UsageError(f"--resume: '{path}' is a sweep of '{s.method}', not '{args.method}'")
+        s.verbose = 0 if args.quiet else 1
+        return s
+    space = load_space(args.method, args.space)
+    space.fix(_parse_sets(args.set))
+    samples = args.samples or space.samples
+    epochs = args.epochs or space.epochs
+    launch = _launch(args, args.out)
+    cpus = os.cpu_count() or 1
+    per_trial = launch.cpus * launch.workers
+    max_concurrent = args.max_concurrent or max(1, min(samples, int(cpus // per_trial) or 1))
+    name = args.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (args.out / name).exists():
+        raise UsageError(f"sweep directory '{args.out / name}' already exists (use --resume or another --name)")
+    return SweepSettings(args.method, space, samples, epochs, max_concurrent, args.seed,
+                         resolve_tracking_uri(args.tracking_uri), args.experiment or args.method,
+                         args.out.resolve(), name, launch, address=args.address, verbose=0 if args.quiet else 1)
+
+
+def _sweep(argv: Sequence[str] | None) -> int:
+    from .sweep import run_sweep
+    from .tracking import ui_command
+    s = sweep_settings(argv)
+    outcome = run_sweep(s)
+    print()
+    print(f"Sweep {s.name}: {outcome.trials} trials ({outcome.stopped_early} stopped early by ASHA, "
+          f"{outcome.failed} failed) in {outcome.wall_s:.0f}s")
+    if outcome.best_metric is None:
+        print("No trial finished; see the FAILED runs in MLflow for the errors.")
+        return 1
+    print(f"Best trial: {s.space.metric} = {outcome.best_metric:.2f} (MLflow run {outcome.best_run_id})")
+    for key, value in sorted(outcome.best_config.items()):
+        print(f"  {key} = {value}")
+    print("Open the MLflow UI on it:")
+    print(f"  {ui_command(s.tracking_uri)}")
+    if s.tracking_uri.startswith("sqlite:"):
+        print(f"  then browse http://127.0.0.1:5000/#/experiments/{outcome.experiment_id}/runs/{outcome.parent_run_id}")
+    return 0
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m platform.train",
+                description="Train one run of a method (no sweep) and log it to MLflow.")
+    _common(p)
+    return p
+
+
+def _train(argv: Sequence[str] | None) -> int:
+    from .engine import RunSpec
+    from .single import run_single
+    from .space import load_space
+    from .tracking import resolve_tracking_uri, ui_command
+    args = train_parser().parse_args(argv)
+    space = load_space(args.method, args.space)
+    space.fix(_parse_sets(args.set))
+    spec = RunSpec.from_flat(args.method, {**space.fixed, "epochs": args.epochs or space.epochs}, args.seed)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    launch = _launch(args, args.out)
+    result = run_single(spec, launch, uri, args.experiment or args.method, args.out.resolve())
+    m = result["metrics"]
+    print(f"val/acc/students_mean = {m.get('val/acc/students_mean', float('nan')):.2f}   "
+          f"test/acc/students_mean = {m.get('test/acc/students_mean', float('nan')):.2f}")
+    print(f"MLflow run {result['run_id']}; open the UI with: {ui_command(uri)}")
+    return 0
+
+
+def sweep_main(argv: Sequence[str] | None = None) -> int:
+    return _run(_sweep, argv)
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    return _run(_train, argv)
+
+
+def sweep_entry() -> None:
+    sys.exit(sweep_main())
+
+
+def train_entry() -> None:
+    sys.exit(train_main())

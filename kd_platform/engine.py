@@ -1,0 +1,190 @@
+"""The epoch loop, shared by single runs, Tune trials and Ray Train workers.
+
+It builds the data, the method and the optimiser from a :class:`RunSpec`, trains,
+evaluates every network the method names on the validation split after each epoch
+(and on the test split after the last), checkpoints every epoch and hands metrics
+to a :class:`Reporter`. It knows nothing of any particular method, of Ray or of MLflow.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import STATE_FILE, load_checked, save_atomic
+from .data import build_data
+from .knobs import build_config, knob_specs
+from .methods import get_method
+from .methods.base import BuildEnv, Method, StepContext
+from .models import build_model
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; the run cannot recover from that."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """The whole description of one run: method, method knobs, recipe knobs and seed."""
+    method: str
+    knobs: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    @staticmethod
+    def from_flat(method: str, flat: dict[str, Any], seed: int) -> "RunSpec":
+        """Split one flat mapping of knobs into method knobs and recipe knobs, validating both."""
+        method_keys = set(knob_specs(get_method(method).Config))
+        recipe_keys = set(knob_specs(Recipe))
+        spec = RunSpec(method, {k: v for k, v in flat.items() if k in method_keys},
+                       {k: v for k, v in flat.items() if k in recipe_keys and k not in method_keys}, seed)
+        spec.resolved()  # raises UsageError naming an unknown key or a bad value
+        unknown = set(flat) - method_keys - recipe_keys
+        if unknown:
+            from .errors import UsageError
+            raise UsageError(f"unknown knob '{sorted(unknown)[0]}' for method '{method}'")
+        return spec
+
+    def resolved(self) -> tuple[Recipe, Any]:
+        return build_config(Recipe, self.recipe), build_config(get_method(self.method).Config, self.knobs)
+
+    def all_knobs(self) -> dict[str, Any]:
+        """Every knob with its resolved value (defaults filled in), as logged to MLflow."""
+        recipe, cfg = self.resolved()
+        return {**asdict(recipe), **asdict(cfg), "seed": self.seed}
+
+
+class Reporter(Protocol):
+    def __call__(self, metrics: dict[str, float], save: Callable[[Path], None]) -> None:
+        """Record one epoch's metrics; call ``save(directory)`` to write the checkpoint."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _scheduler(opt: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LRScheduler:
+    if recipe.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
+    if recipe.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, recipe.milestone_list(), gamma=recipe.lr_decay)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def evaluate(method: Method, data: Any, split: str, device: torch.device) -> dict[str, float]:
+    """Top-1 accuracy (%) of every network the method names, plus the students' mean and the best."""
+    method.eval()
+    nets = method.eval_networks()
+    correct = torch.zeros(len(nets), dtype=torch.float64, device=device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in data.eval_batches(split):
+        for i, fn in enumerate(nets.values()):
+            correct[i] += (fn(x).argmax(1) == y).sum()
+        total += len(y)
+    _all_reduce(correct), _all_reduce(total)
+    acc = {name: float(100.0 * c / max(float(total), 1.0)) for name, c in zip(nets, correct)}
+    acc["students_mean"] = float(np.mean([acc[s] for s in method.students]))
+    acc["best_network"] = max(acc[n] for n in nets)
+    method.train()
+    return acc
+
+
+def build_method(spec: RunSpec, data: Any, device: torch.device,
+                 get_teacher: Callable[[str], nn.Module] | None = None) -> Method:
+    recipe, cfg = spec.resolved()
+    env = BuildEnv(recipe=recipe, num_classes=data.num_classes, in_channels=data.in_channels,
+                   image_size=data.image_size,
+                   make_model=lambda arch: build_model(arch, data.num_classes, data.in_channels),
+                   get_teacher=get_teacher)
+    return get_method(spec.method)(cfg, env).to(device)
+
+
+def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None,
+          resume_from: Path | None = None, rank: int = 0, world: int = 1,
+          get_teacher: Callable[[str], nn.Module] | None = None) -> dict[str, float]:
+    """Train ``spec`` to its last epoch (resuming from a checkpoint directory if given)."""
+    device = device or torch.device("cpu")
+    recipe, _ = spec.resolved()
+    seed_everything(spec.seed)
+    data = build_data(recipe, spec.seed, device, rank, world)
+    method = build_method(spec, data, device, get_teacher)
+    model: nn.Module = method
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(method, device_ids=ids)
+    opt = torch.optim.SGD(list(method.trainable_parameters()), lr=recipe.lr, momentum=recipe.momentum,
+                          nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
+    sched = _scheduler(opt, recipe)
+    start_epoch, best = 0, -math.inf
+    if resume_from is not None:
+        state = load_checked(Path(resume_from) / STATE_FILE)
+        method.load_state_dict(state["method"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, best = int(state["epoch"]), float(state["best"])
+        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+
+    steps = data.steps_per_epoch()
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, recipe.epochs):
+        t0 = time.perf_counter()
+        method.train()
+        sums: dict[str, torch.Tensor] = {}
+        seen = 0
+        for step, batch in enumerate(data.train_batches(epoch, method.num_views())):
+            ctx = StepContext(epoch, recipe.epochs, step, steps, epoch * steps + step)
+            terms = model(batch, ctx)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            method.after_step(ctx)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            seen += len(batch.y)
+        method.after_epoch(ctx)
+        sched.step()
+        means = {k: float(v) / (step + 1) for k, v in sums.items()}
+        if not all(math.isfinite(v) for v in means.values()):
+            raise NonFiniteLoss(f"non-finite training loss at epoch {epoch + 1}: "
+                                + ", ".join(f"{k}={v}" for k, v in means.items()))
+        elapsed = time.perf_counter() - t0
+        val = evaluate(method, data, "val", device)
+        best = max(best, val["students_mean"])
+        # Key order matters: Ray Tune's live table shows the first few metrics.
+        metrics = {"epoch": epoch + 1, "val/acc/students_mean": val["students_mean"],
+                   "train/loss/loss": means["loss"], "val/acc/best_network": val["best_network"],
+                   **{f"train/loss/{k}": v for k, v in means.items()},
+                   **{f"val/acc/{k}": v for k, v in val.items()},
+                   "val/acc_best_epoch/students_mean": best, "lr": opt.param_groups[0]["lr"],
+                   "time/epoch_s": elapsed, "throughput/img_s": seen * world / elapsed}
+        if epoch + 1 == recipe.epochs:
+            metrics.update({f"test/acc/{k}": v for k, v in evaluate(method, data, "test", device).items()})
+
+        def save(directory: Path, epoch: int = epoch) -> None:
+            save_atomic({"method": method.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                         "epoch": epoch + 1, "best": best}, Path(directory) / STATE_FILE)
+        report(metrics, save)
+    return metrics

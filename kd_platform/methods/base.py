@@ -1,0 +1,114 @@
+"""The method contract: what a distillation method is to the engine.
+
+A method is an ``nn.Module`` that owns its networks (students, teachers, EMA copies)
+and turns one batch into named loss terms. It knows nothing of Ray or MLflow; the
+engine knows nothing of any method.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..recipe import Recipe
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's knobs; subclasses add fields declared with ``knob``."""
+
+
+@dataclass
+class BuildEnv:
+    """What a method may use to build itself."""
+    recipe: Recipe
+    num_classes: int
+    in_channels: int
+    image_size: int
+    make_model: Callable[[str], nn.Module]
+    """Fresh network of the named architecture, shaped for this dataset."""
+    get_teacher: Callable[[str], nn.Module] | None = None
+    """Trained, frozen teacher of the named architecture (offline methods only)."""
+
+
+@dataclass
+class Batch:
+    """One training batch. ``views`` holds one augmented view per network when the
+    method asked for per-network views (``Method.num_views``), else a single shared view."""
+    views: list[Tensor]
+    y: Tensor
+
+    @property
+    def x(self) -> Tensor:
+        return self.views[0]
+
+    def view(self, i: int) -> Tensor:
+        return self.views[i % len(self.views)]
+
+
+@dataclass
+class StepContext:
+    epoch: int                 # 0-based
+    epochs: int
+    step: int                  # 0-based index of the batch within the epoch
+    steps_per_epoch: int
+    global_step: int           # 0-based count of optimiser steps since the run started
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def last_step_of_epoch(self) -> bool:
+        return self.step == self.steps_per_epoch - 1
+
+
+class Method(nn.Module):
+    """Subclasses set ``name``, ``Config`` and ``kind`` and implement the hooks below."""
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]]
+    kind: ClassVar[str] = "online"    # "single" | "online" | "offline"
+    students: ClassVar[tuple[str, ...]] | tuple[str, ...] = ()
+    """Names (keys of ``eval_networks``) averaged into the primary metric ``students_mean``."""
+
+    def __init__(self, cfg: MethodConfig, env: BuildEnv) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
+        """Named loss terms of one batch; ``"loss"`` is the total that is back-propagated."""
+        raise NotImplementedError
+
+    def forward(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
+        # DDP synchronises gradients of whatever runs through forward().
+        return self.training_step(batch, ctx)
+
+    def num_views(self) -> int:
+        """How many independently augmented views of each batch the method wants."""
+        return 1
+
+    def after_step(self, ctx: StepContext) -> None:
+        """Runs after every optimiser step (fusion, EMA updates, ...)."""
+
+    def after_epoch(self, ctx: StepContext) -> None:
+        """Runs after the last step of every epoch."""
+
+    def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        """What to evaluate, by name: each callable maps images to logits."""
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+
+def freeze(net: nn.Module) -> nn.Module:
+    """Put ``net`` in eval mode for good with no parameter requiring a gradient."""
+    net.eval()
+    net.train = lambda mode=True: net  # type: ignore[method-assign]  # stay in eval under .train()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+@torch.no_grad()
+def accuracy_counts(logits: Tensor, y: Tensor) -> Tensor:
+    return (logits.argmax(1) == y).sum()

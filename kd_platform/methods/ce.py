@@ -1,0 +1,36 @@
+"""``ce``: one network trained with cross entropy alone (the baseline every table starts from)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..knobs import knob
+from . import register_method
+from .base import Batch, BuildEnv, Method, MethodConfig, StepContext
+
+
+@dataclass(frozen=True)
+class CEConfig(MethodConfig):
+    label_smoothing: float = knob(0.0, low=0.0, high=0.5)
+
+
+@register_method
+class CE(Method):
+    name = "ce"
+    Config = CEConfig
+    kind = "single"
+    students = ("net",)
+
+    def __init__(self, cfg: CEConfig, env: BuildEnv) -> None:
+        super().__init__(cfg, env)
+        self.net = env.make_model(env.recipe.arch)
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
+        loss = F.cross_entropy(self.net(batch.x), batch.y, label_smoothing=self.cfg.label_smoothing)
+        return {"loss": loss, "ce": loss.detach()}
+
+    def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        return {"net": self.net}

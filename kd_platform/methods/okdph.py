@@ -1,0 +1,144 @@
+"""``okdph``: online KD by parameter hybridisation (Zhang et al., CVPR 2023).
+
+N students of one architecture learn together. Each batch, a hybrid-weight model
+(HWM) with parameters ``sum_i r_i theta_i`` is evaluated; its cross entropy enters
+every student's loss, and the detached mean of all logits (students + HWM) is the
+distillation target. Every ``fusion_interval`` units the students are pulled towards
+their mean. ``variant=code`` reproduces the released script: mean mixing, an HWM built
+from detached copies (so its loss gives the students no gradient) and per-network views.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..knobs import knob
+from ..losses import kd_loss
+from . import register_method
+from .base import Batch, BuildEnv, Method, MethodConfig, StepContext
+
+
+@dataclass(frozen=True)
+class OKDPHConfig(MethodConfig):
+    variant: str = knob("paper", choices=("paper", "code"),
+                        help="paper: Dirichlet mixing, HWM gradient reaches students; code: the released script")
+    n_students: int = knob(2, low=2, high=8)
+    same_init: bool = knob(True, help="all students start from the same weights")
+    omega: float = knob(0.8, low=0.0, high=1.0, help="weight of a student's own CE against the HWM's CE")
+    beta: float = knob(0.8, low=0.0, high=10.0, help="weight of the KD term towards the ensemble")
+    gamma: float = knob(0.5, low=0.0, high=1.0, help="fusion step towards the students' mean")
+    temperature: float = knob(4.0, low=0.1, high=20.0)
+    fusion_interval: int = knob(1, low=0, high=100000, help="fuse every this many units; 0 disables fusion")
+    fusion_unit: str = knob("epoch", choices=("batch", "epoch"))
+    alpha: float = knob(1.0, low=1e-3, high=100.0, help="Dirichlet concentration of the mixing weights")
+    hwm_mix: str = knob("auto", choices=("auto", "dirichlet", "mean"),
+                        help="auto follows the variant (paper: dirichlet, code: mean)")
+    hwm_grad: str = knob("auto", choices=("auto", "true", "false"),
+                         help="whether the HWM's loss reaches the students; auto follows the variant")
+    views: str = knob("auto", choices=("auto", "shared", "per_network"),
+                      help="auto follows the variant (paper: shared, code: per_network)")
+
+
+def _pick(value: str, paper: str, code: str, variant: str) -> str:
+    return value if value != "auto" else (paper if variant == "paper" else code)
+
+
+def mix_state(nets: list[nn.Module], r: Tensor, keep_grad: bool) -> dict[str, Tensor]:
+    """Parameters and buffers of the convex combination ``sum_i r_i net_i``.
+
+    With ``keep_grad`` the parameters stay functions of the live student tensors, so a
+    loss on the hybrid sends ``r_i`` times its gradient to student ``i``. Float buffers
+    (BatchNorm statistics) are mixed the same way; integer buffers come from the first net.
+    """
+    named = [dict(n.named_parameters()) for n in nets]
+    out: dict[str, Tensor] = {}
+    for key in named[0]:
+        stacked = torch.stack([p[key] if keep_grad else p[key].detach() for p in named])
+        out[key] = torch.tensordot(r.to(stacked), stacked, dims=1)
+    bufs = [dict(n.named_buffers()) for n in nets]
+    with torch.no_grad():
+        for key, first in bufs[0].items():
+            if first.is_floating_point():
+                out[key] = torch.tensordot(r.to(first), torch.stack([b[key] for b in bufs]), dims=1)
+            else:
+                out[key] = first.clone()
+    return out
+
+
+@register_method
+class OKDPH(Method):
+    name = "okdph"
+    Config = OKDPHConfig
+    kind = "online"
+
+    def __init__(self, cfg: OKDPHConfig, env: BuildEnv) -> None:
+        super().__init__(cfg, env)
+        self.nets = nn.ModuleList(env.make_model(env.recipe.arch) for _ in range(cfg.n_students))
+        if cfg.same_init:
+            for net in self.nets[1:]:
+                net.load_state_dict(self.nets[0].state_dict())
+        self.students = tuple(f"student{i + 1}" for i in range(cfg.n_students))
+        self.mix = _pick(cfg.hwm_mix, "dirichlet", "mean", cfg.variant)
+        self.hwm_grad = _pick(cfg.hwm_grad, "true", "false", cfg.variant) == "true"
+        self.per_network_views = _pick(cfg.views, "shared", "per_network", cfg.variant) == "per_network"
+
+    def num_views(self) -> int:
+        return self.cfg.n_students + 1 if self.per_network_views else 1
+
+    def mixing_weights(self) -> Tensor:
+        n = self.cfg.n_students
+        if self.mix == "mean":
+            return torch.full((n,), 1.0 / n)
+        # Sampled on the CPU generator so a seed gives the same draws on every device.
+        return torch.distributions.Dirichlet(torch.full((n,), float(self.cfg.alpha))).sample()
+
+    def hwm_forward(self, x: Tensor, r: Tensor, keep_grad: bool) -> Tensor:
+        return functional_call(self.nets[0], mix_state(list(self.nets), r, keep_grad), (x,))
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
+        cfg, n, y = self.cfg, self.cfg.n_students, batch.y
+        logits = [net(batch.view(i)) for i, net in enumerate(self.nets)]
+        z_h = self.hwm_forward(batch.view(n), self.mixing_weights(), self.hwm_grad)
+        target = torch.stack(logits + [z_h]).mean(0).detach()
+        ce = [F.cross_entropy(z, y) for z in logits]
+        kd = [kd_loss(z, target, cfg.temperature) for z in logits]
+        ce_h = F.cross_entropy(z_h, y)
+        loss = sum(cfg.omega * c + (1 - cfg.omega) * ce_h + cfg.beta * k for c, k in zip(ce, kd))
+        return {"loss": loss, "ce_students": torch.stack(ce).mean().detach(),
+                "ce_hwm": ce_h.detach(), "kd": torch.stack(kd).mean().detach()}
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Move every student (parameters and float buffers) ``gamma`` of the way to the mean."""
+        g = self.cfg.gamma
+        tensors = [list(net.parameters()) + [b for b in net.buffers() if b.is_floating_point()]
+                   for net in self.nets]
+        for group in zip(*tensors):
+            mean = torch.stack(group).mean(0)
+            for t in group:
+                t.mul_(1 - g).add_(mean, alpha=g)
+
+    def _fusion_due(self, unit: str, count: int) -> bool:
+        k = self.cfg.fusion_interval
+        return k > 0 and self.cfg.fusion_unit == unit and count % k == 0
+
+    def after_step(self, ctx: StepContext) -> None:
+        if self._fusion_due("batch", ctx.global_step + 1):
+            self.fuse()
+
+    def after_epoch(self, ctx: StepContext) -> None:
+        if self._fusion_due("epoch", ctx.epoch + 1):
+            self.fuse()
+
+    def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        nets = {name: net for name, net in zip(self.students, self.nets)}
+        mean_r = torch.full((self.cfg.n_students,), 1.0 / self.cfg.n_students)
+        hwm_state = mix_state(list(self.nets), mean_r, keep_grad=False)
+        nets["hwm"] = lambda x: functional_call(self.nets[0], hwm_state, (x,))
+        nets["ensemble"] = lambda x: torch.stack([net(x) for net in self.nets]).mean(0)
+        return nets

@@ -1,0 +1,99 @@
+"""A Ray Tune callback, living in the sweep driver, that keeps one MLflow child run per trial.
+
+Logging from the driver (rather than from each trial) means a trial that ASHA stops or
+that crashes still gets its run closed with the right status, and the sqlite store has
+a single writer. A resumed sweep finds each trial's existing run by its Ray trial id
+instead of opening a duplicate.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from . import tracking
+from .engine import RunSpec
+
+TRIAL_TAG = "ray.trial_id"
+
+
+class MlflowTrialLogger(Callback):
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, method: str,
+                 fixed: dict[str, Any], seed: int, epochs: int, tags: dict[str, str]) -> None:
+        self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
+        self.method, self.fixed, self.seed, self.epochs, self.tags = method, fixed, seed, epochs, tags
+        self.runs: dict[str, str] = {}
+        self.last_epoch: dict[str, int] = {}
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = tracking.client(self.uri)
+        return self._client
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def run_id(self, trial: Any) -> str:
+        if trial.trial_id in self.runs:
+            return self.runs[trial.trial_id]
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' and "
+                          f"tags.`{tracking.PARENT_TAG}` = '{self.parent_run_id}'")
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            spec = RunSpec.from_flat(self.method, {**self.fixed, **trial.config}, self.seed)
+            run = self.client.create_run(self.experiment_id, run_name=f"{self.method}-{trial.trial_id}", tags={
+                **self.tags, TRIAL_TAG: trial.trial_id, tracking.PARENT_TAG: self.parent_run_id})
+            run_id = run.info.run_id
+            tracking.log_params(self.client, run_id, spec.all_knobs())
+            tracking.set_tags(self.client, run_id, {f"swept.{k}": v for k, v in trial.config.items()})
+        self.runs[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.run_id(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        epoch = int(result.get("epoch", 0))
+        self.last_epoch[trial.trial_id] = epoch
+        tracking.log_metrics(self.client, self.run_id(trial), result, step=epoch)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.run_id(trial)
+        last = self.last_epoch.get(trial.trial_id) or _last_epoch(self.client, run_id)
+        stopped = last < self.epochs
+        tracking.set_tags(self.client, run_id, {
+            "trial_outcome": "asha_stopped" if stopped else "completed",
+            "asha_stopped": str(stopped).lower(), "epochs_run": last})
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.run_id(trial)
+        tracking.set_tags(self.client, run_id, {"trial_outcome": "failed", "error": _error_text(trial)})
+        self.client.set_terminated(run_id, status="FAILED")
+
+
+def _last_epoch(client: Any, run_id: str) -> int:
+    history = client.get_metric_history(run_id, "epoch")
+    return int(max((m.value for m in history), default=0)) if history else 0
+
+
+def _error_text(trial: Any) -> str:
+    """The last line of the trial's traceback (the exception and its message)."""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).is_file():
+        lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+        if lines:
+            return lines[-1].strip()
+    return "trial failed (no error file recorded)"
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

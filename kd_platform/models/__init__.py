@@ -1,0 +1,65 @@
+"""The architecture zoo, registered by name.
+
+Every model maps ``(N, C, H, W)`` images of any size and channel count to logits and
+exposes the pieces distillation methods need:
+
+- ``features(x)``: the last-stage feature map ``(N, feature_channels, h, w)``;
+- ``classify(fmap)``: pooling and the linear head, so ``forward(x) == classify(features(x))``;
+- ``feature_channels``: the channel count of that map.
+
+Adding an architecture is one ``@register_model("name")`` builder in a module of this
+package; the registry imports every module here on first use.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Callable
+
+from torch import nn
+
+from ..errors import UsageError
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+_loaded = False
+
+
+def register_model(name: str) -> Callable:
+    """Decorator registering ``builder(num_classes, in_channels) -> nn.Module`` under ``name``."""
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _BUILDERS:
+            raise ValueError(f"model '{name}' registered twice")
+        _BUILDERS[name] = builder
+        return builder
+    return wrap
+
+
+def _load_all() -> None:
+    global _loaded
+    if not _loaded:
+        for info in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{info.name}")
+        _loaded = True
+
+
+def model_names() -> list[str]:
+    _load_all()
+    return sorted(_BUILDERS)
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A freshly initialised network ``name`` for ``num_classes`` classes."""
+    _load_all()
+    if name not in _BUILDERS:
+        raise UsageError(f"unknown architecture '{name}'; known: {', '.join(sorted(_BUILDERS))}")
+    return _BUILDERS[name](num_classes=num_classes, in_channels=in_channels)
+
+
+def build_multibranch(name: str, num_classes: int, in_channels: int = 3, branches: int = 3) -> nn.Module:
+    """A PCL-style multi-branch form of ResNet ``name``: shared stem and first two stages,
+    ``branches`` separate last stages with their own heads, and a linear ensemble head over
+    the concatenated pooled branch features. ``forward`` returns ``(branch_logits, ensemble)``.
+    """
+    # Imported here because the ResNet modules import ``register_model`` from this package.
+    from .multibranch import build_multibranch as _build
+    return _build(name, num_classes, in_channels, branches)

@@ -1,0 +1,55 @@
+"""One run without Tune (``python -m platform.train``), logged to MLflow like a sweep's trial."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import engine, tracking
+from .engine import RunSpec
+from .trial import Launch, _device, _threads, fit_with_train
+
+log = logging.getLogger(__name__)
+
+
+def mlflow_reporter(uri: str, run_id: str, checkpoint_dir: Path | None) -> engine.Reporter:
+    """Logs each epoch's metrics to ``run_id`` and keeps the latest checkpoint in ``checkpoint_dir``."""
+    c = tracking.client(uri)
+
+    def report(metrics: dict[str, float], save: Callable[[Path], None]) -> None:
+        tracking.log_metrics(c, run_id, metrics, step=int(metrics["epoch"]))
+        if checkpoint_dir is not None:
+            save(checkpoint_dir)
+        acc = metrics.get("val/acc/students_mean", float("nan"))
+        log.info("epoch %d  loss %.4f  val/acc/students_mean %.2f  (%.1fs)", metrics["epoch"],
+                 metrics.get("train/loss/loss", float("nan")), acc, metrics["time/epoch_s"])
+    return report
+
+
+def run_single(spec: RunSpec, launch: Launch, uri: str, experiment: str, out: Path) -> dict[str, Any]:
+    """Train ``spec`` once; returns the final metrics and the MLflow run id."""
+    c = tracking.client(uri)
+    experiment_id = tracking.ensure_experiment(uri, experiment)
+    name = f"{spec.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = c.create_run(experiment_id, run_name=name, tags={
+        "kind": "single", "method": spec.method, "seed": spec.seed, "git_commit": tracking.git_commit(),
+        **tracking.package_versions()})
+    run_id = run.info.run_id
+    tracking.log_params(c, run_id, spec.all_knobs())
+    try:
+        if launch.in_process():
+            _threads(launch.cpus)
+            final = engine.train(spec, mlflow_reporter(uri, run_id, out / name / "checkpoint"),
+                                 device=_device(launch.gpus))
+        else:
+            from dataclasses import replace
+            result = fit_with_train(spec, replace(launch, storage_path=str(out)), name=name, tune_callback=False,
+                                    mlflow={"uri": uri, "run_id": run_id})
+            final = dict(result.metrics or {})
+    except BaseException as exc:
+        tracking.set_tags(c, run_id, {"error": f"{type(exc).__name__}: {exc}"})
+        c.set_terminated(run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    c.set_terminated(run_id, status="FINISHED")
+    return {"run_id": run_id, "experiment_id": experiment_id, "metrics": final}

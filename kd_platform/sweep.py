@@ -1,0 +1,208 @@
+"""A sweep: Ray Tune with Optuna's TPE and ASHA over one method's search space, one MLflow
+parent run for the sweep and one child run per trial.
+
+Layout of a sweep directory ``<out>/<name>/``: Ray Tune's experiment state and trial
+checkpoints, ``optuna.db`` (the study, so a resumed sweep keeps its TPE history) and
+``kd_sweep.json`` (what ``--resume`` needs: method, settings, MLflow parent run id).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import tracking
+from .errors import UsageError
+from .space import SearchSpace
+from .trial import Launch, run_trial
+
+log = logging.getLogger(__name__)
+STATE_FILE = "kd_sweep.json"
+
+
+@dataclass
+class SweepSettings:
+    method: str
+    space: SearchSpace
+    samples: int
+    epochs: int
+    max_concurrent: int
+    seed: int
+    tracking_uri: str
+    experiment: str
+    out: Path
+    name: str
+    launch: Launch
+    address: str | None = None
+    resume: bool = False
+    parent_run_id: str | None = None
+    verbose: int = 1
+
+    @property
+    def sweep_dir(self) -> Path:
+        return self.out / self.name
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "space_source": self.space.source, "swept": self.space.swept,
+                "fixed": self.space.fixed, "metric": self.space.metric, "mode": self.space.mode,
+                "grace_period": self.space.grace_period, "reduction_factor": self.space.reduction_factor,
+                "samples": self.samples, "epochs": self.epochs, "max_concurrent": self.max_concurrent,
+                "seed": self.seed, "tracking_uri": self.tracking_uri, "experiment": self.experiment,
+                "name": self.name, "launch": asdict(self.launch), "parent_run_id": self.parent_run_id}
+
+    @staticmethod
+    def from_sweep_dir(path: Path) -> "SweepSettings":
+        state = path / STATE_FILE
+        if not state.is_file():
+            raise UsageError(f"--resume: '{path}' holds no sweep (no {STATE_FILE})")
+        try:
+            d = json.loads(state.read_text())
+            space = SearchSpace(d["method"], d["space_source"], d["swept"], d["fixed"], d["metric"], d["mode"],
+                                d["samples"], d["epochs"], d["grace_period"], d["reduction_factor"])
+            return SweepSettings(d["method"], space, d["samples"], d["epochs"], d["max_concurrent"], d["seed"],
+                                 d["tracking_uri"], d["experiment"], path.parent, d["name"], Launch(**d["launch"]),
+                                 resume=True, parent_run_id=d["parent_run_id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"--resume: '{state}' is unreadable ({exc})") from None
+
+
+@dataclass
+class SweepOutcome:
+    best_config: dict[str, Any]
+    best_metric: float | None
+    best_run_id: str | None
+    parent_run_id: str
+    experiment_id: str
+    sweep_dir: Path
+    trials: int
+    failed: int
+    stopped_early: int
+    wall_s: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _init_ray(address: str | None, dashboard: bool) -> None:
+    import ray
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=dashboard, logging_level=logging.WARNING, configure_logging=True)
+
+
+def _trainable(s: SweepSettings) -> Any:
+    from ray import tune
+    fn = tune.with_parameters(run_trial, method=s.method, fixed={**s.space.fixed, "epochs": s.epochs},
+                              seed=s.seed, launch=s.launch)
+    if s.launch.in_process():
+        resources = {"CPU": s.launch.cpus, "GPU": s.launch.gpus}
+    else:  # the trial only drives a TorchTrainer whose workers reserve the real resources
+        resources = {"CPU": 0.01}
+    return tune.with_resources(fn, resources)
+
+
+def _parent_run(s: SweepSettings, c: Any, experiment_id: str) -> str:
+    if s.parent_run_id:
+        c.update_run(s.parent_run_id, status="RUNNING")
+        return s.parent_run_id
+    run = c.create_run(experiment_id, run_name=s.name, tags={
+        "kind": "sweep", "method": s.method, "seed": s.seed, "git_commit": tracking.git_commit(),
+        "sweep_dir": str(s.sweep_dir), **tracking.package_versions()})
+    params = {"samples": s.samples, "epochs": s.epochs, "max_concurrent": s.max_concurrent, "seed": s.seed,
+              "metric": s.space.metric, "mode": s.space.mode, "space_file": s.space.source,
+              "workers_per_trial": s.launch.workers, "cpus_per_trial": s.launch.cpus,
+              "gpus_per_trial": s.launch.gpus,
+              **{f"fixed.{k}": v for k, v in s.space.fixed.items()},
+              **{f"swept.{k}": json.dumps(v) for k, v in s.space.swept.items()}}
+    tracking.log_params(c, run.info.run_id, params)
+    return run.info.run_id
+
+
+def run_sweep(s: SweepSettings) -> SweepOutcome:
+    """Run (or resume) the sweep described by ``s``; every input was validated beforehand."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from .mlflow_callback import MlflowTrialLogger
+
+    t0 = time.perf_counter()
+    c = tracking.client(s.tracking_uri)
+    experiment_id = tracking.ensure_experiment(s.tracking_uri, s.experiment)
+    s.sweep_dir.mkdir(parents=True, exist_ok=True)
+    s.parent_run_id = _parent_run(s, c, experiment_id)
+    (s.sweep_dir / STATE_FILE).write_text(json.dumps(s.to_json(), indent=2, default=str))
+    logger = MlflowTrialLogger(s.tracking_uri, experiment_id, s.parent_run_id, s.method, s.space.fixed,
+                               s.seed, s.epochs, tags={"method": s.method, "seed": s.seed,
+                                                       "git_commit": tracking.git_commit(),
+                                                       "sweep": s.name, "kind": "trial"})
+    try:
+        _init_ray(s.address, dashboard=not s.launch.in_process())
+        trainable = _trainable(s)
+        if s.resume and tune.Tuner.can_restore(str(s.sweep_dir)):
+            tuner = tune.Tuner.restore(str(s.sweep_dir), trainable=trainable, resume_errored=True,
+                                       param_space=None)
+        else:
+            searcher = OptunaSearch(
+                space=s.space.optuna_distributions(), metric=s.space.metric, mode=s.space.mode,
+                sampler=optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(2, min(10, s.samples // 2))),
+                study_name=s.name,
+                storage=optuna.storages.RDBStorage(f"sqlite:///{(s.sweep_dir / 'optuna.db').resolve()}"))
+            scheduler = ASHAScheduler(time_attr="epoch", metric=s.space.metric, mode=s.space.mode,
+                                      max_t=s.epochs + 1, grace_period=min(s.space.grace_period, s.epochs),
+                                      reduction_factor=s.space.reduction_factor)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.samples,
+                                            max_concurrent_trials=s.max_concurrent),
+                run_config=tune.RunConfig(
+                    name=s.name, storage_path=str(s.out), callbacks=[logger], verbose=s.verbose,
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    failure_config=tune.FailureConfig(max_failures=1)))
+        if s.resume:
+            _replace_callbacks(tuner, logger)
+        results = tuner.fit()
+    except BaseException as exc:
+        c.set_terminated(s.parent_run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    return _finish(s, c, experiment_id, results, logger, time.perf_counter() - t0)
+
+
+def _replace_callbacks(tuner: Any, logger: Any) -> None:
+    """A restored Tuner unpickles the old callback; point it at this process's logger state."""
+    internal = getattr(tuner, "_local_tuner", None)
+    run_config = getattr(internal, "_run_config", None)
+    if run_config is not None:
+        run_config.callbacks = [cb for cb in (run_config.callbacks or [])
+                                if type(cb).__name__ != type(logger).__name__] + [logger]
+
+
+def _finish(s: SweepSettings, c: Any, experiment_id: str, results: Any, logger: Any, wall: float) -> SweepOutcome:
+    metric = s.space.metric
+    failed = sum(1 for r in results if r.error is not None)
+    ok = [r for r in results if r.error is None and r.metrics and metric in r.metrics]
+    stopped = sum(1 for r in ok if int(r.metrics.get("epoch", 0)) < s.epochs)
+    best_config, best_value, best_run, best_metrics = {}, None, None, {}
+    if ok:
+        best = results.get_best_result(metric=metric, mode=s.space.mode, scope="last", filter_nan_and_inf=True)
+        best_config, best_value = dict(best.config), float(best.metrics[metric])
+        best_run = logger.runs.get(best.metrics.get("trial_id", ""))
+        best_metrics = {k: v for k, v in best.metrics.items() if isinstance(v, (int, float)) and "/" in k}
+    tracking.log_metrics(c, s.parent_run_id, {**{f"best/{k}": v for k, v in best_metrics.items()},
+                                              "sweep/trials": len(results), "sweep/failed": failed,
+                                              "sweep/asha_stopped": stopped, "sweep/wall_s": wall}, step=0)
+    tags = {f"best.{k}": v for k, v in best_config.items()}
+    if best_run:
+        tags["best_run_id"] = best_run
+    if tags:
+        tracking.set_tags(c, s.parent_run_id, tags)
+    c.set_terminated(s.parent_run_id, status="FINISHED" if ok else "FAILED")
+    return SweepOutcome(best_config, best_value, best_run, s.parent_run_id, experiment_id, s.sweep_dir,
+                        len(results), failed, stopped, wall, best_metrics)

@@ -1,0 +1,122 @@
+"""What runs inside one Tune trial: the engine, in-process or under a Ray Train ``TorchTrainer``.
+
+Everything here is module-level so that Ray can pickle it by reference into its worker
+processes (which import the standard ``platform`` module long before this package).
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import engine
+from .engine import RunSpec
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a trial runs: Train workers, resources per worker, and where Train keeps its state."""
+    workers: int = 1
+    cpus: float = 1.0
+    gpus: float = 0.0
+    use_train: bool = False          # force a TorchTrainer even for one worker
+    storage_path: str = ""           # absolute; Train's run state lives under it
+    max_failures: int = 2
+
+    def in_process(self) -> bool:
+        return self.workers == 1 and not self.use_train
+
+
+def _threads(cpus: float) -> None:
+    torch.set_num_threads(max(1, int(round(cpus))))
+
+
+def _device(gpus: float) -> torch.device:
+    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def _checkpoint_reporter(report: Callable[..., None], attach: bool) -> engine.Reporter:
+    """A reporter that writes the checkpoint into a fresh directory and hands it to ``report``
+    (Ray copies it into the run's storage), or reports metrics only when ``attach`` is false."""
+    from ray.tune import Checkpoint
+
+    def reporter(metrics: dict[str, float], save: Callable[[Path], None]) -> None:
+        if not attach:
+            report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save(Path(d))
+            report(metrics, checkpoint=Checkpoint.from_directory(d))
+    return reporter
+
+
+def _train_from(checkpoint: Any, run: Callable[[Path | None], None]) -> None:
+    if checkpoint is None:
+        run(None)
+    else:
+        with checkpoint.as_directory() as d:
+            run(Path(d))
+
+
+def run_trial(config: dict[str, Any], *, method: str, fixed: dict[str, Any], seed: int, launch: Launch) -> None:
+    """Tune's trainable: the swept ``config`` on top of the ``fixed`` knobs."""
+    from ray import tune
+    spec = RunSpec.from_flat(method, {**fixed, **config}, seed)
+    if launch.in_process():
+        _threads(launch.cpus)
+        reporter = _checkpoint_reporter(tune.report, attach=True)
+        _train_from(tune.get_checkpoint(),
+                    lambda resume: engine.train(spec, reporter, device=_device(launch.gpus), resume_from=resume))
+    else:
+        fit_with_train(spec, launch, name=f"train-{tune.get_context().get_trial_id()}", tune_callback=True)
+
+
+def fit_with_train(spec: RunSpec, launch: Launch, name: str, tune_callback: bool,
+                   mlflow: dict[str, str] | None = None) -> Any:
+    """Run ``spec`` on ``launch.workers`` Ray Train workers with DDP (gloo on CPU, nccl on GPU)."""
+    from ray import train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    callbacks = []
+    if tune_callback:
+        from ray.tune.integration.ray_train import TuneReportCallback
+        callbacks.append(TuneReportCallback())
+    use_gpu = launch.gpus > 0
+    resources = {"CPU": launch.cpus, **({"GPU": launch.gpus} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker=train_worker,
+        train_loop_config={"spec": asdict(spec), "cpus": launch.cpus, "mlflow": mlflow},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=train.ScalingConfig(num_workers=launch.workers, use_gpu=use_gpu,
+                                           resources_per_worker=resources),
+        run_config=train.RunConfig(
+            name=name, storage_path=launch.storage_path, callbacks=callbacks,
+            failure_config=train.FailureConfig(max_failures=launch.max_failures,
+                                               controller_failure_limit=3),
+            checkpoint_config=train.CheckpointConfig(num_to_keep=1)),
+    )
+    return trainer.fit()
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker loop: every rank trains its shard; rank 0 writes checkpoints."""
+    from ray import train
+    import ray.train.torch as rt
+    ctx = train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _threads(config["cpus"])
+    spec = RunSpec(**config["spec"])
+    # Every rank must call report (it is a barrier); only rank 0 attaches the checkpoint.
+    reporter = _checkpoint_reporter(train.report, attach=rank == 0)
+    if config.get("mlflow") and rank == 0:  # a plain run (no Tune): rank 0 logs straight to MLflow
+        from .single import mlflow_reporter
+        to_mlflow, to_train = mlflow_reporter(config["mlflow"]["uri"], config["mlflow"]["run_id"], None), reporter
+
+        def reporter(metrics: dict[str, float], save: Callable[[Path], None]) -> None:
+            to_mlflow(metrics, save)
+            to_train(metrics, save)
+    _train_from(train.get_checkpoint(),
+                lambda resume: engine.train(spec, reporter, device=rt.get_device(), resume_from=resume,
+                                            rank=rank, world=world))
