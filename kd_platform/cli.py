@@ -67,6 +67,33 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="GPUs per worker (fractions share a GPU)")
     p.add_argument("--use-train", action="store_true", help="run even one worker through a TorchTrainer")
     p.add_argument("--address", help="join an existing Ray cluster ('auto' or host:port; default $RAY_ADDRESS)")
+    p.add_argument("--teacher-checkpoint", type=Path, metavar="PATH",
+                   help="offline methods: your own trained teacher (a state_dict saved with torch.save) "
+                        "instead of one trained and cached by the platform")
+    p.add_argument("--teacher-cache", type=Path, metavar="DIR",
+                   help="offline methods: where trained teachers are kept and reused (default OUT/teachers)")
+
+
+def _teacher_assets(args: argparse.Namespace, fixed: dict[str, Any], swept: Sequence[str] = ()) -> dict[str, str]:
+    """The teacher cache and checkpoint of an offline method as ``asset.*`` entries of the
+    fixed knobs (absolute, since Ray's processes change directory); a checkpoint that cannot
+    be the method's teacher fails here, before any run exists."""
+    from .engine import ASSET_PREFIX, RunSpec
+    from .methods import get_method
+    from .teachers import check_teacher_checkpoint
+    if get_method(args.method).kind != "offline":
+        if args.teacher_checkpoint or args.teacher_cache:
+            raise UsageError(f"method '{args.method}' has no teacher; drop --teacher-checkpoint/--teacher-cache")
+        return {}
+    cache = (args.teacher_cache or args.out / "teachers").resolve()
+    assets = {f"{ASSET_PREFIX}teacher_cache": str(cache)}
+    if args.teacher_checkpoint:
+        if "teacher_arch" in swept:
+            raise UsageError("--teacher-checkpoint fixes the teacher, so teacher_arch cannot be swept")
+        path = args.teacher_checkpoint.resolve()
+        check_teacher_checkpoint(path, RunSpec.from_flat(args.method, fixed, args.seed))
+        assets[f"{ASSET_PREFIX}teacher_checkpoint"] = str(path)
+    return assets
 
 
 def _launch(args: argparse.Namespace, storage: Path) -> Any:
@@ -122,7 +149,9 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
     args = sweep_parser().parse_args(argv)
     if args.resume:
         conflicting = [f for f, v in (("--set", args.set), ("--space", args.space), ("--samples", args.samples),
-                                      ("--epochs", args.epochs), ("--name", args.name)) if v]
+                                      ("--epochs", args.epochs), ("--name", args.name),
+                                      ("--teacher-checkpoint", args.teacher_checkpoint),
+                                      ("--teacher-cache", args.teacher_cache)) if v]
         if conflicting:
             raise UsageError(f"--resume continues a sweep as it was started; drop {conflicting[0]}")
         path = _latest_sweep(args.out, args.method) if args.resume == "latest" else Path(args.resume)
@@ -133,6 +162,7 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
         return s
     space = load_space(args.method, args.space)
     space.fix(_parse_sets(args.set))
+    space.fixed.update(_teacher_assets(args, space.fixed, list(space.swept)))
     samples = args.samples or space.samples
     epochs = args.epochs or space.epochs
     launch = _launch(args, args.out)
@@ -183,7 +213,8 @@ def _train(argv: Sequence[str] | None) -> int:
     args = train_parser().parse_args(argv)
     space = load_space(args.method, args.space)
     space.fix(_parse_sets(args.set))
-    spec = RunSpec.from_flat(args.method, {**space.fixed, "epochs": args.epochs or space.epochs}, args.seed)
+    flat = {**space.fixed, "epochs": args.epochs or space.epochs}
+    spec = RunSpec.from_flat(args.method, {**flat, **_teacher_assets(args, flat)}, args.seed)
     uri = resolve_tracking_uri(args.tracking_uri)
     launch = _launch(args, args.out)
     result = run_single(spec, launch, uri, args.experiment or args.method, args.out.resolve())

@@ -20,15 +20,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import faults
 from .checkpoint import STATE_FILE, load_checked, save_atomic
-from .data import build_data
+from .data import build_data, dataset_names
+from .errors import UsageError
 from .knobs import build_config, knob_specs
 from .methods import get_method
 from .methods.base import BuildEnv, Method, StepContext
-from .models import build_model
+from .models import build_model, model_names
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
+ASSET_PREFIX = "asset."
 
 
 class NonFiniteLoss(RuntimeError):
@@ -42,19 +45,27 @@ class RunSpec:
     knobs: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    assets: dict[str, str] = field(default_factory=dict)
+    """Files a run uses but that are not knobs (absolute paths): ``teacher_cache``, the
+    directory of trained teachers, and ``teacher_checkpoint``, a user's own teacher."""
 
     @staticmethod
     def from_flat(method: str, flat: dict[str, Any], seed: int) -> "RunSpec":
-        """Split one flat mapping of knobs into method knobs and recipe knobs, validating both."""
+        """Split one flat mapping of knobs into method knobs and recipe knobs, validating both.
+
+        Keys ``asset.<name>`` are assets, not knobs: riding in the flat mapping lets them
+        travel wherever fixed knobs go (Tune trials, a resumed sweep's state file)."""
+        assets = {k[len(ASSET_PREFIX):]: str(v) for k, v in flat.items() if k.startswith(ASSET_PREFIX)}
+        flat = {k: v for k, v in flat.items() if not k.startswith(ASSET_PREFIX)}
         method_keys = set(knob_specs(get_method(method).Config))
         recipe_keys = set(knob_specs(Recipe))
         spec = RunSpec(method, {k: v for k, v in flat.items() if k in method_keys},
-                       {k: v for k, v in flat.items() if k in recipe_keys and k not in method_keys}, seed)
-        spec.resolved()  # raises UsageError naming an unknown key or a bad value
+                       {k: v for k, v in flat.items() if k in recipe_keys and k not in method_keys}, seed,
+                       assets)
         unknown = set(flat) - method_keys - recipe_keys
         if unknown:
-            from .errors import UsageError
             raise UsageError(f"unknown knob '{sorted(unknown)[0]}' for method '{method}'")
+        _check_names(*spec.resolved())
         return spec
 
     def resolved(self) -> tuple[Recipe, Any]:
@@ -64,6 +75,17 @@ class RunSpec:
         """Every knob with its resolved value (defaults filled in), as logged to MLflow."""
         recipe, cfg = self.resolved()
         return {**asdict(recipe), **asdict(cfg), "seed": self.seed}
+
+
+def _check_names(recipe: Recipe, cfg: Any) -> None:
+    """Architectures and datasets are free-form strings in the knobs; check them against
+    the registries here so a typo fails before anything starts."""
+    if recipe.dataset not in dataset_names():
+        raise UsageError(f"knob 'dataset': unknown dataset '{recipe.dataset}'; known: {', '.join(dataset_names())}")
+    archs = {"arch": recipe.arch, **{k: v for k, v in asdict(cfg).items() if k.endswith("_arch")}}
+    for key, name in archs.items():
+        if name not in model_names():
+            raise UsageError(f"knob '{key}': unknown architecture '{name}'; known: {', '.join(model_names())}")
 
 
 class Reporter(Protocol):
@@ -92,8 +114,11 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(method: Method, data: Any, split: str, device: torch.device) -> dict[str, float]:
-    """Top-1 accuracy (%) of every network the method names, plus the students' mean and the best."""
+def evaluate(method: Method, data: Any, split: str, device: torch.device, reduce: bool = True) -> dict[str, float]:
+    """Top-1 accuracy (%) of every network the method names, plus the students' mean and the best.
+
+    ``reduce=False`` keeps the counts local: a teacher trained by one DDP rank while the
+    others wait for it must not enter a collective call they will never join."""
     method.eval()
     nets = method.eval_networks()
     correct = torch.zeros(len(nets), dtype=torch.float64, device=device)
@@ -102,7 +127,8 @@ def evaluate(method: Method, data: Any, split: str, device: torch.device) -> dic
         for i, fn in enumerate(nets.values()):
             correct[i] += (fn(x).argmax(1) == y).sum()
         total += len(y)
-    _all_reduce(correct), _all_reduce(total)
+    if reduce:
+        _all_reduce(correct), _all_reduce(total)
     acc = {name: float(100.0 * c / max(float(total), 1.0)) for name, c in zip(nets, correct)}
     acc["students_mean"] = float(np.mean([acc[s] for s in method.students]))
     acc["best_network"] = max(acc[n] for n in nets)
@@ -128,6 +154,9 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
     recipe, _ = spec.resolved()
     seed_everything(spec.seed)
     data = build_data(recipe, spec.seed, device, rank, world)
+    if get_teacher is None:
+        from .teachers import TeacherProvider  # imported here: teachers trains with this module
+        get_teacher = TeacherProvider(spec, data, device)
     method = build_method(spec, data, device, get_teacher)
     model: nn.Module = method
     if world > 1:
@@ -153,9 +182,11 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
         method.train()
         sums: dict[str, torch.Tensor] = {}
         seen = 0
+        faults.at_epoch_start(epoch)
         for step, batch in enumerate(data.train_batches(epoch, method.num_views())):
             ctx = StepContext(epoch, recipe.epochs, step, steps, epoch * steps + step)
             terms = model(batch, ctx)
+            terms["loss"] = faults.corrupt_loss(epoch, terms["loss"])
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             opt.step()
@@ -170,7 +201,7 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
             raise NonFiniteLoss(f"non-finite training loss at epoch {epoch + 1}: "
                                 + ", ".join(f"{k}={v}" for k, v in means.items()))
         elapsed = time.perf_counter() - t0
-        val = evaluate(method, data, "val", device)
+        val = evaluate(method, data, "val", device, reduce=world > 1)
         best = max(best, val["students_mean"])
         # Key order matters: Ray Tune's live table shows the first few metrics.
         metrics = {"epoch": epoch + 1, "val/acc/students_mean": val["students_mean"],
@@ -180,7 +211,7 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
                    "val/acc_best_epoch/students_mean": best, "lr": opt.param_groups[0]["lr"],
                    "time/epoch_s": elapsed, "throughput/img_s": seen * world / elapsed}
         if epoch + 1 == recipe.epochs:
-            metrics.update({f"test/acc/{k}": v for k, v in evaluate(method, data, "test", device).items()})
+            metrics.update({f"test/acc/{k}": v for k, v in evaluate(method, data, "test", device, reduce=world > 1).items()})
 
         def save(directory: Path, epoch: int = epoch) -> None:
             save_atomic({"method": method.state_dict(), "optimizer": opt.state_dict(),

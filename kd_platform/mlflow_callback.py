@@ -15,6 +15,7 @@ from ray.tune import Callback
 
 from . import tracking
 from .engine import RunSpec
+from .teachers import record_teacher
 
 TRIAL_TAG = "ray.trial_id"
 
@@ -26,6 +27,7 @@ class MlflowTrialLogger(Callback):
         self.method, self.fixed, self.seed, self.epochs, self.tags = method, fixed, seed, epochs, tags
         self.runs: dict[str, str] = {}
         self.last_epoch: dict[str, int] = {}
+        self.teachers_logged: set[str] = set()  # hashes of teachers already stored on the parent run
         self._client: Any = None
 
     @property
@@ -48,7 +50,7 @@ class MlflowTrialLogger(Callback):
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
-            spec = RunSpec.from_flat(self.method, {**self.fixed, **trial.config}, self.seed)
+            spec = self.spec(trial)
             run = self.client.create_run(self.experiment_id, run_name=f"{self.method}-{trial.trial_id}", tags={
                 **self.tags, TRIAL_TAG: trial.trial_id, tracking.PARENT_TAG: self.parent_run_id})
             run_id = run.info.run_id
@@ -56,6 +58,13 @@ class MlflowTrialLogger(Callback):
             tracking.set_tags(self.client, run_id, {f"swept.{k}": v for k, v in trial.config.items()})
         self.runs[trial.trial_id] = run_id
         return run_id
+
+    def spec(self, trial: Any) -> RunSpec:
+        return RunSpec.from_flat(self.method, {**self.fixed, **trial.config}, self.seed)
+
+    def record_teacher(self, trial: Any, run_id: str) -> None:
+        """Tag an offline trial with its teacher; the file itself goes to the parent run once."""
+        record_teacher(self.client, run_id, self.spec(trial), self.parent_run_id, self.teachers_logged)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.run_id(trial)
@@ -72,11 +81,13 @@ class MlflowTrialLogger(Callback):
         tracking.set_tags(self.client, run_id, {
             "trial_outcome": "asha_stopped" if stopped else "completed",
             "asha_stopped": str(stopped).lower(), "epochs_run": last})
+        self.record_teacher(trial, run_id)
         self.client.set_terminated(run_id, status="FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.run_id(trial)
         tracking.set_tags(self.client, run_id, {"trial_outcome": "failed", "error": _error_text(trial)})
+        self.record_teacher(trial, run_id)
         self.client.set_terminated(run_id, status="FAILED")
 
 

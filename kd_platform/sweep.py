@@ -43,6 +43,11 @@ class SweepSettings:
     verbose: int = 1
 
     @property
+    def trial_fixed(self) -> dict[str, Any]:
+        """Knobs every trial shares: the space's fixed ones and the sweep's epoch count."""
+        return {**self.space.fixed, "epochs": self.epochs}
+
+    @property
     def sweep_dir(self) -> Path:
         return self.out / self.name
 
@@ -98,7 +103,7 @@ def _init_ray(address: str | None, dashboard: bool) -> None:
 
 def _trainable(s: SweepSettings) -> Any:
     from ray import tune
-    fn = tune.with_parameters(run_trial, method=s.method, fixed={**s.space.fixed, "epochs": s.epochs},
+    fn = tune.with_parameters(run_trial, method=s.method, fixed=s.trial_fixed,
                               seed=s.seed, launch=s.launch)
     if s.launch.in_process():
         resources = {"CPU": s.launch.cpus, "GPU": s.launch.gpus}
@@ -139,7 +144,7 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
     s.sweep_dir.mkdir(parents=True, exist_ok=True)
     s.parent_run_id = _parent_run(s, c, experiment_id)
     (s.sweep_dir / STATE_FILE).write_text(json.dumps(s.to_json(), indent=2, default=str))
-    logger = MlflowTrialLogger(s.tracking_uri, experiment_id, s.parent_run_id, s.method, s.space.fixed,
+    logger = MlflowTrialLogger(s.tracking_uri, experiment_id, s.parent_run_id, s.method, s.trial_fixed,
                                s.seed, s.epochs, tags={"method": s.method, "seed": s.seed,
                                                        "git_commit": tracking.git_commit(),
                                                        "sweep": s.name, "kind": "trial"})
@@ -153,8 +158,7 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
             searcher = OptunaSearch(
                 space=s.space.optuna_distributions(), metric=s.space.metric, mode=s.space.mode,
                 sampler=optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(2, min(10, s.samples // 2))),
-                study_name=s.name,
-                storage=optuna.storages.RDBStorage(f"sqlite:///{(s.sweep_dir / 'optuna.db').resolve()}"))
+                study_name=s.name, storage=_optuna_storage(s))
             scheduler = ASHAScheduler(time_attr="epoch", metric=s.space.metric, mode=s.space.mode,
                                       max_t=s.epochs + 1, grace_period=min(s.space.grace_period, s.epochs),
                                       reduction_factor=s.space.reduction_factor)
@@ -172,7 +176,24 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
     except BaseException as exc:
         c.set_terminated(s.parent_run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+    _fail_stale_optuna_trials(s)
     return _finish(s, c, experiment_id, results, logger, time.perf_counter() - t0)
+
+
+def _optuna_storage(s: SweepSettings) -> Any:
+    import optuna
+    return optuna.storages.RDBStorage(f"sqlite:///{(s.sweep_dir / 'optuna.db').resolve()}")
+
+
+def _fail_stale_optuna_trials(s: SweepSettings) -> None:
+    """Once Tune is done, a study trial still RUNNING belonged to a driver that was killed: the
+    restored searcher asked again for the interrupted Tune trial, so this one will never be told."""
+    import optuna
+    storage = _optuna_storage(s)
+    study_id = storage.get_study_id_from_name(s.name)
+    for trial in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        log.info("optuna trial %d was interrupted with its driver; marked FAIL", trial.number)
 
 
 def _replace_callbacks(tuner: Any, logger: Any) -> None:

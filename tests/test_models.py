@@ -11,7 +11,15 @@ from kd_platform.errors import UsageError
 from kd_platform.models import build_model, build_multibranch, model_names
 from kd_platform.models.resnet import RESNET_SPECS
 
-torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The models here are tiny; a single thread avoids spin-waiting when the cores are shared.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 EXPECTED = {
     "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
@@ -137,14 +145,17 @@ def test_every_registered_resnet_has_a_multibranch_form() -> None:
     assert resnets <= set(MULTIBRANCH_NAMES)
 
 
-@pytest.mark.parametrize("name", MULTIBRANCH_NAMES)
+# One of each kind for the forward passes (basic, 4x wide, deep bottleneck, wide bottleneck);
+# the structural checks below, which need no forward pass, cover every name.
+FORWARD_NAMES = ["resnet20", "resnet8x4", "resnet110_bottleneck", "wrn_20_8"]
+
+
+@pytest.mark.parametrize("name", FORWARD_NAMES)
 @pytest.mark.parametrize("branches", [2, 3])
-def test_multibranch_shapes_and_sharing(name: str, branches: int) -> None:
+def test_multibranch_outputs(name: str, branches: int) -> None:
     torch.manual_seed(0)
     net = build_multibranch(name, num_classes=6, in_channels=1, branches=branches)
-    single = build_model(name, num_classes=6, in_channels=1)
-    width = single.feature_channels
-    assert net.feature_channels == width
+    width = net.feature_channels
     assert net.ensemble_head.in_features == branches * width
 
     x = torch.randn(2, 1, 8, 8)
@@ -157,11 +168,21 @@ def test_multibranch_shapes_and_sharing(name: str, branches: int) -> None:
     with torch.no_grad():
         fmaps = net.features(x)
         eval_branch, eval_ensemble = net(x)
-    assert len(fmaps) == branches and all(f.shape[:2] == (2, width) for f in fmaps)
-    again_branch, again_ensemble = net.classify(fmaps)
+        again_branch, again_ensemble = net.classify(fmaps)
+    assert len(fmaps) == branches and all(f.dim() == 4 and f.shape[:2] == (2, width) for f in fmaps)
     torch.testing.assert_close(again_ensemble, eval_ensemble)
     for a, b in zip(again_branch, eval_branch):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", MULTIBRANCH_NAMES)
+def test_multibranch_shares_the_trunk_and_separates_the_branches(name: str) -> None:
+    branches = 3
+    torch.manual_seed(0)
+    net = build_multibranch(name, num_classes=6, branches=branches)
+    single = build_model(name, num_classes=6)
+    assert net.feature_channels == single.feature_channels
+    assert net.ensemble_head.in_features == branches * single.feature_channels
 
     # One trunk (stem + first two stages), B private last stages and heads, one ensemble head.
     trunk = n_params(single.stem) + n_params(single.layer1) + n_params(single.layer2)

@@ -1,0 +1,61 @@
+"""``dist``: DIST, Huang et al., "Knowledge Distillation from A Stronger Teacher" (NeurIPS 2022).
+
+Instead of matching probabilities exactly, the student matches the teacher's relations:
+with ``ys = softmax(z_s/t)`` and ``yt = softmax(z_t/t)``,
+
+    inter = 1 - mean_i pearson(ys_i, yt_i)        (each sample, across classes)
+    intra = 1 - mean_c pearson(ys[:, c], yt[:, c])  (each class, across the batch)
+    L = CE + w * s * (beta * inter + gamma * intra)
+
+with t = 4, w = 2, beta = gamma = 1. The scale ``s`` is where paper and code part:
+``variant=code`` (the released script) uses ``s = t^2``, ``variant=paper`` (the paper's
+pseudo-code) ``s = 1``; the knob ``tau_squared`` overrides the variant.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..knobs import knob
+from ..losses import dist_inter, dist_intra
+from . import register_method
+from ._offline import OfflineConfig, OfflineMethod
+from .base import Batch, StepContext
+
+
+@dataclass(frozen=True)
+class DISTConfig(OfflineConfig):
+    variant: str = knob("paper", choices=("paper", "code"),
+                        help="paper: the pseudo-code (no t^2); code: the released script (times t^2)")
+    tau_squared: str = knob("auto", choices=("auto", "true", "false"),
+                            help="multiply the relation terms by t^2; auto follows the variant")
+    temperature: float = knob(4.0, low=0.1, high=20.0, help="t of both softmaxes")
+    w: float = knob(2.0, low=0.0, high=100.0, help="weight of the relation terms against CE")
+    beta: float = knob(1.0, low=0.0, high=100.0, help="weight of the inter-class term")
+    gamma: float = knob(1.0, low=0.0, high=100.0, help="weight of the intra-class term")
+
+    @property
+    def scale(self) -> float:
+        """``w`` times ``t^2`` where the released code has it."""
+        squared = self.tau_squared == "true" or (self.tau_squared == "auto" and self.variant == "code")
+        return self.w * (self.temperature ** 2 if squared else 1.0)
+
+
+def dist_objective(z_s: Tensor, z_t: Tensor, y: Tensor, cfg: DISTConfig) -> dict[str, Tensor]:
+    t = cfg.temperature
+    ys, yt = F.softmax(z_s / t, dim=1), F.softmax(z_t.detach() / t, dim=1)
+    ce = F.cross_entropy(z_s, y)
+    inter, intra = dist_inter(ys, yt), dist_intra(ys, yt)
+    loss = ce + cfg.scale * (cfg.beta * inter + cfg.gamma * intra)
+    return {"loss": loss, "ce": ce.detach(), "inter": inter.detach(), "intra": intra.detach()}
+
+
+@register_method
+class DIST(OfflineMethod):
+    name = "dist"
+    Config = DISTConfig
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
+        return dist_objective(*self.logits(batch.x), batch.y, self.cfg)

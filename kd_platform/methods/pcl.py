@@ -1,0 +1,84 @@
+"""``pcl``: peer collaborative learning for online KD (Wu & Gong, AAAI 2021).
+
+One multi-branch student (shared trunk, B=3 branches, an ensemble head over the
+concatenated branch features; see ``models/multibranch.py``) and a temporal-mean copy of
+it, the "peer mean teacher". Loss, with ``m`` the temporal mean's branch logits and T=3::
+
+    L = CE(z_en) + sum_b [CE(z_b) + r(e) KD(z_b || z_en) + r(e) mean_{b'!=b} KD(z_b || m_b')]
+
+The temporal mean starts as an exact copy of the student and, after every optimiser step
+(the first one included), moves by ``m <- 0.999 m + 0.001 s``. The decay is constant from
+the first update: the mean-teacher warm-up ``min(1 - 1/(step+1), decay)`` is not used, so
+the copy is never overwritten by the student at step 0. Only parameters are averaged; the
+copy runs in training mode and keeps its own BatchNorm statistics, as in the mean-teacher
+code PCL builds on.
+
+Ramp-up ``r(e) = exp(-5 (1 - min(e, R)/R)^2)``, R=80, where ``e`` is the 0-based integer
+epoch index (``StepContext.epoch``), constant within an epoch: r = exp(-5) during the
+first epoch and 1 from epoch index R on.
+
+Views: ``views=per_network`` gives branch ``b`` its own augmented view (the trunk then runs
+once per view); the temporal mean sees the same per-branch views. Default: one shared view.
+Evaluated: ``branch1..B`` (the students, averaged into the primary metric), the student's
+``ensemble`` head, and the temporal mean's ``temporal_branch1..B``, ``temporal_mean``
+(mean of its branch logits) and ``temporal_ensemble`` (its ensemble head).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..knobs import knob
+from ..models import build_multibranch
+from . import register_method
+from ._online import (ema_update_, frozen_copy, mean_teacher_rampup, multibranch_eval_networks,
+                      multibranch_logits, peer_teacher_loss)
+from .base import Batch, BuildEnv, Method, MethodConfig, StepContext
+
+
+@dataclass(frozen=True)
+class PCLConfig(MethodConfig):
+    branches: int = knob(3, low=2, high=8, help="B, the number of peer branches")
+    ema_decay: float = knob(0.999, low=0.0, high=1.0, help="decay of the temporal mean")
+    rampup_epochs: float = knob(80.0, low=0.0, high=100000.0,
+                                help="R, epochs of the mean-teacher ramp-up of the KD weights (0: none)")
+    temperature: float = knob(3.0, low=0.1, high=20.0, help="T of the KD terms")
+    views: str = knob("shared", choices=("shared", "per_network"),
+                      help="per_network: each branch sees its own augmented view")
+
+
+@register_method
+class PCL(Method):
+    name = "pcl"
+    Config = PCLConfig
+    kind = "online"
+
+    def __init__(self, cfg: PCLConfig, env: BuildEnv) -> None:
+        super().__init__(cfg, env)
+        self.net = build_multibranch(env.recipe.arch, env.num_classes, env.in_channels, cfg.branches)
+        self.temporal = frozen_copy(self.net)
+        self.students = tuple(f"branch{b + 1}" for b in range(cfg.branches))
+
+    def num_views(self) -> int:
+        return self.cfg.branches if self.cfg.views == "per_network" else 1
+
+    def rampup(self, epoch: float) -> float:
+        return mean_teacher_rampup(epoch, self.cfg.rampup_epochs)
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
+        views = [batch.view(i) for i in range(self.num_views())]
+        z, z_en = multibranch_logits(self.net, views)
+        with torch.no_grad():
+            m, _ = multibranch_logits(self.temporal, views)
+        return peer_teacher_loss(z, z_en, m, batch.y, self.rampup(ctx.epoch), 0.0, self.cfg.temperature)
+
+    def after_step(self, ctx: StepContext) -> None:
+        ema_update_(self.temporal, self.net, self.cfg.ema_decay)
+
+    def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        return {**multibranch_eval_networks(self.net, "branch", "ensemble", None),
+                **multibranch_eval_networks(self.temporal, "temporal_branch", "temporal_ensemble",
+                                            "temporal_mean")}

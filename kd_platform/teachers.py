@@ -1,0 +1,301 @@
+"""Trained, frozen teachers for offline methods: trained once, cached on disk, reused by every run.
+
+A teacher is described by everything that changes it: the dataset and its split, the
+architecture, the seed and the teacher's own recipe (the offline method's ``teacher_*``
+knobs). It is trained with the engine itself (method ``ce``) and stored under the sha256
+of that description's canonical JSON::
+
+    <cache>/<hash>/teacher.pt   the network's state_dict (what ``--teacher-checkpoint`` takes too)
+    <cache>/<hash>/meta.json    the description and the teacher's accuracies
+
+Whatever is trained on top of a teacher alone (IE-KD's auto-encoder) is cached the same
+way, keyed by the teacher's hash and its own recipe. Runs that need a missing entry at
+the same time (a sweep's concurrent trials, DDP ranks) take an exclusive ``flock`` on
+``<hash>/.lock``; the one that waited finds the finished file and only loads it. Files
+are written atomically, and ``teacher.pt`` last, so its presence means the entry is whole.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import engine, tracking
+from .checkpoint import STATE_FILE, load_checked, save_atomic
+from .data import DataModule, build_data
+from .engine import RunSpec
+from .errors import UsageError
+from .methods import get_method
+from .methods.base import freeze
+from .models import build_model
+
+log = logging.getLogger(__name__)
+
+TEACHER_FILE, META_FILE, LOCK_FILE = "teacher.pt", "meta.json", ".lock"
+FORMAT = 1
+"""Part of every description: bump it when a change to training makes old cache entries wrong."""
+ARTIFACT_DIR = "teacher"
+
+
+def description_hash(description: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces) of ``description``."""
+    text = json.dumps(description, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def default_cache() -> Path:
+    """Where teachers go when a run names no cache (programmatic use; the CLI always names one)."""
+    return Path.home() / ".cache" / "kd-platform" / "teachers"
+
+
+def cache_dir(spec: RunSpec) -> Path:
+    return Path(spec.assets.get("teacher_cache") or default_cache())
+
+
+def teacher_spec(spec: RunSpec, arch: str | None = None) -> RunSpec:
+    """The ``ce`` run that trains the teacher ``arch`` (default: the method's ``teacher_arch``) of ``spec``."""
+    recipe, cfg = spec.resolved()
+    if not hasattr(cfg, "teacher_recipe"):
+        raise UsageError(f"method '{spec.method}' does not learn from a trained teacher")
+    return RunSpec("ce", {}, asdict(cfg.teacher_recipe(recipe, arch)), spec.seed)
+
+
+def teacher_description(spec: RunSpec, arch: str | None = None) -> dict[str, Any]:
+    ts = teacher_spec(spec, arch)
+    return {"format": FORMAT, "kind": "teacher", "method": ts.method, **ts.all_knobs()}
+
+
+@lru_cache(maxsize=16)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file's bytes, remembered while the file is unchanged."""
+    st = Path(path).stat()
+    return _file_sha256(str(path), st.st_mtime_ns, st.st_size)
+
+
+def teacher_info(spec: RunSpec) -> dict[str, str]:
+    """``teacher.hash`` and ``teacher.path`` of an offline run's teacher, for run tags; ``{}`` otherwise.
+
+    The path is where the teacher is (or will be, once a run has trained it)."""
+    if get_method(spec.method).kind != "offline":
+        return {}
+    user = spec.assets.get("teacher_checkpoint")
+    if user:
+        return {"teacher.hash": file_hash(Path(user)), "teacher.path": user}
+    digest = description_hash(teacher_description(spec))
+    return {"teacher.hash": digest, "teacher.path": str(cache_dir(spec) / digest / TEACHER_FILE)}
+
+
+def record_teacher(client: Any, run_id: str, spec: RunSpec, artifact_run_id: str | None = None,
+                   logged: set[str] | None = None) -> None:
+    """Tag ``run_id`` with its teacher and log the teacher's files as artifacts of
+    ``artifact_run_id`` (default: the run itself) under ``teacher/<hash>/``.
+
+    A sweep passes its parent run and a set ``logged`` of hashes already there, so a
+    teacher shared by all trials is stored once rather than once per trial."""
+    try:
+        info = teacher_info(spec)
+        if not info:
+            return
+        tags, digest, path = dict(info), info["teacher.hash"], Path(info["teacher.path"])
+        target = artifact_run_id or run_id
+        if path.is_file():
+            where = f"{ARTIFACT_DIR}/{digest}"
+            if logged is None or digest not in logged:
+                user = bool(spec.assets.get("teacher_checkpoint"))
+                for file in [path] if user else [path, path.parent / META_FILE]:
+                    client.log_artifact(target, str(file), where)
+                if logged is not None:
+                    logged.add(digest)
+            tags["teacher.artifact"] = f"runs:/{target}/{where}/{path.name}"
+        tracking.set_tags(client, run_id, tags)
+    except OSError as exc:  # bookkeeping must not fail a finished run (e.g. a user's file since moved)
+        log.warning("could not record the teacher of run %s: %s", run_id, exc)
+
+
+@contextmanager
+def _isolated_rng(device: torch.device) -> Iterator[None]:
+    """Training a teacher in the middle of building a run must not move the run's random
+    streams, or a run would differ depending on whether its teacher was already cached."""
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
+def cached_file(cache: Path, description: Mapping[str, Any], filename: str,
+                make: Callable[[], tuple[Any, dict[str, Any]]]) -> tuple[Path, bool]:
+    """``<cache>/<hash>/<filename>``, made by ``make() -> (object to save, extra meta)`` if missing.
+
+    Returns the path and whether this call made it. Exactly one of several processes asking
+    at once runs ``make``: the others block on the lock and then find the file."""
+    digest = description_hash(description)
+    folder = Path(cache) / digest
+    target = folder / filename
+    if target.is_file():
+        return target, False
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even if make() raises
+        if target.is_file():
+            return target, False
+        obj, extra = make()
+        _write_json_atomic(folder / META_FILE, {"hash": digest, "description": dict(description), **extra})
+        save_atomic(obj, target)
+    return target, True
+
+
+def _write_json_atomic(path: Path, obj: Mapping[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def train_teacher(ts: RunSpec, device: torch.device) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Train the ``ce`` run ``ts`` with the engine; its network's state_dict and its accuracies."""
+    recipe, _ = ts.resolved()
+    state: dict[str, Tensor] = {}
+
+    def report(metrics: dict[str, float], save: Callable[[Path], None]) -> None:
+        log.info("teacher %s epoch %d/%d  loss %.4f  val/acc %.2f", recipe.arch, metrics["epoch"],
+                 recipe.epochs, metrics["train/loss/loss"], metrics["val/acc/net"])
+        if metrics["epoch"] == recipe.epochs:
+            with tempfile.TemporaryDirectory() as d:
+                save(Path(d))
+                state.update(load_checked(Path(d) / STATE_FILE)["method"])
+
+    t0 = time.perf_counter()
+    log.info("training teacher %s for %d epochs (cached for later runs)", recipe.arch, recipe.epochs)
+    with _isolated_rng(device):
+        final = engine.train(ts, report, device=device)
+    # The ``ce`` method keeps its network as ``.net``; the cache holds the bare network.
+    net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    extra = {"val_acc": final.get("val/acc/net"), "test_acc": final.get("test/acc/net"),
+             "train_s": round(time.perf_counter() - t0, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return net_state, extra
+
+
+def load_teacher_state(net: nn.Module, path: Path, arch: str) -> nn.Module:
+    """Load a state_dict file into ``net``; a corrupt file or one of another architecture is a
+    one-line :class:`UsageError` naming the file."""
+    try:
+        state = load_checked(path)
+    except UsageError as exc:
+        raise UsageError(f"teacher {exc}") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UsageError(f"teacher checkpoint '{path}' is not a state_dict (a mapping of names to tensors)")
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        if wrong:
+            k = wrong[0]
+            detail = f"'{k}' has shape {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}"
+        else:
+            detail = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
+        raise UsageError(f"teacher checkpoint '{path}' does not fit architecture '{arch}' "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped "
+                         f"entries; e.g. {detail})")
+    net.load_state_dict(state)
+    return net
+
+
+def check_teacher_checkpoint(path: Path, spec: RunSpec) -> None:
+    """Fail now, before any run is created, if ``path`` cannot be ``spec``'s teacher."""
+    recipe, cfg = spec.resolved()
+    data = build_data(recipe, spec.seed, torch.device("cpu"))
+    load_teacher_state(build_model(cfg.teacher_arch, data.num_classes, data.in_channels), path, cfg.teacher_arch)
+
+
+class TeacherProvider:
+    """``BuildEnv.get_teacher`` of a run: ``provider(arch)`` is that run's frozen teacher.
+
+    With the asset ``teacher_checkpoint`` the teacher is the user's file; otherwise it
+    comes from the cache, trained there first if missing. ``built`` lists the cache entries
+    this provider had to make (the others it found ready)."""
+
+    def __init__(self, spec: RunSpec, data: Any, device: torch.device) -> None:
+        self.spec, self.device = spec, device
+        self.num_classes, self.in_channels = data.num_classes, data.in_channels
+        self.cache = cache_dir(spec)
+        self.checkpoint = spec.assets.get("teacher_checkpoint")
+        self.built: list[str] = []
+        self._teachers: dict[str, nn.Module] = {}
+
+    def __call__(self, arch: str) -> nn.Module:
+        if arch not in self._teachers:
+            net = build_model(arch, self.num_classes, self.in_channels)
+            load_teacher_state(net, self.teacher_path(arch), arch)
+            self._teachers[arch] = freeze(net.to(self.device))
+        return self._teachers[arch]
+
+    def teacher_hash(self, arch: str) -> str:
+        if self.checkpoint:
+            return file_hash(Path(self.checkpoint))
+        return description_hash(teacher_description(self.spec, arch))
+
+    def teacher_path(self, arch: str) -> Path:
+        if self.checkpoint:
+            return Path(self.checkpoint)
+        ts = teacher_spec(self.spec, arch)
+        description = teacher_description(self.spec, arch)
+        return self._cached(description, TEACHER_FILE, lambda: train_teacher(ts, self.device))
+
+    def derived(self, arch: str, name: str, recipe: Mapping[str, Any],
+                build: Callable[[DataModule], dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The state_dict ``build(train data)`` returns for teacher ``arch``, cached under the
+        teacher's hash, ``name``, ``recipe``, the data and the seed.
+
+        ``build`` runs with the global generators seeded by the run's seed (and restored
+        afterwards) on the whole, unsharded training split with the run's batch size."""
+        r, _ = self.spec.resolved()
+        data_keys = ("dataset", "data_dir", "val_fraction", "augment", "batch_size")
+        description = {"format": FORMAT, "kind": name, "teacher": self.teacher_hash(arch),
+                       "recipe": dict(recipe), "data": {k: getattr(r, k) for k in data_keys},
+                       "seed": self.spec.seed}
+
+        def make() -> tuple[dict[str, Tensor], dict[str, Any]]:
+            t0 = time.perf_counter()
+            with _isolated_rng(self.device):
+                engine.seed_everything(self.spec.seed)
+                state = build(build_data(r, self.spec.seed, self.device))
+            return ({k: v.detach().cpu() for k, v in state.items()},
+                    {"train_s": round(time.perf_counter() - t0, 1)})
+        return load_checked(self._cached(description, f"{name}.pt", make))
+
+    def _cached(self, description: Mapping[str, Any], filename: str,
+                make: Callable[[], tuple[Any, dict[str, Any]]]) -> Path:
+        path, made = cached_file(self.cache, description, filename, make)
+        if made:
+            self.built.append(path.parent.name)
+        return path

@@ -1,0 +1,52 @@
+"""Shared fixtures: a real local Ray cluster and real sqlite MLflow stores."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
+            cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``python -m <args>`` from the repository root, as a user types it."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def sqlite_uri(path: Path) -> str:
+    return f"sqlite:///{path.resolve()}"
+
+
+def runs_in(uri: str) -> list:
+    """Every run in every experiment of the store (empty when the store has none)."""
+    from mlflow.tracking import MlflowClient
+    c = MlflowClient(tracking_uri=uri)
+    ids = [e.experiment_id for e in c.search_experiments()]
+    return c.search_runs(ids, max_results=1000) if ids else []
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the in-process sweep tests of this session."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+class DataStub:
+    """Shape information of digits without loading it."""
+    num_classes, in_channels, image_size = 10, 1, 8
+
+
+def make_method(name: str, seed: int = 0, **knobs):
+    """A method built exactly as the engine builds it, on digits-shaped inputs."""
+    import torch
+    from kd_platform.engine import RunSpec, build_method
+    torch.manual_seed(seed)
+    return build_method(RunSpec.from_flat(name, knobs, seed), DataStub(), torch.device("cpu"))
