@@ -91,6 +91,9 @@ class SweepOutcome:
 
 
 def _init_ray(address: str | None, dashboard: bool) -> None:
+    # Checkpointing every epoch is deliberate (a crash costs at most one epoch); Tune's
+    # warning about frequent experiment snapshots would only bury the trial table.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     if ray.is_initialized():
         return
@@ -164,8 +167,11 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
                                       reduction_factor=s.space.reduction_factor)
             tuner = tune.Tuner(
                 trainable,
+                # Reusing trial actors spares every in-process trial a fresh process that
+                # imports torch, ray and mlflow again (seconds each on a small machine).
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.samples,
-                                            max_concurrent_trials=s.max_concurrent),
+                                            max_concurrent_trials=s.max_concurrent,
+                                            reuse_actors=s.launch.in_process()),
                 run_config=tune.RunConfig(
                     name=s.name, storage_path=str(s.out), callbacks=[logger], verbose=s.verbose,
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

@@ -5,6 +5,7 @@ processes (which import the standard ``platform`` module long before this packag
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,12 @@ class Launch:
 
     def in_process(self) -> bool:
         return self.workers == 1 and not self.use_train
+
+
+def _quiet_ray_loggers() -> None:
+    """One 'checkpoint created' line per trial and epoch would drown the live trial table."""
+    for name in ("ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _threads(cpus: float) -> None:
@@ -64,6 +71,7 @@ def _train_from(checkpoint: Any, run: Callable[[Path | None], None]) -> None:
 def run_trial(config: dict[str, Any], *, method: str, fixed: dict[str, Any], seed: int, launch: Launch) -> None:
     """Tune's trainable: the swept ``config`` on top of the ``fixed`` knobs."""
     from ray import tune
+    _quiet_ray_loggers()
     spec = RunSpec.from_flat(method, {**fixed, **config}, seed)
     if launch.in_process():
         _threads(launch.cpus)
@@ -104,6 +112,7 @@ def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker loop: every rank trains its shard; rank 0 writes checkpoints."""
     from ray import train
     import ray.train.torch as rt
+    _quiet_ray_loggers()
     ctx = train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _threads(config["cpus"])

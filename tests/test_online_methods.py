@@ -9,11 +9,20 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_method
+from kd_platform.losses import mean_kd_to_peers
 from kd_platform.methods.base import Batch, StepContext
-
-torch.set_num_threads(2)
+from kd_platform.methods.ie_parts import to_factor
 
 STEPS_PER_EPOCH = 10
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These networks are tiny: thread start-up costs more than it saves, badly so on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _batch(n: int = 16, seed: int = 1, views: int = 1) -> Batch:
@@ -138,7 +147,6 @@ def test_dml_net1_loss_gives_net2_no_gradient():
     m = make_method("dml", temperature=1.0)
     b = _batch()
     z1, z2 = m.nets[0](b.x), m.nets[1](b.x)
-    from kd_platform.losses import mean_kd_to_peers
     loss1 = F.cross_entropy(z1, b.y) + mean_kd_to_peers([z1, z2], 0, 1.0)
     loss1.backward()
     assert all(p.grad is None for p in m.nets[1].parameters())
@@ -398,7 +406,6 @@ def test_iedml_reconstruction_trains_only_the_autoencoders():
 
 
 def test_iedml_loss_matches_the_formula():
-    from kd_platform.methods.ie_parts import to_factor
     l_inh, l_exp, t = 7.0, 3.0, 2.0
     m = make_method("iedml", l_inh=l_inh, l_exp=l_exp, temperature=t).train()
     b = _batch()

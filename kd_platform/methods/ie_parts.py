@@ -9,11 +9,28 @@ from it, each with its own encoder.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..knobs import knob
+from .base import MethodConfig
+
 DISTANCES = ("l1", "l2", "cos")
+
+
+@dataclass(frozen=True)
+class IEKnobs(MethodConfig):
+    """The knobs every inheritance/exploration method has; a method's config inherits them."""
+    rate: float = knob(0.5, low=0.01, high=4.0, help="code channels k = rate * C")
+    split: float = knob(0.5, low=0.01, high=0.99, help="fraction of channels in the inheritance part")
+    split_mode: str = knob("natural", choices=("natural", "random"),
+                           help="natural: the first channels inherit; random: a fixed random permutation")
+    distance: str = knob("l1", choices=DISTANCES, help="D: mean |x-y| (l1), mean (x-y)^2 (l2) or 1 - cos")
+    l_inh: float = knob(50.0, low=0.0, high=10000.0, help="weight of the inheritance (similarity) term")
+    l_exp: float = knob(50.0, low=0.0, high=10000.0, help="weight of the exploration (dis-similarity) term")
 
 
 def conv_stack(in_channels: int, out_channels: int, layers: int = 3) -> nn.Sequential:

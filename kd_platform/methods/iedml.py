@@ -30,22 +30,15 @@ from ..knobs import knob
 from ..losses import mean_kd_to_peers
 from . import register_method
 from ._online import detached_mean, peer_eval_networks
-from .base import Batch, BuildEnv, Method, MethodConfig, StepContext
-from .ie_parts import DISTANCES, FactorAutoEncoder, InheritExploreSplit, factor_channels, factor_distance, to_factor
+from .base import Batch, BuildEnv, Method, StepContext
+from .ie_parts import FactorAutoEncoder, IEKnobs, InheritExploreSplit, factor_channels, factor_distance, to_factor
 
 N_NETWORKS = 2
 
 
 @dataclass(frozen=True)
-class IEDMLConfig(MethodConfig):
+class IEDMLConfig(IEKnobs):
     temperature: float = knob(1.0, low=0.1, high=20.0, help="T of the mutual KD terms")
-    rate: float = knob(0.5, low=0.01, high=4.0, help="code channels k = rate * C")
-    split: float = knob(0.5, low=0.01, high=0.99, help="fraction of channels in the inheritance part")
-    split_mode: str = knob("natural", choices=("natural", "random"),
-                           help="natural: the first channels inherit; random: a fixed random permutation")
-    distance: str = knob("l1", choices=DISTANCES, help="D: mean |x-y| (l1), mean (x-y)^2 (l2) or 1 - cos")
-    l_inh: float = knob(50.0, low=0.0, high=10000.0, help="weight of the inheritance (similarity) term")
-    l_exp: float = knob(50.0, low=0.0, high=10000.0, help="weight of the exploration (dis-similarity) term")
 
 
 @register_method

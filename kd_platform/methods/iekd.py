@@ -36,7 +36,7 @@ from ..knobs import knob
 from . import register_method
 from ._offline import OfflineConfig, OfflineMethod
 from .base import Batch, BuildEnv, StepContext, freeze
-from .ie_parts import DISTANCES, FactorAutoEncoder, InheritExploreSplit, factor_channels, factor_distance, to_factor
+from .ie_parts import FactorAutoEncoder, IEKnobs, InheritExploreSplit, factor_channels, factor_distance, to_factor
 
 if TYPE_CHECKING:
     from ..data import DataModule
@@ -47,16 +47,9 @@ AE_MOMENTUM, AE_WEIGHT_DECAY = 0.9, 5e-4
 
 
 @dataclass(frozen=True)
-class IEKDConfig(OfflineConfig):
-    rate: float = knob(0.5, low=0.01, high=4.0, help="factor channels k = rate * C_t")
+class IEKDConfig(OfflineConfig, IEKnobs):
     ae_epochs: int = knob(30, low=0, high=100000, help="stage A: epochs of the teacher's auto-encoder")
     ae_lr: float = knob(0.1, low=0.0, high=10.0, help="stage A: SGD learning rate of the auto-encoder")
-    split: float = knob(0.5, low=0.01, high=0.99, help="fraction of the student's channels that inherit")
-    split_mode: str = knob("natural", choices=("natural", "random"),
-                           help="natural: the first channels inherit; random: a fixed random permutation")
-    distance: str = knob("l1", choices=DISTANCES, help="D: mean |x-y| (l1), mean (x-y)^2 (l2) or 1 - cos")
-    l_inh: float = knob(50.0, low=0.0, high=10000.0, help="weight of the inheritance (similarity) term")
-    l_exp: float = knob(50.0, low=0.0, high=10000.0, help="weight of the exploration (dis-similarity) term")
 
 
 def fit_autoencoder(ae: FactorAutoEncoder, fmaps: Callable[[int], Iterable[Tensor]], epochs: int,

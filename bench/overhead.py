@@ -1,0 +1,77 @@
+"""Per-trial overhead of a sweep: the same trainings run bare (a plain loop over the
+engine, one after another) and as a sweep (Ray Tune + Optuna + ASHA + MLflow), measured
+in one run on the same machine.
+
+    python bench/overhead.py [--trials 4] [--epochs 3] [--train]
+
+``--train`` also runs the sweep with every trial inside a one-worker Ray Train
+``TorchTrainer``, which is what decides whether one-worker trials run in-process.
+ASHA is given a grace period of every epoch so that both sides train the same epochs.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def bare(trials: int, epochs: int) -> float:
+    from kd_platform.engine import RunSpec, train
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    for i in range(trials):
+        spec = RunSpec.from_flat("okdph", {"epochs": epochs, "omega": 0.3 + 0.1 * i}, 0)
+        train(spec, lambda metrics, save: None)
+    return time.perf_counter() - t0
+
+
+def sweep(trials: int, epochs: int, work: Path, use_train: bool) -> float:
+    from kd_platform.cli import sweep_settings
+    from kd_platform.sweep import run_sweep
+    space = work / "space.yaml"
+    space.write_text(f"swept:\n  omega: {{type: uniform, low: 0.3, high: 1.0}}\nasha: {{grace_period: {epochs}}}\n")
+    name = f"bench-{'train' if use_train else 'inproc'}"
+    argv = ["okdph", "--space", str(space), "--samples", str(trials), "--epochs", str(epochs),
+            "--max-concurrent", "1", "--tracking-uri", f"sqlite:///{work / 'mlruns.db'}",
+            "--out", str(work / "res"), "--name", name, "--quiet"] + (["--use-train"] if use_train else [])
+    t0 = time.perf_counter()
+    outcome = run_sweep(sweep_settings(argv))
+    wall = time.perf_counter() - t0
+    assert outcome.trials == trials and outcome.failed == 0, outcome
+    return wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--train", action="store_true", help="also time one-worker TorchTrainer trials")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    import ray
+    t0 = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, logging_level=logging.WARNING)
+    ray_start = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        bare_s = bare(args.trials, args.epochs)
+        inproc_s = sweep(args.trials, args.epochs, work, use_train=False)
+        rows = [("bare engine loop", bare_s), ("sweep, in-process trials", inproc_s)]
+        if args.train:
+            rows.append(("sweep, 1-worker TorchTrainer trials", sweep(args.trials, args.epochs, work, use_train=True)))
+    print(f"\n{args.trials} OKDPH trials x {args.epochs} epochs on digits, one at a time, 1 thread each "
+          f"({os.cpu_count()} CPUs, torch {torch.__version__}, python {sys.version.split()[0]})")
+    print(f"ray.init (once per sweep command): {ray_start:.1f}s")
+    print(f"{'':38s} {'wall s':>8s} {'vs bare':>8s} {'overhead/trial s':>17s}")
+    for label, wall in rows:
+        print(f"{label:38s} {wall:8.1f} {wall / bare_s:8.2f} {(wall - bare_s) / args.trials:17.1f}")
+
+
+if __name__ == "__main__":
+    main()
