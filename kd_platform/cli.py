@@ -129,6 +129,11 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="sweep name (default METHOD-YYYYmmdd-HHMMSS)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="SWEEP_DIR",
                    help="finish an interrupted sweep (default: the newest one of METHOD in --out)")
+    p.add_argument("--ablate", metavar="K1,K2",
+                   help="ablation: a grid over these knobs' listed values, the other knobs pinned")
+    p.add_argument("--seeds", type=_positive_int, help="ablation: repeat every cell with this many seeds")
+    p.add_argument("--from-sweep", metavar="RUN_ID",
+                   help="ablation: pin the other knobs to the best trial of this earlier sweep's parent run")
     p.add_argument("--quiet", action="store_true", help="no live trial table")
     return p
 
@@ -163,7 +168,9 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
     space = load_space(args.method, args.space)
     space.fix(_parse_sets(args.set))
     space.fixed.update(_teacher_assets(args, space.fixed, list(space.swept)))
-    samples = args.samples or space.samples
+    uri = resolve_tracking_uri(args.tracking_uri)
+    ablation = _ablation(args, space, uri)
+    samples = ablation.trials if ablation else (args.samples or space.samples)
     epochs = args.epochs or space.epochs
     launch = _launch(args, args.out)
     cpus = os.cpu_count() or 1
@@ -172,9 +179,22 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
     name = args.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (args.out / name).exists():
         raise UsageError(f"sweep directory '{args.out / name}' already exists (use --resume or another --name)")
-    return SweepSettings(args.method, space, samples, epochs, max_concurrent, args.seed,
-                         resolve_tracking_uri(args.tracking_uri), args.experiment or args.method,
-                         args.out.resolve(), name, launch, address=args.address, verbose=0 if args.quiet else 1)
+    return SweepSettings(args.method, space, samples, epochs, max_concurrent, args.seed, uri,
+                         args.experiment or args.method, args.out.resolve(), name, launch, address=args.address,
+                         verbose=0 if args.quiet else 1, ablation=ablation)
+
+
+def _ablation(args: argparse.Namespace, space: Any, uri: str) -> Any:
+    from .ablate import best_of_sweep, plan_ablation
+    if not args.ablate:
+        for flag, value in (("--seeds", args.seeds), ("--from-sweep", args.from_sweep)):
+            if value:
+                raise UsageError(f"{flag} only applies to an ablation (--ablate K1,K2)")
+        return None
+    if args.samples:
+        raise UsageError("--samples conflicts with --ablate: an ablation runs every cell of its grid")
+    best = best_of_sweep(uri, args.from_sweep) if args.from_sweep else None
+    return plan_ablation(space, args.ablate, args.seeds or 1, args.seed, best, args.from_sweep)
 
 
 def _sweep(argv: Sequence[str] | None) -> int:
@@ -185,6 +205,9 @@ def _sweep(argv: Sequence[str] | None) -> int:
     print()
     print(f"Sweep {s.name}: {outcome.trials} trials ({outcome.stopped_early} stopped early by ASHA, "
           f"{outcome.failed} failed) in {outcome.wall_s:.0f}s")
+    if s.ablation:
+        print(f"Ablation of {', '.join(s.ablation.knobs)} over {len(s.ablation.seeds)} seed(s); tables with "
+              f"python -m analysis.ablation --sweep {outcome.parent_run_id} --tracking-uri {s.tracking_uri}")
     if outcome.best_metric is None:
         print("No trial finished; see the FAILED runs in MLflow for the errors.")
         return 1

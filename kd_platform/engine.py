@@ -130,7 +130,9 @@ def evaluate(method: Method, data: Any, split: str, device: torch.device, reduce
     if reduce:
         _all_reduce(correct), _all_reduce(total)
     acc = {name: float(100.0 * c / max(float(total), 1.0)) for name, c in zip(nets, correct)}
-    acc["students_mean"] = float(np.mean([acc[s] for s in method.students]))
+    for group, names in {"students": method.students, **method.groups}.items():
+        acc[f"{group}_mean"] = float(np.mean([acc[n] for n in names]))
+        acc[f"{group}_best"] = max(acc[n] for n in names)
     acc["best_network"] = max(acc[n] for n in nets)
     method.train()
     return acc

@@ -7,7 +7,6 @@ instead of opening a duplicate.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,7 @@ class MlflowTrialLogger(Callback):
         else:
             spec = self.spec(trial)
             run = self.client.create_run(self.experiment_id, run_name=f"{self.method}-{trial.trial_id}", tags={
-                **self.tags, TRIAL_TAG: trial.trial_id, tracking.PARENT_TAG: self.parent_run_id})
+                **self.tags, "seed": spec.seed, TRIAL_TAG: trial.trial_id, tracking.PARENT_TAG: self.parent_run_id})
             run_id = run.info.run_id
             tracking.log_params(self.client, run_id, spec.all_knobs())
             tracking.set_tags(self.client, run_id, {f"swept.{k}": v for k, v in trial.config.items()})
@@ -60,7 +59,9 @@ class MlflowTrialLogger(Callback):
         return run_id
 
     def spec(self, trial: Any) -> RunSpec:
-        return RunSpec.from_flat(self.method, {**self.fixed, **trial.config}, self.seed)
+        config = dict(trial.config)
+        seed = int(config.pop("seed", self.seed))  # ablations repeat each cell over seeds
+        return RunSpec.from_flat(self.method, {**self.fixed, **config}, seed)
 
     def record_teacher(self, trial: Any, run_id: str) -> None:
         """Tag an offline trial with its teacher; the file itself goes to the parent run once."""
@@ -105,6 +106,3 @@ def _error_text(trial: Any) -> str:
             return lines[-1].strip()
     return "trial failed (no error file recorded)"
 
-
-def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -7,14 +7,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import UsageError
 from .knobs import knob
+
+AUGMENTATIONS = ("none", "shift", "standard", "rotate", "cutout", "randaugment", "autoaugment")
+"""Training augmentation pipelines by name; ``kd_platform.data.augment`` defines them."""
 
 
 @dataclass(frozen=True)
 class Recipe:
     dataset: str = knob("digits", help="dataset name (digits ships with scikit-learn)")
-    data_dir: str = knob("", help="where file-based datasets live")
-    val_fraction: float = knob(0.1, low=0.0, high=0.5, help="stratified validation split held out of train")
+    data_dir: str = knob("", help="where file-based datasets live (CIFAR is downloaded there when absent)")
+    val_fraction: float = knob(0.1, low=0.0, high=0.5,
+                               help="stratified validation split held out of train; 0 trains on all of "
+                                    "train and then, on file datasets, 'val' metrics are test metrics "
+                                    "(final runs only, never for tuning)")
     arch: str = knob("resnet8", help="network architecture (students, or the single network)")
     epochs: int = knob(5, low=1, high=100000)
     batch_size: int = knob(64, low=1, high=65536)
@@ -26,8 +33,28 @@ class Recipe:
     schedule: str = knob("cosine", choices=("cosine", "multistep", "constant"))
     milestones: str = knob("", help="comma-separated epochs where multistep multiplies the lr by lr_decay")
     lr_decay: float = knob(0.1, low=0.0, high=1.0)
-    augment: str = knob("shift", choices=("none", "shift"),
-                        help="training augmentation; 'shift' = random translation by up to 1/8 of the image")
+    augment: str = knob("shift", choices=AUGMENTATIONS,
+                        help="training augmentation; 'shift' = random translation by up to 1/8 of the image, "
+                             "'standard' = shift + horizontal flip, 'rotate' = standard + rotation up to 15 "
+                             "degrees, 'cutout' = standard + a zeroed square of half the image side, "
+                             "'randaugment' / 'autoaugment' = standard + that policy (the digits dataset "
+                             "knows only none and shift)")
+    view_augments: str = knob("", help="comma-separated augmentations, one per network view, cycling, used "
+                                       "only when a method asks for per-network views; empty: every view "
+                                       "uses 'augment'")
+    loader_workers: int = knob(-1, low=-1, high=256,
+                               help="data-loading processes per training process for file datasets; "
+                                    "-1 picks from the CPUs this process may use")
+
+    def __post_init__(self) -> None:
+        # Checked here so that a typo fails when the knobs are read, before any trial starts.
+        for name in self.view_augment_list():
+            if name not in AUGMENTATIONS:
+                raise UsageError(f"knob 'view_augments': unknown augmentation '{name}'; "
+                                 f"known: {', '.join(AUGMENTATIONS)}")
 
     def milestone_list(self) -> list[int]:
         return [int(m) for m in self.milestones.split(",") if m.strip()]
+
+    def view_augment_list(self) -> list[str]:
+        return [v.strip() for v in self.view_augments.split(",") if v.strip()]

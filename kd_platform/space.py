@@ -141,6 +141,10 @@ def _check_dist(source: str, key: str, dist: Any, specs: dict[str, KnobSpec]) ->
             out["values"] = [spec.coerce(v) for v in dist["values"]]
         else:
             out["low"], out["high"] = spec.coerce(dist["low"]), spec.coerce(dist["high"])
+            if "values" in dist:  # optional: the points an ablation grid visits
+                out["values"] = [spec.coerce(v) for v in dist["values"]]
+                if not all(out["low"] <= v <= out["high"] for v in out["values"]):
+                    raise UsageError(f"{source}: swept knob '{key}': 'values' must lie in [low, high]")
             if out["low"] >= out["high"]:
                 raise UsageError(f"{source}: swept knob '{key}': low must be below high")
             if dist["type"] == "loguniform" and out["low"] <= 0:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import tracking
+from .ablate import Ablation
 from .errors import UsageError
 from .space import SearchSpace
 from .trial import Launch, run_trial
@@ -41,11 +42,13 @@ class SweepSettings:
     resume: bool = False
     parent_run_id: str | None = None
     verbose: int = 1
+    ablation: Ablation | None = None
 
     @property
     def trial_fixed(self) -> dict[str, Any]:
         """Knobs every trial shares: the space's fixed ones and the sweep's epoch count."""
-        return {**self.space.fixed, "epochs": self.epochs}
+        pinned = self.ablation.pinned if self.ablation else {}
+        return {**self.space.fixed, **pinned, "epochs": self.epochs}
 
     @property
     def sweep_dir(self) -> Path:
@@ -57,7 +60,8 @@ class SweepSettings:
                 "grace_period": self.space.grace_period, "reduction_factor": self.space.reduction_factor,
                 "samples": self.samples, "epochs": self.epochs, "max_concurrent": self.max_concurrent,
                 "seed": self.seed, "tracking_uri": self.tracking_uri, "experiment": self.experiment,
-                "name": self.name, "launch": asdict(self.launch), "parent_run_id": self.parent_run_id}
+                "name": self.name, "launch": asdict(self.launch), "parent_run_id": self.parent_run_id,
+                "ablation": self.ablation.to_json() if self.ablation else None}
 
     @staticmethod
     def from_sweep_dir(path: Path) -> "SweepSettings":
@@ -70,7 +74,8 @@ class SweepSettings:
                                 d["samples"], d["epochs"], d["grace_period"], d["reduction_factor"])
             return SweepSettings(d["method"], space, d["samples"], d["epochs"], d["max_concurrent"], d["seed"],
                                  d["tracking_uri"], d["experiment"], path.parent, d["name"], Launch(**d["launch"]),
-                                 resume=True, parent_run_id=d["parent_run_id"])
+                                 resume=True, parent_run_id=d["parent_run_id"],
+                                 ablation=Ablation(**d["ablation"]) if d.get("ablation") else None)
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"--resume: '{state}' is unreadable ({exc})") from None
 
@@ -120,7 +125,7 @@ def _parent_run(s: SweepSettings, c: Any, experiment_id: str) -> str:
         c.update_run(s.parent_run_id, status="RUNNING")
         return s.parent_run_id
     run = c.create_run(experiment_id, run_name=s.name, tags={
-        "kind": "sweep", "method": s.method, "seed": s.seed, "git_commit": tracking.git_commit(),
+        "kind": "ablation" if s.ablation else "sweep", "method": s.method, "seed": s.seed, "git_commit": tracking.git_commit(),
         "sweep_dir": str(s.sweep_dir), **tracking.package_versions()})
     params = {"samples": s.samples, "epochs": s.epochs, "max_concurrent": s.max_concurrent, "seed": s.seed,
               "metric": s.space.metric, "mode": s.space.mode, "space_file": s.space.source,
@@ -128,6 +133,11 @@ def _parent_run(s: SweepSettings, c: Any, experiment_id: str) -> str:
               "gpus_per_trial": s.launch.gpus,
               **{f"fixed.{k}": v for k, v in s.space.fixed.items()},
               **{f"swept.{k}": json.dumps(v) for k, v in s.space.swept.items()}}
+    if s.ablation:
+        a = s.ablation
+        params.update({"ablate": ",".join(a.knobs), "seeds": len(a.seeds), "from_sweep": a.from_sweep or "",
+                       **{f"default.{k}": v for k, v in a.defaults.items()},
+                       **{f"pinned.{k}": v for k, v in a.pinned.items()}})
     tracking.log_params(c, run.info.run_id, params)
     return run.info.run_id
 
@@ -157,6 +167,8 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
         if s.resume and tune.Tuner.can_restore(str(s.sweep_dir)):
             tuner = tune.Tuner.restore(str(s.sweep_dir), trainable=trainable, resume_errored=True,
                                        param_space=None)
+        elif s.ablation:
+            tuner = _ablation_tuner(s, trainable, logger)
         else:
             searcher = OptunaSearch(
                 space=s.space.optuna_distributions(), metric=s.space.metric, mode=s.space.mode,
@@ -172,17 +184,15 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.samples,
                                             max_concurrent_trials=s.max_concurrent,
                                             reuse_actors=s.launch.in_process()),
-                run_config=tune.RunConfig(
-                    name=s.name, storage_path=str(s.out), callbacks=[logger], verbose=s.verbose,
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    failure_config=tune.FailureConfig(max_failures=1)))
+                run_config=_run_config(s, logger))
         if s.resume:
             _replace_callbacks(tuner, logger)
         results = tuner.fit()
     except BaseException as exc:
         c.set_terminated(s.parent_run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    _fail_stale_optuna_trials(s)
+    if not s.ablation:
+        _fail_stale_optuna_trials(s)
     return _finish(s, c, experiment_id, results, logger, time.perf_counter() - t0)
 
 
@@ -202,6 +212,25 @@ def _fail_stale_optuna_trials(s: SweepSettings) -> None:
         log.info("optuna trial %d was interrupted with its driver; marked FAIL", trial.number)
 
 
+def _run_config(s: SweepSettings, logger: Any) -> Any:
+    from ray import tune
+    return tune.RunConfig(name=s.name, storage_path=str(s.out), callbacks=[logger], verbose=s.verbose,
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                          failure_config=tune.FailureConfig(max_failures=1))
+
+
+def _ablation_tuner(s: SweepSettings, trainable: Any, logger: Any) -> Any:
+    """Every cell of the grid, each once per seed, trained to the last epoch (no early stopping:
+    an ablation compares final numbers)."""
+    from ray import tune
+    a = s.ablation
+    space = {k: tune.grid_search(v) for k, v in a.grid.items()}
+    space["seed"] = tune.grid_search(a.seeds)
+    return tune.Tuner(trainable, param_space=space, run_config=_run_config(s, logger),
+                      tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=s.max_concurrent,
+                                                  reuse_actors=s.launch.in_process()))
+
+
 def _replace_callbacks(tuner: Any, logger: Any) -> None:
     """A restored Tuner unpickles the old callback; point it at this process's logger state."""
     internal = getattr(tuner, "_local_tuner", None)
@@ -217,7 +246,7 @@ def _finish(s: SweepSettings, c: Any, experiment_id: str, results: Any, logger: 
     ok = [r for r in results if r.error is None and r.metrics and metric in r.metrics]
     stopped = sum(1 for r in ok if int(r.metrics.get("epoch", 0)) < s.epochs)
     best_config, best_value, best_run, best_metrics = {}, None, None, {}
-    if ok:
+    if ok:  # for an ablation this is the best single run; analysis.ablation gives the seed means
         best = results.get_best_result(metric=metric, mode=s.space.mode, scope="last", filter_nan_and_inf=True)
         best_config, best_value = dict(best.config), float(best.metrics[metric])
         best_run = logger.runs.get(best.metrics.get("trial_id", ""))

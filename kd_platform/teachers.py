@@ -204,15 +204,21 @@ def train_teacher(ts: RunSpec, device: torch.device) -> tuple[dict[str, Tensor],
     return net_state, extra
 
 
-def load_teacher_state(net: nn.Module, path: Path, arch: str) -> nn.Module:
-    """Load a state_dict file into ``net``; a corrupt file or one of another architecture is a
-    one-line :class:`UsageError` naming the file."""
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """A state_dict file, loaded with ``weights_only=True``; anything else is a one-line
+    :class:`UsageError` naming the file."""
     try:
         state = load_checked(path)
     except UsageError as exc:
         raise UsageError(f"teacher {exc}") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UsageError(f"teacher checkpoint '{path}' is not a state_dict (a mapping of names to tensors)")
+    return dict(state)
+
+
+def load_teacher_state(net: nn.Module, state: Mapping[str, Tensor], path: Path, arch: str) -> nn.Module:
+    """``net`` with ``state`` loaded; a state of another architecture is a one-line
+    :class:`UsageError` naming the file it came from."""
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -232,9 +238,11 @@ def load_teacher_state(net: nn.Module, path: Path, arch: str) -> nn.Module:
 
 def check_teacher_checkpoint(path: Path, spec: RunSpec) -> None:
     """Fail now, before any run is created, if ``path`` cannot be ``spec``'s teacher."""
+    state = read_state_dict(path)  # before the data: a corrupt file fails without loading any
     recipe, cfg = spec.resolved()
     data = build_data(recipe, spec.seed, torch.device("cpu"))
-    load_teacher_state(build_model(cfg.teacher_arch, data.num_classes, data.in_channels), path, cfg.teacher_arch)
+    load_teacher_state(build_model(cfg.teacher_arch, data.num_classes, data.in_channels), state, path,
+                       cfg.teacher_arch)
 
 
 class TeacherProvider:
@@ -254,8 +262,9 @@ class TeacherProvider:
 
     def __call__(self, arch: str) -> nn.Module:
         if arch not in self._teachers:
+            path = self.teacher_path(arch)
             net = build_model(arch, self.num_classes, self.in_channels)
-            load_teacher_state(net, self.teacher_path(arch), arch)
+            load_teacher_state(net, read_state_dict(path), path, arch)
             self._teachers[arch] = freeze(net.to(self.device))
         return self._teachers[arch]
 

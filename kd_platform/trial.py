@@ -72,6 +72,8 @@ def run_trial(config: dict[str, Any], *, method: str, fixed: dict[str, Any], see
     """Tune's trainable: the swept ``config`` on top of the ``fixed`` knobs."""
     from ray import tune
     _quiet_ray_loggers()
+    config = dict(config)
+    seed = int(config.pop("seed", seed))  # an ablation repeats each cell over seeds
     spec = RunSpec.from_flat(method, {**fixed, **config}, seed)
     if launch.in_process():
         _threads(launch.cpus)

@@ -126,3 +126,32 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 3
     assert optuna.trial.TrialState.RUNNING not in states
+
+
+def test_ablation_grid_with_seeds(ray_local, tmp_path):
+    from kd_platform.cli import sweep_settings
+    from kd_platform.sweep import run_sweep
+    uri = sqlite_uri(tmp_path / "mlruns.db")
+    s = sweep_settings(["okdph", "--ablate", "hwm_grad", "--seeds", "2", "--epochs", "1", "--tracking-uri", uri,
+                        "--out", str(tmp_path / "res"), "--seed", "5", "--quiet"])
+    assert s.samples == 4 and s.ablation.defaults == {"hwm_grad": "auto"}
+    run_sweep(s)
+    runs = runs_in(uri)
+    (parent,) = [r for r in runs if r.data.tags.get("kind") == "ablation"]
+    assert parent.data.params["ablate"] == "hwm_grad" and parent.data.params["default.hwm_grad"] == "auto"
+    assert parent.data.params["pinned.omega"] == "0.8"  # other swept knobs sit at their declared defaults
+    children = _children(runs, parent.info.run_id)
+    cells = sorted((c.data.params["hwm_grad"], c.data.tags["seed"]) for c in children)
+    assert cells == [("false", "5"), ("false", "6"), ("true", "5"), ("true", "6")]
+    assert all(c.data.params["omega"] == "0.8" and c.data.tags["trial_outcome"] == "completed" for c in children)
+    assert {c.data.params["seed"] for c in children} == {"5", "6"}
+
+
+def test_ablation_rejects_a_range_without_values(tmp_path):
+    out = run_cli("platform.sweep", "okdph", "--ablate", "nosuch", "--out", str(tmp_path / "res"),
+                  "--tracking-uri", sqlite_uri(tmp_path / "m.db"))
+    assert out.returncode == 2 and "unknown knob 'nosuch'" in out.stderr
+    out = run_cli("platform.sweep", "okdph", "--seeds", "3", "--out", str(tmp_path / "res"),
+                  "--tracking-uri", sqlite_uri(tmp_path / "m.db"))
+    assert out.returncode == 2 and "--seeds only applies" in out.stderr
+    assert not (tmp_path / "m.db").exists()

@@ -4,12 +4,14 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import DataStub, run_cli, sqlite_uri
+from conftest import REPO, DataStub, sqlite_uri
 from kd_platform import teachers
 from kd_platform.cli import sweep_main, train_main
 from kd_platform.engine import RunSpec, build_method
@@ -140,22 +142,27 @@ def test_iekd_autoencoder_is_cached_per_teacher_and_recipe(tmp_path: Path) -> No
     assert len(build(ae_epochs=2).built) == 1
 
 
-@pytest.mark.parametrize("problem", ["wrong_arch", "truncated"])
-def test_bad_teacher_checkpoint_fails_before_any_run(problem: str, tmp_path: Path) -> None:
-    file = tmp_path / f"{problem}.pt"
-    if problem == "wrong_arch":
-        _saved_teacher(file, "resnet8")  # the kd space's teacher is a resnet20
-    else:
-        good = _saved_teacher(tmp_path / "good.pt", "resnet20").read_bytes()
-        file.write_bytes(good[: len(good) // 2])
-    db, out = tmp_path / "m.db", tmp_path / "out"
-    proc = run_cli("platform.train", "kd", "--epochs", "1", "--tracking-uri", sqlite_uri(db), "--out", str(out),
-                   "--teacher-checkpoint", str(file), timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(file) in lines[0], proc.stderr
-    # No store, so no run (and nothing written to the results directory either).
-    assert not db.exists() and not out.exists()
+def test_bad_teacher_checkpoints_fail_before_any_run(tmp_path: Path) -> None:
+    """A file of the wrong architecture and a truncated file, each through the real command line
+    (both at once, to halve the wait for two interpreters)."""
+    wrong = _saved_teacher(tmp_path / "wrong_arch.pt", "resnet8")  # the kd space's teacher is a resnet20
+    good = _saved_teacher(tmp_path / "good.pt", "resnet20").read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    procs = {}
+    for file in (wrong, truncated):
+        db, out = tmp_path / f"{file.stem}.db", tmp_path / f"out_{file.stem}"
+        cmd = [sys.executable, "-m", "platform.train", "kd", "--epochs", "1", "--tracking-uri", sqlite_uri(db),
+               "--out", str(out), "--teacher-checkpoint", str(file)]
+        procs[file] = (subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                       db, out)
+    for file, (proc, db, out) in procs.items():
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and str(file) in lines[0], err
+        # No store, so no run (and nothing written to the results directory either).
+        assert not db.exists() and not out.exists()
 
 
 def test_teacher_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

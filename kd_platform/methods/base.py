@@ -70,6 +70,10 @@ class Method(nn.Module):
     students: ClassVar[tuple[str, ...]] | tuple[str, ...] = ()
     """Names (keys of ``eval_networks``) averaged into the primary metric ``students_mean``."""
 
+    groups: ClassVar[dict[str, tuple[str, ...]]] | dict[str, tuple[str, ...]] = {}
+    """Further named groups of networks whose mean and best accuracy are logged as
+    ``<group>_mean`` / ``<group>_best`` (e.g. DKEL's teacher branches)."""
+
     def __init__(self, cfg: MethodConfig, env: BuildEnv) -> None:
         super().__init__()
         self.cfg = cfg

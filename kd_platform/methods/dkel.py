@@ -29,8 +29,8 @@ for both the ramp-up and ``w``. Only parameters are averaged; the teacher runs i
 mode and keeps its own BatchNorm statistics. Its initialisation and EMA counters are
 buffers, so a checkpoint resumes them. Evaluated: ``branch1..B`` (the students, averaged
 into the primary metric), the student's ``ensemble`` head, ``teacher_branch1..B`` and
-``teacher_mean`` (mean of the teacher's branch logits); the best teacher branch is the
-maximum over the ``teacher_branch`` figures.
+``teacher_mean`` (mean of the teacher's branch logits); the best teacher branch is logged
+as ``teacher_branches_best``.
 """
 from __future__ import annotations
 
@@ -87,6 +87,8 @@ class DKEL(Method):
         self.register_buffer("teacher_init_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.students = tuple(f"branch{b + 1}" for b in range(cfg.branches))
+        # Released DKEL code reports the best teacher branch: logged as val/acc/teacher_branches_best.
+        self.groups = {"teacher_branches": tuple(f"teacher_branch{b + 1}" for b in range(cfg.branches))}
 
     def num_views(self) -> int:
         return self.cfg.branches if self.cfg.views == "per_network" else 1

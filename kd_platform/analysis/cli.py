@@ -1,0 +1,64 @@
+"""``python -m analysis.ablation``: the report of one sweep, from its MLflow runs.
+
+Everything that can be wrong with the input (store, experiment, run id, metric) is found
+while loading, before the report folder exists, so bad input writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from ..errors import UsageError
+from . import markdown as md
+from .load import find_parent, load_sweep, open_client
+from .report import ARTIFACT_DIR, analyse
+
+REPORTS_DIR = Path("reports")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of argparse's usage dump
+        raise UsageError(message)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m analysis.ablation",
+                description="Tables, knob importance and plots of a sweep or ablation, from its MLflow runs; "
+                            "written to a folder and logged to the sweep's parent run.")
+    p.add_argument("method", nargs="?", help="analyse the newest sweep of this method's experiment")
+    p.add_argument("--sweep", metavar="PARENT_RUN_ID", help="the sweep's MLflow parent run id")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
+    p.add_argument("--experiment", help="MLflow experiment to search (default: the method's name)")
+    p.add_argument("--out", type=Path, help="report folder (default reports/<sweep name>/)")
+    p.add_argument("--metric", help="metric to analyse (default: the sweep's metric, else val/acc/students_mean)")
+    return p
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = parser().parse_args(argv)
+    if not (args.method or args.sweep or args.experiment):
+        raise UsageError("name a method (e.g. okdph), --experiment NAME or --sweep PARENT_RUN_ID")
+    uri, c = open_client(args.tracking_uri)
+    parent = find_parent(c, args.method, args.experiment, args.sweep)
+    sweep = load_sweep(c, parent, args.metric)
+    folder = args.out or REPORTS_DIR / sweep.name
+    rep = analyse(c, sweep, folder)
+    for title, frame, index in rep.tables:
+        print(f"\n== {title}")
+        print(md.terminal(frame, index=index))
+    print(f"\nReport: {rep.path} ({len(rep.files)} files)")
+    print(f"Logged to MLflow run {sweep.run_id} under '{ARTIFACT_DIR}/' (experiment {sweep.experiment_name}).")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,39 @@
+"""Small Markdown and number formatting helpers for the report (no extra dependency)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+def fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def mean_std(mean: float, std: float) -> str:
+    if isinstance(std, float) and math.isnan(std):
+        return f"{mean:.4g}"
+    return f"{mean:.4g} ± {std:.2g}"
+
+
+def table(df: pd.DataFrame, index: bool = False) -> str:
+    """``df`` as a GitHub Markdown table (``|`` inside cells escaped)."""
+    if index:
+        df = df.reset_index()
+    header = [str(c) for c in df.columns]
+    rows = [[fmt(v).replace("|", "\\|") for v in row] for row in df.itertuples(index=False)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def terminal(df: pd.DataFrame, index: bool = False) -> str:
+    return df.to_string(index=index, float_format=lambda v: f"{v:.4g}")

@@ -1,0 +1,113 @@
+"""PNG plots of a sweep, drawn on bare ``Figure`` objects (the Agg canvas) rather than
+through ``pyplot``, so no display, backend switch or global figure state is involved."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+DPI = 110
+DEFAULT_COLOUR, OTHER_COLOUR, POINT_COLOUR = "tab:orange", "tab:blue", "0.35"
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _jitter(n: int, width: float = 0.08, seed: int = 0) -> np.ndarray:
+    # Seeded, so that the same runs always give the same picture.
+    return np.random.default_rng(seed).uniform(-width, width, n)
+
+
+def ablation_plot(table: pd.DataFrame, runs: pd.DataFrame, knob: str, metric: str, path: Path) -> Path:
+    """Mean ± std per value with every run as a dot; the default value in another colour."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    labels = [str(v) for v in table[knob]]
+    x = np.arange(len(table))
+    colours = [DEFAULT_COLOUR if d else OTHER_COLOUR for d in table["default"]]
+    ax.bar(x, table["mean"], color=colours, alpha=0.35, width=0.6)
+    ax.errorbar(x, table["mean"], yerr=table["std"].fillna(0), fmt="none", ecolor="black", capsize=5)
+    for i, value in enumerate(table[knob]):
+        ys = runs.loc[runs[knob] == value, metric].to_numpy()
+        ax.scatter(i + _jitter(len(ys), seed=i), ys, s=14, color=POINT_COLOUR, zorder=3)
+    base = table.loc[table["default"], "mean"]
+    if len(base):
+        ax.axhline(base.iloc[0], color=DEFAULT_COLOUR, linestyle="--", linewidth=1, label="default mean")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xticks(x, labels)
+    _tight_ylim(ax, pd.concat([runs[metric], table["mean"] - table["std"].fillna(0),
+                               table["mean"] + table["std"].fillna(0)]))
+    ax.set_xlabel(knob)
+    ax.set_ylabel(metric)
+    ax.set_title(f"Ablation of {knob}: mean ± std over seeds")
+    return _save(fig, path)
+
+
+def knob_plot(runs: pd.DataFrame, knob: str, metric: str, categorical: bool, log_x: bool, path: Path) -> Path:
+    """The metric of every run against one knob (TPE sweeps); per-value means for categorical knobs."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    if categorical:
+        values = sorted(runs[knob].dropna().unique(), key=lambda v: (str(type(v)), v))
+        for i, value in enumerate(values):
+            ys = runs.loc[runs[knob] == value, metric].to_numpy()
+            ax.scatter(i + _jitter(len(ys), seed=i), ys, s=18, color=OTHER_COLOUR, zorder=3)
+            ax.hlines(ys.mean(), i - 0.25, i + 0.25, color="black", linewidth=2)
+        ax.set_xticks(np.arange(len(values)), [str(v) for v in values])
+        ax.set_xlim(-0.6, len(values) - 0.4)
+    else:
+        ax.scatter(runs[knob].astype(float), runs[metric], s=18, color=OTHER_COLOUR)
+        if log_x:
+            ax.set_xscale("log")
+    _tight_ylim(ax, runs[metric])
+    ax.set_xlabel(knob)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs {knob} ({len(runs)} completed runs)")
+    return _save(fig, path)
+
+
+def importance_plot(values: pd.Series, title: str, xlabel: str, path: Path) -> Path:
+    fig = Figure(figsize=(6, 0.9 + 0.35 * len(values)))
+    ax = fig.add_subplot()
+    ordered = values.sort_values()
+    ax.barh([str(k) for k in ordered.index], ordered.to_numpy(), color=OTHER_COLOUR)
+    for y, v in enumerate(ordered.to_numpy()):
+        ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
+    ax.set_xlim(0, max(float(ordered.max()), 1e-12) * 1.2)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def curves_plot(curves: Mapping[str, pd.Series], metric: str, title: str, path: Path,
+                highlight: str | None = None) -> Path:
+    """One line per entry of ``curves`` (epoch -> value)."""
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.add_subplot()
+    for label, series in curves.items():
+        style: dict[str, Any] = {"linewidth": 2.5, "color": "black"} if label == highlight else {}
+        ax.plot(series.index, series.to_numpy(), marker="o", markersize=3, label=label, **style)
+    epochs = sorted({int(e) for s in curves.values() for e in s.index})
+    if epochs and len(epochs) <= 20:
+        ax.set_xticks(epochs)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def _tight_ylim(ax: Any, values: pd.Series) -> None:
+    values = values.dropna()
+    if values.empty:
+        return
+    lo, hi = float(values.min()), float(values.max())
+    pad = (hi - lo) * 0.1 or max(abs(hi) * 0.01, 0.5)
+    ax.set_ylim(lo - pad, hi + pad)

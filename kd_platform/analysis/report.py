@@ -1,0 +1,234 @@
+"""The report of one sweep: tables (CSV), plots (PNG) and ``report.md`` linking them, written
+into one folder and logged as artifacts (under ``report/``) of the sweep's parent run."""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..errors import UsageError
+from . import markdown as md
+from . import plots
+from .importance import fanova_importance
+from .load import Sweep, history
+from .tables import (Usable, ablation_defaults, ablation_table, best_trials, is_categorical, marginal_effect,
+                     usable_runs)
+
+ARTIFACT_DIR = "report"
+REPORT_FILE = "report.md"
+TOP = 5
+NOT_NETWORKS = ("best_network",)  # summaries logged under val/acc/ that are not one network
+
+
+@dataclass
+class Report:
+    folder: Path
+    files: list[Path] = field(default_factory=list)
+    tables: list[tuple[str, pd.DataFrame, bool]] = field(default_factory=list)  # title, frame, show index
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return self.folder / REPORT_FILE
+
+    def text(self, *paragraphs: str) -> None:
+        for p in paragraphs:
+            self.lines += [p, ""]
+
+    def table(self, title: str, frame: pd.DataFrame, csv: str, shown: pd.DataFrame | None = None,
+              index: bool = False) -> None:
+        """``frame`` saved as CSV; ``shown`` (default ``frame``) in the report and on the terminal."""
+        path = self.folder / csv
+        frame.to_csv(path, index=index)
+        self.files.append(path)
+        shown = frame if shown is None else shown
+        self.tables.append((title, shown, index))
+        self.text(md.table(shown, index=index), f"CSV: [{csv}]({csv})")
+
+    def image(self, alt: str, path: Path) -> None:
+        self.files.append(path)
+        self.text(f"![{alt}]({path.name})")
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
+
+
+def analyse(c: Any, sweep: Sweep, folder: Path, log_artifacts: bool = True) -> Report:
+    """Write the report of ``sweep`` into ``folder`` and, unless told not to, log it to the parent run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rep = Report(folder)
+    usable = usable_runs(sweep)
+    _header(rep, sweep, usable)
+    if usable.runs.empty:
+        rep.text("No completed run logged the metric, so there is nothing to tabulate or plot.")
+    elif sweep.is_ablation:
+        _ablation(rep, sweep, usable.runs)
+    else:
+        _tpe(rep, sweep, usable.runs)
+    if not usable.runs.empty:
+        ranked = usable.runs.sort_values(sweep.metric, ascending=sweep.mode == "min")
+        _learning_curves(rep, c, sweep, ranked.head(TOP))
+        _networks(rep, c, sweep, ranked.iloc[0])
+    if sweep.notes:
+        rep.text("## Notes", "\n".join(f"- {n}" for n in sweep.notes))
+    rep.path.write_text("\n".join(rep.lines).rstrip() + "\n")
+    rep.files.append(rep.path)
+    if log_artifacts:
+        for path in rep.files:
+            c.log_artifact(sweep.run_id, str(path), ARTIFACT_DIR)
+    return rep
+
+
+def _header(rep: Report, sweep: Sweep, usable: Usable) -> None:
+    runs = sweep.runs
+    outcomes = runs["trial_outcome"].value_counts()
+    counts = ", ".join(f"{n} {k}" for k, n in outcomes.items())
+    kind = "ablation" if sweep.is_ablation else "TPE sweep"
+    rep.text(f"# Sweep analysis: {sweep.name}",
+             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from MLflow experiment `{sweep.experiment_name}` "
+             f"(id {sweep.experiment_id}), parent run `{sweep.run_id}` (status {sweep.parent.info.status}).")
+    facts = pd.DataFrame([
+        ("method", sweep.method or "?"), ("kind", kind),
+        ("metric", f"`{sweep.metric}` ({'higher' if sweep.mode == 'max' else 'lower'} is better)"),
+        ("child runs", f"{len(runs)} ({counts})"),
+        ("in the tables", f"{len(usable.runs)} completed runs at their final epoch"),
+    ], columns=["", "value"])
+    rep.text(md.table(facts))
+    if usable.excluded_total:
+        why = ", ".join(f"{n} {k}" for k, n in usable.excluded.items())
+        rep.text(f"{usable.excluded_total} run(s) were excluded from the tables ({why}): a run stopped by ASHA "
+                 f"or failed ends before the final epoch, so its last value is not comparable.")
+    if sweep.parent.info.status != "FINISHED":
+        sweep.notes.append(f"The parent run is {sweep.parent.info.status}: the sweep may still be running or "
+                           f"was interrupted; this report covers the runs logged so far.")
+
+
+def _ablation(rep: Report, sweep: Sweep, runs: pd.DataFrame) -> None:
+    missing = [k for k in sweep.ablate if k not in runs.columns]
+    if missing:
+        sweep.notes.append(f"Ablated knob(s) {', '.join(missing)} are not params of the child runs; skipped.")
+    defaults, notes = ablation_defaults(sweep, runs)
+    sweep.notes.extend(notes)
+    knobs = [k for k in sweep.ablate if k in runs.columns and k in defaults]
+    rep.text("## Ablation tables",
+             f"Ablated knobs: {', '.join(f'`{k}`' for k in sweep.ablate)}. Each table holds the runs whose other "
+             f"ablated knobs are at their defaults; runs of one value that share a seed are averaged first, so "
+             f"mean ± std is over seeds. `diff_vs_default` is the value's mean minus the default's mean.")
+    effects = {}
+    for knob in knobs:
+        others = {k: defaults[k] for k in knobs if k != knob}
+        table, sub = ablation_table(runs, knob, others, defaults[knob], sweep.metric)
+        if table.empty:
+            sweep.notes.append(f"No completed run has the other ablated knobs at their defaults for `{knob}`.")
+            continue
+        if not table["default"].any():
+            sweep.notes.append(f"No completed run of `{knob}` at its default `{defaults[knob]}`; "
+                               f"its differences are empty.")
+        shown = pd.DataFrame({knob: table[knob], "default": table["default"], "runs": table["n_runs"],
+                              "seeds": table["n_seeds"],
+                              sweep.metric: [md.mean_std(m, s) for m, s in zip(table["mean"], table["std"])],
+                              "diff_vs_default": table["diff_vs_default"]})
+        rep.text(f"### `{knob}` (default `{defaults[knob]}`)")
+        rep.table(f"Ablation of {knob} (default {defaults[knob]}): {sweep.metric}", table,
+                  f"ablation_{safe_name(knob)}.csv", shown)
+        rep.image(f"{sweep.metric} per value of {knob}",
+                  plots.ablation_plot(table, sub, knob, sweep.metric, rep.folder / f"ablation_{safe_name(knob)}.png"))
+        effects[knob] = float(table["diff_vs_default"].abs().max())
+    effects = pd.Series(effects, dtype="float64").dropna()
+    if len(effects):
+        rep.text("## Effect sizes",
+                 "The largest absolute difference to the default's mean that each knob produced, a simple "
+                 "measure of how much the knob matters around the default configuration.")
+        rep.image("effect size per knob", plots.importance_plot(
+            effects, "Largest |difference to default| per ablated knob", f"|Δ {sweep.metric}|",
+            rep.folder / "effects.png"))
+
+
+def _tpe(rep: Report, sweep: Sweep, runs: pd.DataFrame) -> None:
+    swept = sweep.swept
+    knobs = [k for k in swept if k in runs.columns] or [
+        k for k in sweep.knobs if not k.startswith("asset.") and sweep.runs[k].nunique(dropna=False) > 1]
+    rep.text("## Best trials", f"The {TOP} completed runs with the best final `{sweep.metric}`.")
+    rep.table(f"Best {TOP} trials", best_trials(runs, sweep.metric, sweep.mode, knobs, TOP), "best_trials.csv",
+              index=True)
+    rep.text("## Marginal effects",
+             "Mean of the metric per value (categorical knobs) or per quantile bin (numeric knobs) over the "
+             "completed runs. In a TPE sweep the other knobs vary at the same time, so these are marginal "
+             "trends, not controlled comparisons; TPE also samples good regions more often.")
+    for knob in knobs:
+        dist = swept.get(knob) or {}
+        categorical = is_categorical(runs[knob], dist)
+        rep.text(f"### `{knob}`")
+        rep.table(f"Marginal effect of {knob}: {sweep.metric}", marginal_effect(runs, knob, sweep.metric, dist),
+                  f"marginal_{safe_name(knob)}.csv")
+        log_x = dist.get("type") == "loguniform" or bool(dist.get("log"))
+        rep.image(f"{sweep.metric} vs {knob}", plots.knob_plot(
+            runs, knob, sweep.metric, categorical, log_x, rep.folder / f"metric_vs_{safe_name(knob)}.png"))
+    _importance(rep, sweep)
+
+
+def _importance(rep: Report, sweep: Sweep) -> None:
+    rep.text("## Knob importance")
+    imp = fanova_importance(sweep.name, sweep.sweep_dir)
+    objective = sweep.params.get("metric")
+    caveat = ""
+    if objective and objective != sweep.metric:
+        caveat = f" The study's objective is the sweep's metric `{objective}`, not `{sweep.metric}`."
+    rep.text(imp.note + caveat)
+    if imp.values is None:
+        return
+    frame = imp.values.rename("importance").to_frame()
+    rep.table("Knob importance (fANOVA)", frame, "importance.csv", index=True)
+    rep.image("knob importance", plots.importance_plot(
+        imp.values, f"Knob importance (fANOVA, {imp.trials} trials)", "share of variance",
+        rep.folder / "importance.png"))
+
+
+def _label(row: pd.Series, metric: str, rank: int) -> str:
+    return f"#{rank} {row['run_name'] or row['run_id'][:8]} ({row[metric]:.4g})"
+
+
+def _learning_curves(rep: Report, c: Any, sweep: Sweep, top: pd.DataFrame) -> None:
+    curves = {_label(row, sweep.metric, i + 1): history(c, row["run_id"], sweep.metric)
+              for i, (_, row) in enumerate(top.iterrows())}
+    curves = {k: v for k, v in curves.items() if len(v)}
+    if not curves:
+        return
+    rep.text("## Learning curves", f"`{sweep.metric}` per epoch of the {len(curves)} best completed runs.")
+    rep.image("learning curves", plots.curves_plot(curves, sweep.metric, f"Best {len(curves)} runs",
+                                                    rep.folder / "learning_curves.png"))
+
+
+def _networks(rep: Report, c: Any, sweep: Sweep, best: pd.Series) -> None:
+    """Every evaluated network of the best run, for methods that train several networks together."""
+    nets = [col.split("/", 2)[2] for col in sweep.runs.columns
+            if col.startswith("val/acc/") and col.split("/", 2)[2] not in NOT_NETWORKS and pd.notna(best.get(col))]
+    if not _is_online(sweep.method, nets):
+        return
+    curves = {net: history(c, best["run_id"], f"val/acc/{net}") for net in nets}
+    frame = pd.DataFrame({"network": nets,
+                          "val_acc_final": [best.get(f"val/acc/{n}") for n in nets],
+                          "test_acc": [best.get(f"test/acc/{n}") for n in nets]})
+    rep.text("## Networks of the best run",
+             f"Validation accuracy of every network of run `{best['run_id']}` per epoch (students, their mean, "
+             f"and the method's teacher-like networks such as the HWM or the ensemble); test accuracy is "
+             f"measured once, after the last epoch.")
+    rep.table("Networks of the best run", frame, "networks_best_run.csv")
+    rep.image("per-network accuracy of the best run", plots.curves_plot(
+        curves, "val/acc (%)", f"Networks of the best run ({best['run_name'] or best['run_id'][:8]})",
+        rep.folder / "networks_best_run.png", highlight="students_mean"))
+
+
+def _is_online(method: str | None, nets: list[str]) -> bool:
+    if method:
+        try:
+            from ..methods import get_method
+            return get_method(method).kind == "online"
+        except UsageError:
+            pass
+    return len([n for n in nets if n != "students_mean"]) > 1  # unknown method: several networks

@@ -1,0 +1,141 @@
+"""Tables of a sweep: ablation tables (mean ± std over seeds per knob value, difference to
+the default), the best trials, and each swept knob's marginal effect.
+
+Only runs that trained every epoch (``trial_outcome == completed``) enter: the final value
+of a run that ASHA stopped or that failed comes from an earlier epoch and is not
+comparable with the others.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .load import Sweep, coerce_like
+
+MAX_BINS = 4
+CATEGORICAL_MAX_VALUES = 6  # an int knob with few distinct values reads better per value than binned
+
+
+@dataclass
+class Usable:
+    """The runs that enter the tables, and why the others do not."""
+    runs: pd.DataFrame
+    excluded: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def excluded_total(self) -> int:
+        return sum(self.excluded.values())
+
+
+def usable_runs(sweep: Sweep) -> Usable:
+    df = sweep.runs
+    completed = df["trial_outcome"] == "completed"
+    has_metric = df[sweep.metric].notna()
+    excluded = df.loc[~completed, "trial_outcome"].value_counts().to_dict()
+    missing = int((completed & ~has_metric).sum())
+    if missing:
+        excluded["completed without the metric"] = missing
+    return Usable(df[completed & has_metric].copy(), {str(k): int(v) for k, v in excluded.items()})
+
+
+def matches(column: pd.Series, value: Any) -> pd.Series:
+    """Element-wise ``column == value``, tolerant of float round-off from the params' text."""
+    if pd.api.types.is_float_dtype(column.dtype) and isinstance(value, (int, float)) \
+            and not isinstance(value, bool):
+        return pd.Series(np.isclose(column.astype(float), float(value)), index=column.index)
+    return (column == value).fillna(False).astype(bool)
+
+
+def ablation_defaults(sweep: Sweep, runs: pd.DataFrame) -> tuple[dict[str, Any], list[str]]:
+    """Each ablated knob's default: the parent's ``default.<knob>`` param; when that is
+    missing, the most common value among runs whose other ablated knobs (those with a known
+    default) are at their defaults, since an ablation varies one knob at a time around the
+    default configuration."""
+    known, notes = {}, []
+    for knob in sweep.ablate:
+        if knob in sweep.defaults and knob in runs.columns:
+            known[knob] = coerce_like(sweep.runs[knob], sweep.defaults[knob])
+    out = dict(known)
+    for knob in sweep.ablate:
+        if knob in out or knob not in runs.columns:
+            continue
+        mask = pd.Series(True, index=runs.index)
+        for other, value in known.items():
+            if other != knob:
+                mask &= matches(runs[other], value)
+        counts = runs.loc[mask, knob].value_counts()
+        if counts.empty:
+            continue
+        top = counts[counts == counts.max()].index
+        out[knob] = sorted(top, key=str)[0]
+        tie = " (a tie; the first in sort order was taken)" if len(top) > 1 else ""
+        notes.append(f"The parent run has no `default.{knob}` param; the default of `{knob}` was taken as "
+                     f"`{out[knob]}`, its most common value among runs with the other ablated knobs at "
+                     f"their defaults{tie}.")
+    return out, notes
+
+
+def ablation_table(runs: pd.DataFrame, knob: str, others: dict[str, Any], default: Any,
+                   metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The table of one ablated knob and the runs behind it.
+
+    Runs enter when every other ablated knob is at its default. Runs sharing a value and a
+    seed (the default configuration can be run once per ablated knob) are averaged first, so
+    the std is over seeds, not over repeats of one seed.
+    """
+    mask = pd.Series(True, index=runs.index)
+    for other, value in others.items():
+        mask &= matches(runs[other], value)
+    sub = runs[mask]
+    per_seed = sub.groupby([knob, "seed"], dropna=False)[metric].mean().reset_index()
+    stats = per_seed.groupby(knob)[metric].agg(mean="mean", std="std", n_seeds="count")
+    stats.insert(0, "n_runs", sub.groupby(knob)[metric].count())
+    table = stats.reset_index()
+    is_default = matches(table[knob], default) if default is not None else pd.Series(False, index=table.index)
+    table.insert(1, "default", is_default.to_numpy())
+    base = table.loc[table["default"], "mean"]
+    table["diff_vs_default"] = table["mean"] - (base.iloc[0] if len(base) else np.nan)
+    return table, sub
+
+
+def best_trials(runs: pd.DataFrame, metric: str, mode: str, knobs: list[str], n: int = 5) -> pd.DataFrame:
+    ranked = runs.sort_values(metric, ascending=mode == "min").head(n)
+    cols = ["run_id", metric, *[k for k in knobs if k in ranked.columns], "seed", "epochs_run"]
+    out = ranked[cols].reset_index(drop=True)
+    out.index = out.index + 1
+    out.index.name = "rank"
+    return out
+
+
+def is_categorical(column: pd.Series, dist: dict[str, Any] | None) -> bool:
+    if dist and dist.get("type") == "choice":
+        return True
+    if pd.api.types.is_bool_dtype(column.dtype) or not pd.api.types.is_numeric_dtype(column.dtype):
+        return True
+    return pd.api.types.is_integer_dtype(column.dtype) and column.nunique() <= CATEGORICAL_MAX_VALUES
+
+
+def marginal_effect(runs: pd.DataFrame, knob: str, metric: str, dist: dict[str, Any] | None) -> pd.DataFrame:
+    """Mean of the metric per value (categorical knobs) or per quantile bin (numeric ones).
+
+    In a TPE sweep the other knobs vary too, so this is a marginal, not a controlled,
+    comparison; quantile bins keep every bin populated whatever TPE concentrated on.
+    """
+    binned = not is_categorical(runs[knob], dist)
+    if not binned:
+        groups = runs[knob]
+    else:
+        values = runs[knob].astype(float)
+        bins = max(1, min(MAX_BINS, len(runs) // 2))
+        if bins > 1 and values.nunique() > 1:
+            groups = pd.qcut(values, q=bins, duplicates="drop", precision=3)
+        else:
+            groups = pd.Series(f"[{values.min():.3g}, {values.max():.3g}]", index=runs.index)
+    table = runs.groupby(groups.rename(knob), observed=True, sort=True)[metric].agg(
+        n_runs="count", mean="mean", std="std")
+    if binned:
+        table.index = table.index.astype(str)  # interval labels, kept in the bins' numeric order
+    return table.reset_index()
