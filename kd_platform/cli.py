@@ -67,6 +67,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="GPUs per worker (fractions share a GPU)")
     p.add_argument("--use-train", action="store_true", help="run even one worker through a TorchTrainer")
     p.add_argument("--address", help="join an existing Ray cluster ('auto' or host:port; default $RAY_ADDRESS)")
+    p.add_argument("--storage-path", metavar="URI_OR_DIR",
+                   help="where Ray keeps checkpoints and experiment state; on a cluster, storage every node "
+                        "reaches (s3://bucket/prefix or a shared mount; default: --out)")
     p.add_argument("--teacher-checkpoint", type=Path, metavar="PATH",
                    help="offline methods: your own trained teacher (a state_dict saved with torch.save) "
                         "instead of one trained and cached by the platform")
@@ -96,7 +99,13 @@ def _teacher_assets(args: argparse.Namespace, fixed: dict[str, Any], swept: Sequ
     return assets
 
 
-def _launch(args: argparse.Namespace, storage: Path) -> Any:
+def _storage(args: argparse.Namespace) -> str:
+    if args.storage_path:
+        return args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+    return str(args.out.resolve())
+
+
+def _launch(args: argparse.Namespace) -> Any:
     from .trial import Launch
     if args.cpus_per_trial <= 0:
         raise UsageError("--cpus-per-trial must be positive")
@@ -105,7 +114,7 @@ def _launch(args: argparse.Namespace, storage: Path) -> Any:
         if torch.cuda.device_count() == 0:
             raise UsageError("--gpus-per-trial > 0 but this machine has no CUDA GPU (use --address to join a GPU cluster)")
     return Launch(workers=args.workers_per_trial, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial,
-                  use_train=args.use_train, storage_path=str(storage.resolve()))
+                  use_train=args.use_train, storage_path=_storage(args))
 
 
 def _run(main: Any, argv: Sequence[str] | None) -> int:
@@ -172,7 +181,7 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
     ablation = _ablation(args, space, uri)
     samples = ablation.trials if ablation else (args.samples or space.samples)
     epochs = args.epochs or space.epochs
-    launch = _launch(args, args.out)
+    launch = _launch(args)
     cpus = os.cpu_count() or 1
     per_trial = launch.cpus * launch.workers
     max_concurrent = args.max_concurrent or max(1, min(samples, int(cpus // per_trial) or 1))
@@ -239,7 +248,7 @@ def _train(argv: Sequence[str] | None) -> int:
     flat = {**space.fixed, "epochs": args.epochs or space.epochs}
     spec = RunSpec.from_flat(args.method, {**flat, **_teacher_assets(args, flat)}, args.seed)
     uri = resolve_tracking_uri(args.tracking_uri)
-    launch = _launch(args, args.out)
+    launch = _launch(args)
     result = run_single(spec, launch, uri, args.experiment or args.method, args.out.resolve())
     m = result["metrics"]
     print(f"val/acc/students_mean = {m.get('val/acc/students_mean', float('nan')):.2f}   "

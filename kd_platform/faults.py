@@ -5,22 +5,51 @@ misbehave deep inside Ray without a special method or a mock:
 
 - ``nan@E``: the training loss becomes NaN in epoch ``E`` (1-based);
 - ``exit@E``: the process dies abruptly at the start of epoch ``E`` unless the file
-  named by ``$KD_PLATFORM_FAULT_ONCE`` exists (it is created first, so only one death).
+  named by ``$KD_PLATFORM_FAULT_ONCE`` exists (it is created first, so only one death);
+- either form with ``:KNOB=VALUE`` appended (``nan@2:lr=0.5``) fires only in a run whose
+  knob has that value, so one trial of a sweep fails while the others train normally.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
 ENV, ONCE_ENV = "KD_PLATFORM_FAULT", "KD_PLATFORM_FAULT_ONCE"
 
+# The environment is shared by every trial a process runs, so the knobs that a conditional
+# fault tests must come from the run itself; whoever starts a run binds them here.
+_bound: dict[str, Any] = {}
+
+
+def bind(knobs: Mapping[str, Any]) -> None:
+    """Record the knobs of the run this process is about to train."""
+    _bound.clear()
+    _bound.update(knobs)
+
+
+def _same(actual: Any, wanted: str) -> bool:
+    if str(actual).lower() == wanted.lower():
+        return True
+    try:
+        return float(actual) == float(wanted)
+    except (TypeError, ValueError):
+        return False
+
 
 def _planned(kind: str) -> int | None:
     spec = os.environ.get(ENV, "")
-    name, _, epoch = spec.partition("@")
-    return int(epoch) if name == kind and epoch.isdigit() else None
+    name, _, rest = spec.partition("@")
+    epoch, _, condition = rest.partition(":")
+    if name != kind or not epoch.isdigit():
+        return None
+    if condition:
+        knob, _, wanted = condition.partition("=")
+        if knob not in _bound or not _same(_bound[knob], wanted):
+            return None
+    return int(epoch)
 
 
 def at_epoch_start(epoch: int) -> None:

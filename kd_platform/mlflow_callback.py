@@ -17,6 +17,7 @@ from .engine import RunSpec
 from .teachers import record_teacher
 
 TRIAL_TAG = "ray.trial_id"
+PLACEMENT_KEYS = ("node_id", "train_worker_nodes")  # strings a trial reports about where it trains
 
 
 class MlflowTrialLogger(Callback):
@@ -27,6 +28,7 @@ class MlflowTrialLogger(Callback):
         self.runs: dict[str, str] = {}
         self.last_epoch: dict[str, int] = {}
         self.teachers_logged: set[str] = set()  # hashes of teachers already stored on the parent run
+        self.placement: dict[str, dict[str, str]] = {}  # per trial, the placement tags last written
         self._client: Any = None
 
     @property
@@ -73,7 +75,17 @@ class MlflowTrialLogger(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         epoch = int(result.get("epoch", 0))
         self.last_epoch[trial.trial_id] = epoch
-        tracking.log_metrics(self.client, self.run_id(trial), result, step=epoch)
+        run_id = self.run_id(trial)
+        tracking.log_metrics(self.client, run_id, result, step=epoch)
+        self.tag_placement(trial, run_id, result)
+
+    def tag_placement(self, trial: Any, run_id: str, result: dict) -> None:
+        """Tags the run with the node(s) it trains on; written on the first result and again
+        only if a restarted trial reports another placement, not once per epoch."""
+        placement = {k: str(result[k]) for k in PLACEMENT_KEYS if result.get(k)}
+        if placement and placement != self.placement.get(trial.trial_id):
+            tracking.set_tags(self.client, run_id, placement)
+            self.placement[trial.trial_id] = placement
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.run_id(trial)

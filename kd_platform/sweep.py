@@ -51,6 +51,11 @@ class SweepSettings:
         return {**self.space.fixed, **pinned, "epochs": self.epochs}
 
     @property
+    def experiment_path(self) -> str:
+        """Ray Tune's experiment directory: under ``--storage-path`` (a bucket on a cluster)."""
+        return f"{self.launch.storage_path.rstrip('/')}/{self.name}"
+
+    @property
     def sweep_dir(self) -> Path:
         return self.out / self.name
 
@@ -117,6 +122,9 @@ def _trainable(s: SweepSettings) -> Any:
         resources = {"CPU": s.launch.cpus, "GPU": s.launch.gpus}
     else:  # the trial only drives a TorchTrainer whose workers reserve the real resources
         resources = {"CPU": 0.01}
+        import ray
+        if "head" in ray.cluster_resources():  # cluster.yaml's marker: keep trial drivers on the head
+            resources["head"] = 0.01
     return tune.with_resources(fn, resources)
 
 
@@ -164,8 +172,8 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
     try:
         _init_ray(s.address, dashboard=not s.launch.in_process())
         trainable = _trainable(s)
-        if s.resume and tune.Tuner.can_restore(str(s.sweep_dir)):
-            tuner = tune.Tuner.restore(str(s.sweep_dir), trainable=trainable, resume_errored=True,
+        if s.resume and tune.Tuner.can_restore(s.experiment_path):
+            tuner = tune.Tuner.restore(s.experiment_path, trainable=trainable, resume_errored=True,
                                        param_space=None)
         elif s.ablation:
             tuner = _ablation_tuner(s, trainable, logger)
@@ -214,7 +222,7 @@ def _fail_stale_optuna_trials(s: SweepSettings) -> None:
 
 def _run_config(s: SweepSettings, logger: Any) -> Any:
     from ray import tune
-    return tune.RunConfig(name=s.name, storage_path=str(s.out), callbacks=[logger], verbose=s.verbose,
+    return tune.RunConfig(name=s.name, storage_path=s.launch.storage_path, callbacks=[logger], verbose=s.verbose,
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                           failure_config=tune.FailureConfig(max_failures=1))
 

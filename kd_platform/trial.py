@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import engine
+from . import engine, faults
 from .engine import RunSpec
 
 
@@ -60,6 +60,30 @@ def _checkpoint_reporter(report: Callable[..., None], attach: bool) -> engine.Re
     return reporter
 
 
+def node_id() -> str:
+    """The Ray node this process runs on (hex), or "" outside Ray."""
+    import ray
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def _with_placement(reporter: engine.Reporter, placement: dict[str, str]) -> engine.Reporter:
+    """Adds where the run trains to every report: MLflow tags need it, and the driver's
+    callback only ever sees reported results (a retried trial may land on another node)."""
+    def report(metrics: dict[str, Any], save: Callable[[Path], None]) -> None:
+        reporter({**metrics, **placement}, save)
+    return report
+
+
+def _worker_nodes(world: int) -> str:
+    """Comma-joined sorted node ids of every rank (one collective call: all ranks must make it)."""
+    if world <= 1:
+        return node_id()
+    import torch.distributed as dist
+    ids: list[Any] = [None] * world
+    dist.all_gather_object(ids, node_id())
+    return ",".join(sorted(str(i) for i in ids))
+
+
 def _train_from(checkpoint: Any, run: Callable[[Path | None], None]) -> None:
     if checkpoint is None:
         run(None)
@@ -75,9 +99,10 @@ def run_trial(config: dict[str, Any], *, method: str, fixed: dict[str, Any], see
     config = dict(config)
     seed = int(config.pop("seed", seed))  # an ablation repeats each cell over seeds
     spec = RunSpec.from_flat(method, {**fixed, **config}, seed)
+    faults.bind(spec.all_knobs())
     if launch.in_process():
         _threads(launch.cpus)
-        reporter = _checkpoint_reporter(tune.report, attach=True)
+        reporter = _with_placement(_checkpoint_reporter(tune.report, attach=True), {"node_id": node_id()})
         _train_from(tune.get_checkpoint(),
                     lambda resume: engine.train(spec, reporter, device=_device(launch.gpus), resume_from=resume))
     else:
@@ -119,8 +144,10 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _threads(config["cpus"])
     spec = RunSpec(**config["spec"])
+    faults.bind(spec.all_knobs())
     # Every rank must call report (it is a barrier); only rank 0 attaches the checkpoint.
-    reporter = _checkpoint_reporter(train.report, attach=rank == 0)
+    placement = {"node_id": node_id(), "train_worker_nodes": _worker_nodes(world)}
+    reporter = _with_placement(_checkpoint_reporter(train.report, attach=rank == 0), placement)
     if config.get("mlflow") and rank == 0:  # a plain run (no Tune): rank 0 logs straight to MLflow
         from .single import mlflow_reporter
         to_mlflow, to_train = mlflow_reporter(config["mlflow"]["uri"], config["mlflow"]["run_id"], None), reporter

@@ -23,14 +23,6 @@ from kd_platform.teachers import TeacherProvider
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _logits(n: int = 16, c: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     z_s = (2 * torch.randn(n, c, generator=g, dtype=torch.float64)).requires_grad_(True)

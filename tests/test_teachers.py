@@ -22,14 +22,6 @@ CPU = torch.device("cpu")
 TINY = {"teacher_arch": "resnet8", "teacher_epochs": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _spec(cache: Path, method: str = "kd", seed: int = 0, **knobs) -> RunSpec:
     return RunSpec.from_flat(method, {**TINY, **knobs, "asset.teacher_cache": str(cache)}, seed)
 

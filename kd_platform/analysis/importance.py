@@ -50,4 +50,6 @@ def fanova_importance(study_name: str, sweep_dir: Path | None, seed: int = 0) ->
     values = pd.Series(raw, name="importance", dtype="float64").sort_values(ascending=False)
     values.index.name = "knob"
     return Importance(values, f"fANOVA (Optuna) over the {len(complete)} COMPLETE trials of study "
-                              f"`{study_name}`; importances sum to 1.", len(complete))
+                              f"`{study_name}`; importances sum to 1. The study's value of a trial ASHA "
+                              f"stopped is its last epoch's, and with few trials the ranking is rough.",
+                      len(complete))

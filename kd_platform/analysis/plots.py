@@ -49,23 +49,37 @@ def ablation_plot(table: pd.DataFrame, runs: pd.DataFrame, knob: str, metric: st
     return _save(fig, path)
 
 
-def knob_plot(runs: pd.DataFrame, knob: str, metric: str, categorical: bool, log_x: bool, path: Path) -> Path:
-    """The metric of every run against one knob (TPE sweeps); per-value means for categorical knobs."""
+def knob_plot(runs: pd.DataFrame, knob: str, metric: str, categorical: bool, log_x: bool, path: Path,
+              stopped: pd.DataFrame | None = None) -> Path:
+    """The metric of every completed run against one knob (TPE sweeps), per-value means for
+    categorical knobs; runs ASHA stopped are drawn hollow at their last value, since they show
+    where the search gave up even though they are not comparable with the completed ones."""
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
+    stopped = stopped if stopped is not None else runs.iloc[:0]
+    hollow = {"s": 18, "facecolors": "none", "edgecolors": "0.5", "label": "stopped early (last epoch)"}
     if categorical:
-        values = sorted(runs[knob].dropna().unique(), key=lambda v: (str(type(v)), v))
-        for i, value in enumerate(values):
+        values = sorted(pd.concat([runs[knob], stopped[knob]]).dropna().unique(), key=lambda v: (str(type(v)), v))
+        pos = {v: i for i, v in enumerate(values)}
+        for value, i in pos.items():
             ys = runs.loc[runs[knob] == value, metric].to_numpy()
             ax.scatter(i + _jitter(len(ys), seed=i), ys, s=18, color=OTHER_COLOUR, zorder=3)
-            ax.hlines(ys.mean(), i - 0.25, i + 0.25, color="black", linewidth=2)
+            if len(ys):
+                ax.hlines(ys.mean(), i - 0.25, i + 0.25, color="black", linewidth=2)
+        if len(stopped):
+            xs = stopped[knob].map(pos).to_numpy(dtype=float)
+            ax.scatter(xs + _jitter(len(xs), seed=99), stopped[metric], **hollow)
         ax.set_xticks(np.arange(len(values)), [str(v) for v in values])
         ax.set_xlim(-0.6, len(values) - 0.4)
     else:
-        ax.scatter(runs[knob].astype(float), runs[metric], s=18, color=OTHER_COLOUR)
+        ax.scatter(runs[knob].astype(float), runs[metric], s=18, color=OTHER_COLOUR, label="completed")
+        if len(stopped):
+            ax.scatter(stopped[knob].astype(float), stopped[metric], **hollow)
         if log_x:
             ax.set_xscale("log")
-    _tight_ylim(ax, runs[metric])
+    if len(stopped):
+        ax.legend(fontsize=8, loc="best")
+    _tight_ylim(ax, pd.concat([runs[metric], stopped[metric]]))
     ax.set_xlabel(knob)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs {knob} ({len(runs)} completed runs)")

@@ -159,7 +159,10 @@ def _tpe(rep: Report, sweep: Sweep, runs: pd.DataFrame) -> None:
     rep.text("## Marginal effects",
              "Mean of the metric per value (categorical knobs) or per quantile bin (numeric knobs) over the "
              "completed runs. In a TPE sweep the other knobs vary at the same time, so these are marginal "
-             "trends, not controlled comparisons; TPE also samples good regions more often.")
+             "trends, not controlled comparisons; TPE also samples good regions more often. The plots add the "
+             "runs ASHA stopped, hollow, at the value of their last epoch.")
+    all_runs = sweep.runs
+    stopped = all_runs[(all_runs["trial_outcome"] == "asha_stopped") & all_runs[sweep.metric].notna()]
     for knob in knobs:
         dist = swept.get(knob) or {}
         categorical = is_categorical(runs[knob], dist)
@@ -168,7 +171,8 @@ def _tpe(rep: Report, sweep: Sweep, runs: pd.DataFrame) -> None:
                   f"marginal_{safe_name(knob)}.csv")
         log_x = dist.get("type") == "loguniform" or bool(dist.get("log"))
         rep.image(f"{sweep.metric} vs {knob}", plots.knob_plot(
-            runs, knob, sweep.metric, categorical, log_x, rep.folder / f"metric_vs_{safe_name(knob)}.png"))
+            runs, knob, sweep.metric, categorical, log_x, rep.folder / f"metric_vs_{safe_name(knob)}.png",
+            stopped))
     _importance(rep, sweep)
 
 

@@ -38,7 +38,7 @@ def usable_runs(sweep: Sweep) -> Usable:
     missing = int((completed & ~has_metric).sum())
     if missing:
         excluded["completed without the metric"] = missing
-    return Usable(df[completed & has_metric].copy(), {str(k): int(v) for k, v in excluded.items()})
+    return Usable(df[completed & has_metric].copy(), {str(k): int(v) for k, v in sorted(excluded.items())})
 
 
 def matches(column: pd.Series, value: Any) -> pd.Series:

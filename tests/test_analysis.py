@@ -1,0 +1,275 @@
+"""The ablation analysis on a real sqlite MLflow store and a real Optuna study, filled with
+runs whose metrics the test chose, so every number in the tables can be checked against an
+independent pandas computation."""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import run_cli, sqlite_uri
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METRIC = "val/acc/students_mean"
+EPOCHS = 3
+# An OKDPH-like one-knob-at-a-time ablation around the default omega=0.8, fusion_interval=1.
+DEFAULTS = {"omega": 0.8, "fusion_interval": 1}
+VALUES = {"omega": [0.5, 0.8, 1.0], "fusion_interval": [0, 1, 5]}
+EFFECT = {("omega", 0.5): -4.0, ("omega", 0.8): 0.0, ("omega", 1.0): 1.5,
+          ("fusion_interval", 0): -2.5, ("fusion_interval", 1): 0.0, ("fusion_interval", 5): 0.75}
+SEEDS = [0, 1, 2]
+NETWORKS = ("student1", "student2", "hwm", "ensemble")
+_RUN_NUMBERS = itertools.count(1)
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment(c, name: str, root: Path) -> str:
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp else c.create_experiment(name, artifact_location=(root / name).as_uri())
+
+
+def _log(c, run_id: str, params: dict | None = None, tags: dict | None = None,
+         metrics: dict[str, list[float]] | None = None) -> None:
+    """Params and tags as text, each metric as a per-epoch history (step = epoch, 1-based)."""
+    from mlflow.entities import Metric, Param, RunTag
+    now = int(time.time() * 1000)
+    c.log_batch(run_id, params=[Param(k, str(v)) for k, v in (params or {}).items()],
+                tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+                metrics=[Metric(k, float(v), now, step) for k, vs in (metrics or {}).items()
+                         for step, v in enumerate(vs, start=1)])
+
+
+def _parent(c, exp_id: str, name: str, kind: str, params: dict, tags: dict | None = None,
+            start: int | None = None) -> str:
+    run = c.create_run(exp_id, run_name=name, start_time=start,
+                       tags={"kind": kind, "method": "okdph", **(tags or {})})
+    _log(c, run.info.run_id, params={"metric": METRIC, "mode": "max", "epochs": EPOCHS, **params})
+    c.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def _child(c, exp_id: str, parent: str, knobs: dict, final: float, outcome: str = "completed",
+           epochs: int = EPOCHS) -> str:
+    run = c.create_run(exp_id, run_name=f"okdph-{next(_RUN_NUMBERS)}",
+                       tags={"mlflow.parentRunId": parent, "method": "okdph", "seed": knobs.get("seed", 0),
+                             "trial_outcome": outcome, "epochs_run": epochs})
+    ramp = [final - 10.0 * (epochs - e) for e in range(1, epochs + 1)]
+    nets = {f"val/acc/{n}": [v + i - 1.5 for v in ramp] for i, n in enumerate(NETWORKS)}
+    metrics = {METRIC: ramp, **nets, "train/loss/loss": [1.0 / e for e in range(1, epochs + 1)],
+               "lr": [0.1 / e for e in range(1, epochs + 1)]}
+    if epochs == EPOCHS:
+        metrics["test/acc/students_mean"] = [final - 1.0]
+    _log(c, run.info.run_id, params={"temperature": 4.0, "same_init": True, "lr": 0.1, **knobs},
+         metrics=metrics)
+    c.set_terminated(run.info.run_id, "FAILED" if outcome == "failed" else "FINISHED")
+    return run.info.run_id
+
+
+def make_ablation(uri: str, root: Path, with_defaults: bool = True, name: str = "okdph-ablation") -> tuple[str, pd.DataFrame]:
+    """An ablation sweep of omega and fusion_interval x 3 seeds (one knob at a time, the other
+    at its default, so the default configuration is run once per knob and seed), plus one
+    run stopped by ASHA and one failed run that the tables must leave out. Returns the
+    parent run id and what was logged for the completed runs."""
+    c = _client(uri)
+    exp_id = _experiment(c, "okdph", root)
+    params = {"ablate": "omega,fusion_interval", "seeds": len(SEEDS)}
+    if with_defaults:
+        params.update({f"default.{k}": v for k, v in DEFAULTS.items()})
+    parent = _parent(c, exp_id, name, "ablation", params, start=1_000)
+    rows = []
+    for knob, values in VALUES.items():
+        for value in values:
+            for seed in SEEDS:
+                knobs = {**DEFAULTS, knob: value, "seed": seed}
+                final = 90.0 + EFFECT[(knob, value)] + 0.5 * seed + 0.1 * len(rows) % 0.7
+                _child(c, exp_id, parent, knobs, final)
+                rows.append({**knobs, METRIC: final})
+    _child(c, exp_id, parent, {**DEFAULTS, "omega": 1.0, "seed": 0}, 10.0, "asha_stopped", epochs=1)
+    _child(c, exp_id, parent, {**DEFAULTS, "omega": 0.5, "seed": 1}, 5.0, "failed", epochs=1)
+    return parent, pd.DataFrame(rows)
+
+
+def make_tpe(uri: str, root: Path, trials: int = 10) -> tuple[str, Path]:
+    """A TPE sweep whose metric depends strongly on omega and hardly on fusion_unit, with its
+    Optuna study stored as the sweep stores it."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    c = _client(uri)
+    exp_id = _experiment(c, "okdph", root)
+    name = "okdph-tpe"
+    sweep_dir = root / "results" / name
+    sweep_dir.mkdir(parents=True)
+    space = {"omega": {"type": "uniform", "low": 0.3, "high": 1.0},
+             "fusion_unit": {"type": "choice", "values": ["batch", "epoch"]}}
+    parent = _parent(c, exp_id, name, "sweep", {f"swept.{k}": json.dumps(v) for k, v in space.items()},
+                     tags={"sweep_dir": str(sweep_dir)}, start=2_000)
+    dists = {"omega": FloatDistribution(0.3, 1.0), "fusion_unit": CategoricalDistribution(["batch", "epoch"])}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}", direction="maximize")
+    rng = np.random.default_rng(0)
+    for i in range(trials):
+        knobs = {"omega": float(rng.uniform(0.3, 1.0)), "fusion_unit": ["batch", "epoch"][i % 2]}
+        value = 60.0 + 40.0 * knobs["omega"] + (0.05 if knobs["fusion_unit"] == "epoch" else 0.0)
+        study.add_trial(optuna.trial.create_trial(params=knobs, distributions=dists, value=value))
+        _child(c, exp_id, parent, {**knobs, "fusion_interval": 1, "seed": 0}, value)
+    return parent, sweep_dir
+
+
+def expected_table(logged: pd.DataFrame, knob: str) -> pd.DataFrame:
+    """The ablation table computed straight from what was logged: the other knob at its
+    default, repeats of one seed averaged, then mean/std/count over seeds."""
+    other = next(k for k in DEFAULTS if k != knob)
+    sub = logged[np.isclose(logged[other], DEFAULTS[other])]
+    per_seed = sub.groupby([knob, "seed"])[METRIC].mean()
+    out = per_seed.groupby(level=knob).agg(["mean", "std", "count"])
+    out["runs"] = sub.groupby(knob)[METRIC].count()
+    out["diff"] = out["mean"] - out.loc[DEFAULTS[knob], "mean"]
+    return out
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = sqlite_uri(tmp_path / "mlruns.db")
+    _client(uri).search_experiments()  # create the store
+    return uri
+
+
+def _main(*args: str) -> int:
+    from kd_platform.analysis.cli import main
+    return main(list(args))
+
+
+def _assert_pngs_linked(folder: Path, report: str) -> list[Path]:
+    import matplotlib.image
+    pngs = sorted(folder.glob("*.png"))
+    for png in pngs:
+        assert png.read_bytes()[:8] == PNG_MAGIC, png
+        h, w = matplotlib.image.imread(png).shape[:2]
+        assert h > 100 and w > 100
+        assert f"]({png.name})" in report, png.name
+    for target in [part.split(")")[0] for part in report.split("](")[1:]]:
+        assert (folder / target).is_file(), f"report links a missing file: {target}"
+    return pngs
+
+
+def _artifacts(uri: str, run_id: str) -> set[str]:
+    return {Path(a.path).name for a in _client(uri).list_artifacts(run_id, "report")}
+
+
+def test_ablation_tables_match_pandas(store, tmp_path):
+    parent, logged = make_ablation(store, tmp_path)
+    out = tmp_path / "report"
+    # Through the real command alias, as a user types it.
+    res = run_cli("analysis.ablation", "--sweep", parent, "--tracking-uri", store, "--out", str(out), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for knob in DEFAULTS:
+        got = pd.read_csv(out / f"ablation_{knob}.csv").set_index(knob)
+        want = expected_table(logged, knob)
+        assert list(got.index) == pytest.approx(list(want.index))
+        np.testing.assert_allclose(got["mean"], want["mean"])
+        np.testing.assert_allclose(got["std"], want["std"])
+        np.testing.assert_array_equal(got["n_seeds"], want["count"])
+        np.testing.assert_array_equal(got["n_runs"], want["runs"])
+        np.testing.assert_allclose(got["diff_vs_default"], want["diff"], atol=1e-9)
+        assert got["default"].tolist() == [np.isclose(v, DEFAULTS[knob]) for v in got.index]
+        # The default configuration ran once per ablated knob: six runs over three seeds.
+        assert got.loc[DEFAULTS[knob], "n_runs"] == 6 and got.loc[DEFAULTS[knob], "n_seeds"] == 3
+        assert f"Ablation of {knob}" in res.stdout
+    report = (out / "report.md").read_text()
+    assert "2 run(s) were excluded from the tables (1 asha_stopped, 1 failed)" in report
+    pngs = {p.name for p in _assert_pngs_linked(out, report)}
+    assert {"ablation_omega.png", "ablation_fusion_interval.png", "effects.png", "learning_curves.png",
+            "networks_best_run.png"} <= pngs
+    assert _artifacts(store, parent) == {p.name for p in out.iterdir()}
+
+
+def test_missing_defaults_are_inferred_from_the_runs(store, tmp_path):
+    parent, logged = make_ablation(store, tmp_path, with_defaults=False, name="okdph-nodefaults")
+    out = tmp_path / "report"
+    assert _main("--sweep", parent, "--tracking-uri", store, "--out", str(out)) == 0
+    for knob in DEFAULTS:
+        got = pd.read_csv(out / f"ablation_{knob}.csv").set_index(knob)
+        np.testing.assert_allclose(got["diff_vs_default"], expected_table(logged, knob)["diff"], atol=1e-9)
+    assert "has no `default.omega` param" in (out / "report.md").read_text()
+
+
+def test_runs_load_typed(store, tmp_path):
+    from kd_platform.analysis import find_parent, load_sweep, open_client
+    parent, _ = make_ablation(store, tmp_path)
+    _, c = open_client(store)
+    sweep = load_sweep(c, find_parent(c, None, None, parent))
+    df = sweep.runs
+    assert len(df) == 20 and sweep.is_ablation and sweep.ablate == ["omega", "fusion_interval"]
+    assert df["omega"].dtype == "float64" and df["fusion_interval"].dtype == "int64"
+    assert df["same_init"].dtype == "bool" and df["seed"].dtype == "int64"
+    # A metric named like a knob (the final learning rate) does not replace the knob.
+    assert (df["lr"] == 0.1).all() and "metric.lr" in df.columns
+    assert df["trial_outcome"].value_counts().to_dict() == {"completed": 18, "asha_stopped": 1, "failed": 1}
+
+
+def test_tpe_sweep_best_trials_marginals_and_importance(store, tmp_path, capsys):
+    make_ablation(store, tmp_path)
+    parent, _ = make_tpe(store, tmp_path)
+    out = tmp_path / "report"
+    # The method name alone picks the newest sweep of its experiment: the TPE one.
+    assert _main("okdph", "--tracking-uri", store, "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "Best 5 trials" in printed and "Knob importance (fANOVA)" in printed
+    runs = pd.DataFrame([{"run_id": r.info.run_id, "omega": float(r.data.params["omega"]),
+                          METRIC: r.data.metrics[METRIC]}
+                         for r in _client(store).search_runs(
+                             [_client(store).get_experiment_by_name("okdph").experiment_id],
+                             filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")])
+    best = pd.read_csv(out / "best_trials.csv")
+    assert best["run_id"].tolist() == runs.nlargest(5, METRIC)["run_id"].tolist()
+    unit = pd.read_csv(out / "marginal_fusion_unit.csv")
+    assert unit["n_runs"].tolist() == [5, 5] and unit["fusion_unit"].tolist() == ["batch", "epoch"]
+    omega = pd.read_csv(out / "marginal_omega.csv")
+    assert omega["n_runs"].sum() == 10 and len(omega) == 4
+    assert omega["mean"].is_monotonic_increasing  # the metric grows with omega
+    importance = pd.read_csv(out / "importance.csv").set_index("knob")["importance"]
+    assert set(importance.index) == {"omega", "fusion_unit"}
+    assert importance.sum() == pytest.approx(1.0) and importance["omega"] > importance["fusion_unit"]
+    report = (out / "report.md").read_text()
+    pngs = {p.name for p in _assert_pngs_linked(out, report)}
+    assert {"importance.png", "metric_vs_omega.png", "metric_vs_fusion_unit.png", "learning_curves.png",
+            "networks_best_run.png"} <= pngs
+    assert _artifacts(store, parent) == {p.name for p in out.iterdir()}
+
+
+def test_importance_needs_enough_trials(tmp_path):
+    import optuna
+    from kd_platform.analysis.importance import MIN_TRIALS, fanova_importance
+    assert "no `optuna.db`" in fanova_importance("s", tmp_path / "nowhere").note
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=MIN_TRIALS - 1)
+    imp = fanova_importance("s", tmp_path)
+    assert imp.values is None and f"at least {MIN_TRIALS} COMPLETE trials" in imp.note
+
+
+@pytest.mark.parametrize("case", ["unknown method", "unknown experiment", "unknown run id", "no store",
+                                  "not a sweep", "no sweep in experiment", "no target"])
+def test_bad_input(case, store, tmp_path, capsys):
+    c = _client(store)
+    exp_id = _experiment(c, "okdph", tmp_path)
+    plain = c.create_run(exp_id).info.run_id
+    args = {"unknown method": ["nosuch"], "unknown experiment": ["okdph", "--experiment", "nosuch"],
+            "unknown run id": ["--sweep", "0" * 32], "not a sweep": ["--sweep", plain],
+            "no sweep in experiment": ["okdph"], "no target": [],
+            "no store": ["okdph", "--tracking-uri", sqlite_uri(tmp_path / "none.db")]}[case]
+    if "--tracking-uri" not in args:
+        args += ["--tracking-uri", store]
+    out = tmp_path / "report"
+    assert _main(*args, "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert not out.exists() and not (tmp_path / "none.db").exists()
