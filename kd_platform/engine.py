@@ -213,7 +213,8 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
                    "val/acc_best_epoch/students_mean": best, "lr": opt.param_groups[0]["lr"],
                    "time/epoch_s": elapsed, "throughput/img_s": seen * world / elapsed}
         if epoch + 1 == recipe.epochs:
-            metrics.update({f"test/acc/{k}": v for k, v in evaluate(method, data, "test", device, reduce=world > 1).items()})
+            test = evaluate(method, data, "test", device, reduce=world > 1)
+            metrics.update({f"test/acc/{k}": v for k, v in test.items()})
 
         def save(directory: Path, epoch: int = epoch) -> None:
             save_atomic({"method": method.state_dict(), "optimizer": opt.state_dict(),

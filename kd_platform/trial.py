@@ -135,6 +135,19 @@ def fit_with_train(spec: RunSpec, launch: Launch, name: str, tune_callback: bool
     return trainer.fit()
 
 
+def _report_committed(metrics: dict[str, Any], checkpoint: Any = None) -> None:
+    """``ray.train.report`` that returns only once Train's controller has committed the checkpoint.
+
+    A report reaches the controller at its next poll of the workers (every 2 s by default);
+    a worker that dies before then loses that checkpoint, and the restarted worker group
+    resumes one epoch further back (from scratch after the first epoch). Waiting costs at
+    most one poll interval per epoch."""
+    from ray import train
+    train.report(metrics, checkpoint=checkpoint)
+    if checkpoint is not None:
+        train.get_all_reported_checkpoints(consistency_mode=train.CheckpointConsistencyMode.COMMITTED)
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker loop: every rank trains its shard; rank 0 writes checkpoints."""
     from ray import train
@@ -147,7 +160,7 @@ def train_worker(config: dict[str, Any]) -> None:
     faults.bind(spec.all_knobs())
     # Every rank must call report (it is a barrier); only rank 0 attaches the checkpoint.
     placement = {"node_id": node_id(), "train_worker_nodes": _worker_nodes(world)}
-    reporter = _with_placement(_checkpoint_reporter(train.report, attach=rank == 0), placement)
+    reporter = _with_placement(_checkpoint_reporter(_report_committed, attach=rank == 0), placement)
     if config.get("mlflow") and rank == 0:  # a plain run (no Tune): rank 0 logs straight to MLflow
         from .single import mlflow_reporter
         to_mlflow, to_train = mlflow_reporter(config["mlflow"]["uri"], config["mlflow"]["run_id"], None), reporter

@@ -30,6 +30,16 @@ def runs_in(uri: str) -> list:
     return c.search_runs(ids, max_results=1000) if ids else []
 
 
+@pytest.fixture
+def one_thread():
+    """The networks in unit tests are tiny: one thread avoids spin-waiting when the cores are shared."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray cluster for the in-process sweep tests of this session."""

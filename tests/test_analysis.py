@@ -3,10 +3,14 @@ runs whose metrics the test chose, so every number in the tables can be checked 
 independent pandas computation."""
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
+import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -136,11 +140,55 @@ def expected_table(logged: pd.DataFrame, knob: str) -> pd.DataFrame:
     return out
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """An empty MLflow store, made once: creating the schema takes seconds, copying it does not."""
+    path = tmp_path_factory.mktemp("template") / "mlruns.db"
+    _client(sqlite_uri(path)).search_experiments()
+    return path
+
+
+def new_store(template: Path, folder: Path) -> str:
+    shutil.copy(template, folder / "mlruns.db")
+    return sqlite_uri(folder / "mlruns.db")
+
+
 @pytest.fixture
-def store(tmp_path):
-    uri = sqlite_uri(tmp_path / "mlruns.db")
-    _client(uri).search_experiments()  # create the store
-    return uri
+def store(template, tmp_path) -> str:
+    return new_store(template, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def sweeps(template, tmp_path_factory) -> SimpleNamespace:
+    """One store with an ablation, the same ablation without ``default.*`` params, and a TPE
+    sweep (the newest)."""
+    root = tmp_path_factory.mktemp("sweeps")
+    uri = new_store(template, root)
+    ablation, logged = make_ablation(uri, root)
+    no_defaults, logged_no_defaults = make_ablation(uri, root, with_defaults=False, name="okdph-nodefaults")
+    tpe, _ = make_tpe(uri, root)
+    return SimpleNamespace(uri=uri, root=root, ablation=ablation, logged=logged, no_defaults=no_defaults,
+                           logged_no_defaults=logged_no_defaults, tpe=tpe)
+
+
+@pytest.fixture(scope="module")
+def ablation_report(sweeps) -> tuple[Path, str]:
+    out = sweeps.root / "ablation-report"
+    # Through the real command alias, as a user types it.
+    res = run_cli("analysis.ablation", "--sweep", sweeps.ablation, "--tracking-uri", sweeps.uri,
+                  "--out", str(out), timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res.stdout
+
+
+@pytest.fixture(scope="module")
+def tpe_report(sweeps) -> tuple[Path, str]:
+    out = sweeps.root / "tpe-report"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        # The method name alone picks the newest sweep of its experiment: the TPE one.
+        assert _main("okdph", "--tracking-uri", sweeps.uri, "--out", str(out)) == 0
+    return out, printed.getvalue()
 
 
 def _main(*args: str) -> int:
@@ -165,12 +213,7 @@ def _artifacts(uri: str, run_id: str) -> set[str]:
     return {Path(a.path).name for a in _client(uri).list_artifacts(run_id, "report")}
 
 
-def test_ablation_tables_match_pandas(store, tmp_path):
-    parent, logged = make_ablation(store, tmp_path)
-    out = tmp_path / "report"
-    # Through the real command alias, as a user types it.
-    res = run_cli("analysis.ablation", "--sweep", parent, "--tracking-uri", store, "--out", str(out), timeout=120)
-    assert res.returncode == 0, res.stderr[-3000:]
+def _check_tables(out: Path, logged: pd.DataFrame) -> None:
     for knob in DEFAULTS:
         got = pd.read_csv(out / f"ablation_{knob}.csv").set_index(knob)
         want = expected_table(logged, knob)
@@ -180,33 +223,41 @@ def test_ablation_tables_match_pandas(store, tmp_path):
         np.testing.assert_array_equal(got["n_seeds"], want["count"])
         np.testing.assert_array_equal(got["n_runs"], want["runs"])
         np.testing.assert_allclose(got["diff_vs_default"], want["diff"], atol=1e-9)
-        assert got["default"].tolist() == [np.isclose(v, DEFAULTS[knob]) for v in got.index]
+        assert got["default"].tolist() == [bool(np.isclose(v, DEFAULTS[knob])) for v in got.index]
         # The default configuration ran once per ablated knob: six runs over three seeds.
         assert got.loc[DEFAULTS[knob], "n_runs"] == 6 and got.loc[DEFAULTS[knob], "n_seeds"] == 3
-        assert f"Ablation of {knob}" in res.stdout
+
+
+def test_ablation_tables_match_pandas(ablation_report, sweeps):
+    out, printed = ablation_report
+    _check_tables(out, sweeps.logged)
+    for knob in DEFAULTS:
+        assert f"== Ablation of {knob} (default {DEFAULTS[knob]})" in printed
     report = (out / "report.md").read_text()
     assert "2 run(s) were excluded from the tables (1 asha_stopped, 1 failed)" in report
-    pngs = {p.name for p in _assert_pngs_linked(out, report)}
+    assert "| 0.8 | yes | 6 | 3 |" in report
+
+
+def test_ablation_plots_report_and_artifacts(ablation_report, sweeps):
+    out, _ = ablation_report
+    pngs = {p.name for p in _assert_pngs_linked(out, (out / "report.md").read_text())}
     assert {"ablation_omega.png", "ablation_fusion_interval.png", "effects.png", "learning_curves.png",
             "networks_best_run.png"} <= pngs
-    assert _artifacts(store, parent) == {p.name for p in out.iterdir()}
+    assert _artifacts(sweeps.uri, sweeps.ablation) == {p.name for p in out.iterdir()}
 
 
-def test_missing_defaults_are_inferred_from_the_runs(store, tmp_path):
-    parent, logged = make_ablation(store, tmp_path, with_defaults=False, name="okdph-nodefaults")
-    out = tmp_path / "report"
-    assert _main("--sweep", parent, "--tracking-uri", store, "--out", str(out)) == 0
-    for knob in DEFAULTS:
-        got = pd.read_csv(out / f"ablation_{knob}.csv").set_index(knob)
-        np.testing.assert_allclose(got["diff_vs_default"], expected_table(logged, knob)["diff"], atol=1e-9)
+def test_missing_defaults_are_inferred_from_the_runs(sweeps):
+    out = sweeps.root / "no-defaults-report"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert _main("--sweep", sweeps.no_defaults, "--tracking-uri", sweeps.uri, "--out", str(out)) == 0
+    _check_tables(out, sweeps.logged_no_defaults)
     assert "has no `default.omega` param" in (out / "report.md").read_text()
 
 
-def test_runs_load_typed(store, tmp_path):
+def test_runs_load_typed(sweeps):
     from kd_platform.analysis import find_parent, load_sweep, open_client
-    parent, _ = make_ablation(store, tmp_path)
-    _, c = open_client(store)
-    sweep = load_sweep(c, find_parent(c, None, None, parent))
+    _, c = open_client(sweeps.uri)
+    sweep = load_sweep(c, find_parent(c, None, None, sweeps.ablation))
     df = sweep.runs
     assert len(df) == 20 and sweep.is_ablation and sweep.ablate == ["omega", "fusion_interval"]
     assert df["omega"].dtype == "float64" and df["fusion_interval"].dtype == "int64"
@@ -216,34 +267,34 @@ def test_runs_load_typed(store, tmp_path):
     assert df["trial_outcome"].value_counts().to_dict() == {"completed": 18, "asha_stopped": 1, "failed": 1}
 
 
-def test_tpe_sweep_best_trials_marginals_and_importance(store, tmp_path, capsys):
-    make_ablation(store, tmp_path)
-    parent, _ = make_tpe(store, tmp_path)
-    out = tmp_path / "report"
-    # The method name alone picks the newest sweep of its experiment: the TPE one.
-    assert _main("okdph", "--tracking-uri", store, "--out", str(out)) == 0
-    printed = capsys.readouterr().out
-    assert "Best 5 trials" in printed and "Knob importance (fANOVA)" in printed
-    runs = pd.DataFrame([{"run_id": r.info.run_id, "omega": float(r.data.params["omega"]),
-                          METRIC: r.data.metrics[METRIC]}
-                         for r in _client(store).search_runs(
-                             [_client(store).get_experiment_by_name("okdph").experiment_id],
-                             filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")])
+def test_tpe_best_trials_and_marginals(tpe_report, sweeps):
+    out, printed = tpe_report
+    assert "== Best 5 trials" in printed and "== Knob importance (fANOVA)" in printed
+    c = _client(sweeps.uri)
+    children = c.search_runs([c.get_experiment_by_name("okdph").experiment_id],
+                             filter_string=f"tags.`mlflow.parentRunId` = '{sweeps.tpe}'")
+    runs = pd.DataFrame([{"run_id": r.info.run_id, METRIC: r.data.metrics[METRIC]} for r in children])
     best = pd.read_csv(out / "best_trials.csv")
     assert best["run_id"].tolist() == runs.nlargest(5, METRIC)["run_id"].tolist()
+    np.testing.assert_allclose(best[METRIC], runs.nlargest(5, METRIC)[METRIC])
     unit = pd.read_csv(out / "marginal_fusion_unit.csv")
     assert unit["n_runs"].tolist() == [5, 5] and unit["fusion_unit"].tolist() == ["batch", "epoch"]
     omega = pd.read_csv(out / "marginal_omega.csv")
     assert omega["n_runs"].sum() == 10 and len(omega) == 4
     assert omega["mean"].is_monotonic_increasing  # the metric grows with omega
+
+
+def test_tpe_importance_plots_and_artifacts(tpe_report, sweeps):
+    out, _ = tpe_report
     importance = pd.read_csv(out / "importance.csv").set_index("knob")["importance"]
     assert set(importance.index) == {"omega", "fusion_unit"}
     assert importance.sum() == pytest.approx(1.0) and importance["omega"] > importance["fusion_unit"]
     report = (out / "report.md").read_text()
+    assert "fANOVA (Optuna) over the 10 COMPLETE trials" in report
     pngs = {p.name for p in _assert_pngs_linked(out, report)}
     assert {"importance.png", "metric_vs_omega.png", "metric_vs_fusion_unit.png", "learning_curves.png",
             "networks_best_run.png"} <= pngs
-    assert _artifacts(store, parent) == {p.name for p in out.iterdir()}
+    assert _artifacts(sweeps.uri, sweeps.tpe) == {p.name for p in out.iterdir()}
 
 
 def test_importance_needs_enough_trials(tmp_path):

@@ -23,6 +23,9 @@ from kd_platform.teachers import TeacherProvider
 CPU = torch.device("cpu")
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def _logits(n: int = 16, c: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     z_s = (2 * torch.randn(n, c, generator=g, dtype=torch.float64)).requires_grad_(True)

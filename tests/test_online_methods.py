@@ -16,13 +16,7 @@ from kd_platform.methods.ie_parts import to_factor
 STEPS_PER_EPOCH = 10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These networks are tiny: thread start-up costs more than it saves, badly so on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(n: int = 16, seed: int = 1, views: int = 1) -> Batch:

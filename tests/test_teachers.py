@@ -22,6 +22,9 @@ CPU = torch.device("cpu")
 TINY = {"teacher_arch": "resnet8", "teacher_epochs": 1}
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def _spec(cache: Path, method: str = "kd", seed: int = 0, **knobs) -> RunSpec:
     return RunSpec.from_flat(method, {**TINY, **knobs, "asset.teacher_cache": str(cache)}, seed)
 

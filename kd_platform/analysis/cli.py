@@ -13,7 +13,6 @@ from typing import NoReturn, Sequence
 from ..errors import UsageError
 from . import markdown as md
 from .load import find_parent, load_sweep, open_client
-from .report import ARTIFACT_DIR, analyse
 
 REPORTS_DIR = Path("reports")
 
@@ -43,6 +42,7 @@ def _main(argv: Sequence[str] | None) -> int:
     uri, c = open_client(args.tracking_uri)
     parent = find_parent(c, args.method, args.experiment, args.sweep)
     sweep = load_sweep(c, parent, args.metric)
+    from .report import ARTIFACT_DIR, analyse  # matplotlib: only once the input is known to be good
     folder = args.out or REPORTS_DIR / sweep.name
     rep = analyse(c, sweep, folder)
     for title, frame, index in rep.tables:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence
@@ -177,9 +178,11 @@ class _EvalBatches:
 def cpus_available() -> tuple[int, bool]:
     """CPUs this process may use, and whether Ray assigned them (inside a Ray worker) rather
     than the OS's affinity mask, which every local process shares."""
+    # Only a process that already runs Ray can be inside a Ray worker; importing Ray to find
+    # out would cost seconds (and ray.get_runtime_context() would start a local cluster).
+    ray = sys.modules.get("ray")
     try:
-        import ray
-        if ray.is_initialized():
+        if ray is not None and ray.is_initialized():
             assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
             if assigned:
                 return max(1, int(assigned)), True
