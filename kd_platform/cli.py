@@ -55,6 +55,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("method", help="method name, e.g. okdph")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a knob (repeatable)")
     p.add_argument("--space", type=Path, help="search space file (default: search_spaces/METHOD.yaml)")
+    p.add_argument("--preset", help="a recipe from presets/ (dataset, architectures, epochs, optimiser, "
+                                    "schedule, augmentation); --set still overrides it")
     p.add_argument("--epochs", type=_positive_int, help="epochs per run (default: the space file's)")
     p.add_argument("--seed", type=int, default=0, help="seed of every generator (default 0)")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
@@ -97,6 +99,30 @@ def _teacher_assets(args: argparse.Namespace, fixed: dict[str, Any], swept: Sequ
         check_teacher_checkpoint(path, RunSpec.from_flat(args.method, fixed, args.seed))
         assets[f"{ASSET_PREFIX}teacher_checkpoint"] = str(path)
     return assets
+
+
+def _load_space(args: argparse.Namespace) -> Any:
+    """The search space with the preset and then ``--set`` pinned on top: together the whole
+    description of a run."""
+    from .presets import preset_for_method, preset_methods
+    from .space import load_space
+    space = load_space(args.method, args.space)
+    if args.preset:
+        methods = preset_methods(args.preset)
+        if args.method not in methods:
+            raise UsageError(f"--preset {args.preset} is a recipe for {', '.join(methods)}, not '{args.method}'")
+        space.fix(preset_for_method(args.preset, args.method))
+        space.extra["preset"] = args.preset
+    space.fix(_parse_sets(args.set))
+    data_dir = space.fixed.get("data_dir")
+    if data_dir:  # Ray's workers run elsewhere: a relative path would point nowhere
+        space.fixed["data_dir"] = str(Path(data_dir).expanduser().resolve())
+    return space
+
+
+def _epochs(args: argparse.Namespace, space: Any) -> int:
+    """``--epochs``, else the preset's or ``--set``'s, else the space file's default."""
+    return args.epochs or int(space.fixed.get("epochs", space.epochs))
 
 
 def _storage(args: argparse.Namespace) -> str:
@@ -157,13 +183,12 @@ def _latest_sweep(out: Path, method: str) -> Path:
 
 def sweep_settings(argv: Sequence[str] | None) -> Any:
     """Parse and validate a sweep command line into settings; touches nothing on disk."""
-    from .space import load_space
     from .sweep import SweepSettings
     from .tracking import resolve_tracking_uri
     args = sweep_parser().parse_args(argv)
     if args.resume:
         conflicting = [f for f, v in (("--set", args.set), ("--space", args.space), ("--samples", args.samples),
-                                      ("--epochs", args.epochs), ("--name", args.name),
+                                      ("--epochs", args.epochs), ("--name", args.name), ("--preset", args.preset),
                                       ("--teacher-checkpoint", args.teacher_checkpoint),
                                       ("--teacher-cache", args.teacher_cache)) if v]
         if conflicting:
@@ -174,13 +199,15 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
             raise UsageError(f"--resume: '{path}' is a sweep of '{s.method}', not '{args.method}'")
         s.verbose = 0 if args.quiet else 1
         return s
-    space = load_space(args.method, args.space)
-    space.fix(_parse_sets(args.set))
+    space = _load_space(args)
+    if "val_fraction" in space.swept or float(space.fixed.get("val_fraction", 0.1)) <= 0:
+        raise UsageError("a sweep tunes on the validation split: keep val_fraction > 0 fixed "
+                         "(val_fraction=0 is for a final 'python -m platform.train' run)")
     space.fixed.update(_teacher_assets(args, space.fixed, list(space.swept)))
     uri = resolve_tracking_uri(args.tracking_uri)
     ablation = _ablation(args, space, uri)
     samples = ablation.trials if ablation else (args.samples or space.samples)
-    epochs = args.epochs or space.epochs
+    epochs = _epochs(args, space)
     launch = _launch(args)
     cpus = os.cpu_count() or 1
     per_trial = launch.cpus * launch.workers
@@ -240,16 +267,15 @@ def train_parser() -> argparse.ArgumentParser:
 def _train(argv: Sequence[str] | None) -> int:
     from .engine import RunSpec
     from .single import run_single
-    from .space import load_space
     from .tracking import resolve_tracking_uri, ui_command
     args = train_parser().parse_args(argv)
-    space = load_space(args.method, args.space)
-    space.fix(_parse_sets(args.set))
-    flat = {**space.fixed, "epochs": args.epochs or space.epochs}
+    space = _load_space(args)
+    flat = {**space.fixed, "epochs": _epochs(args, space)}
     spec = RunSpec.from_flat(args.method, {**flat, **_teacher_assets(args, flat)}, args.seed)
     uri = resolve_tracking_uri(args.tracking_uri)
     launch = _launch(args)
-    result = run_single(spec, launch, uri, args.experiment or args.method, args.out.resolve())
+    result = run_single(spec, launch, uri, args.experiment or args.method, args.out.resolve(),
+                        tags={"preset": args.preset} if args.preset else None)
     m = result["metrics"]
     print(f"val/acc/students_mean = {m.get('val/acc/students_mean', float('nan')):.2f}   "
           f"test/acc/students_mean = {m.get('test/acc/students_mean', float('nan')):.2f}")

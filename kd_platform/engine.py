@@ -160,6 +160,9 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
         from .teachers import TeacherProvider  # imported here: teachers trains with this module
         get_teacher = TeacherProvider(spec, data, device)
     method = build_method(spec, data, device, get_teacher)
+    channels_last = recipe.use_channels_last(device)
+    if channels_last:  # before DDP, whose gradient buckets follow the parameters' layout
+        method.to(memory_format=torch.channels_last)
     model: nn.Module = method
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -179,6 +182,7 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
 
     steps = data.steps_per_epoch()
     metrics: dict[str, float] = {}
+    amp_dtype = recipe.autocast_dtype(device)
     for epoch in range(start_epoch, recipe.epochs):
         t0 = time.perf_counter()
         method.train()
@@ -187,7 +191,10 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
         faults.at_epoch_start(epoch)
         for step, batch in enumerate(data.train_batches(epoch, method.num_views())):
             ctx = StepContext(epoch, recipe.epochs, step, steps, epoch * steps + step)
-            terms = model(batch, ctx)
+            if channels_last:
+                batch.views = [v.contiguous(memory_format=torch.channels_last) for v in batch.views]
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                terms = model(batch, ctx)
             terms["loss"] = faults.corrupt_loss(epoch, terms["loss"])
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()

@@ -18,6 +18,7 @@ from .teachers import record_teacher
 
 TRIAL_TAG = "ray.trial_id"
 PLACEMENT_KEYS = ("node_id", "train_worker_nodes")  # strings a trial reports about where it trains
+REPLAYED_TAG = "epochs_replayed"
 
 
 class MlflowTrialLogger(Callback):
@@ -29,6 +30,8 @@ class MlflowTrialLogger(Callback):
         self.last_epoch: dict[str, int] = {}
         self.teachers_logged: set[str] = set()  # hashes of teachers already stored on the parent run
         self.placement: dict[str, dict[str, str]] = {}  # per trial, the placement tags last written
+        self.logged_epoch: dict[str, int] = {}  # per trial, the last epoch its MLflow run holds
+        self.replayed: dict[str, int] = {}  # per trial, epochs trained again after a restart
         self._client: Any = None
 
     @property
@@ -50,6 +53,8 @@ class MlflowTrialLogger(Callback):
         if found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
+            self.logged_epoch[trial.trial_id] = _last_epoch(self.client, run_id)
+            self.replayed[trial.trial_id] = int(found[0].data.tags.get(REPLAYED_TAG, 0))
         else:
             spec = self.spec(trial)
             run = self.client.create_run(self.experiment_id, run_name=f"{self.method}-{trial.trial_id}", tags={
@@ -76,7 +81,15 @@ class MlflowTrialLogger(Callback):
         epoch = int(result.get("epoch", 0))
         self.last_epoch[trial.trial_id] = epoch
         run_id = self.run_id(trial)
-        tracking.log_metrics(self.client, run_id, result, step=epoch)
+        if 0 < epoch <= self.logged_epoch.get(trial.trial_id, 0):
+            # Tune persists a trial's checkpoint only after its callbacks have seen the result:
+            # a driver killed in between (or a trial that dies then) resumes one checkpoint
+            # earlier and trains that epoch again. MLflow keeps the first record, one per step.
+            self.replayed[trial.trial_id] = self.replayed.get(trial.trial_id, 0) + 1
+            tracking.set_tags(self.client, run_id, {REPLAYED_TAG: self.replayed[trial.trial_id]})
+        else:
+            tracking.log_metrics(self.client, run_id, result, step=epoch)
+            self.logged_epoch[trial.trial_id] = max(epoch, self.logged_epoch.get(trial.trial_id, 0))
         self.tag_placement(trial, run_id, result)
 
     def tag_placement(self, trial: Any, run_id: str, result: dict) -> None:

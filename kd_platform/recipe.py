@@ -42,6 +42,10 @@ class Recipe:
     view_augments: str = knob("", help="comma-separated augmentations, one per network view, cycling, used "
                                        "only when a method asks for per-network views; empty: every view "
                                        "uses 'augment'")
+    amp: str = knob("auto", choices=("auto", "off", "bf16"),
+                    help="bf16 autocast; auto = on for CUDA devices that support bf16, off elsewhere")
+    channels_last: str = knob("auto", choices=("auto", "true", "false"),
+                              help="channels-last memory format; auto = on for CUDA")
     loader_workers: int = knob(-1, low=-1, high=256,
                                help="data-loading processes per training process for file datasets; "
                                     "-1 picks from the CPUs this process may use")
@@ -52,6 +56,15 @@ class Recipe:
             if name not in AUGMENTATIONS:
                 raise UsageError(f"knob 'view_augments': unknown augmentation '{name}'; "
                                  f"known: {', '.join(AUGMENTATIONS)}")
+
+    def autocast_dtype(self, device: "torch.device") -> "torch.dtype | None":
+        import torch
+        if self.amp == "bf16" or (self.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        return None
+
+    def use_channels_last(self, device: "torch.device") -> bool:
+        return self.channels_last == "true" or (self.channels_last == "auto" and device.type == "cuda")
 
     def milestone_list(self) -> list[int]:
         return [int(m) for m in self.milestones.split(",") if m.strip()]

@@ -28,14 +28,15 @@ def mlflow_reporter(uri: str, run_id: str, checkpoint_dir: Path | None) -> engin
     return report
 
 
-def run_single(spec: RunSpec, launch: Launch, uri: str, experiment: str, out: Path) -> dict[str, Any]:
+def run_single(spec: RunSpec, launch: Launch, uri: str, experiment: str, out: Path,
+               tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Train ``spec`` once; returns the final metrics and the MLflow run id."""
     c = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(uri, experiment)
     name = f"{spec.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = c.create_run(experiment_id, run_name=name, tags={
         "kind": "single", "method": spec.method, "seed": spec.seed, "git_commit": tracking.git_commit(),
-        **tracking.package_versions()})
+        **tracking.package_versions(), **(tags or {})})
     run_id = run.info.run_id
     tracking.log_params(c, run_id, spec.all_knobs())
     try:

@@ -134,7 +134,8 @@ def _parent_run(s: SweepSettings, c: Any, experiment_id: str) -> str:
         return s.parent_run_id
     run = c.create_run(experiment_id, run_name=s.name, tags={
         "kind": "ablation" if s.ablation else "sweep", "method": s.method, "seed": s.seed, "git_commit": tracking.git_commit(),
-        "sweep_dir": str(s.sweep_dir), **tracking.package_versions()})
+        "sweep_dir": str(s.sweep_dir), **tracking.package_versions(),
+        **({"preset": s.space.extra["preset"]} if "preset" in s.space.extra else {})})
     params = {"samples": s.samples, "epochs": s.epochs, "max_concurrent": s.max_concurrent, "seed": s.seed,
               "metric": s.space.metric, "mode": s.space.mode, "space_file": s.space.source,
               "workers_per_trial": s.launch.workers, "cpus_per_trial": s.launch.cpus,

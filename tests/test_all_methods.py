@@ -7,6 +7,7 @@ import torch
 
 from conftest import DataStub, runs_in, sqlite_uri
 from kd_platform.engine import RunSpec, build_method
+from kd_platform.knobs import knob_specs
 from kd_platform.methods import get_method, method_names
 from kd_platform.methods.base import Batch, StepContext
 
@@ -41,6 +42,8 @@ def test_method_learns_on_digits_and_logs_every_term(method, tmp_path, teacher_c
     knobs = {"epochs": 3, "lr": 0.05}
     if get_method(method).kind == "offline":
         knobs.update({"asset.teacher_cache": str(teacher_cache), "teacher_epochs": 3})
+    if "ae_epochs" in knob_specs(get_method(method).Config):
+        knobs["ae_epochs"] = 3  # IE-KD's stage-A auto-encoder: enough to learn on digits
     spec = RunSpec.from_flat(method, knobs, seed=0)
     uri = sqlite_uri(tmp_path / "m.db")
     result = run_single(spec, Launch(), uri, method, tmp_path / "res")

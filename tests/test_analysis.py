@@ -7,7 +7,9 @@ import contextlib
 import io
 import itertools
 import json
+import runpy
 import shutil
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_cli, sqlite_uri
+from conftest import REPO, run_cli, sqlite_uri
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METRIC = "val/acc/students_mean"
@@ -53,8 +55,9 @@ def _log(c, run_id: str, params: dict | None = None, tags: dict | None = None,
 
 
 def _parent(c, exp_id: str, name: str, kind: str, params: dict, tags: dict | None = None,
-            start: int | None = None) -> str:
-    run = c.create_run(exp_id, run_name=name, start_time=start,
+            age_s: int = 0) -> str:
+    # Explicit start times make "the newest sweep" unambiguous however fast the runs are made.
+    run = c.create_run(exp_id, run_name=name, start_time=int((time.time() - age_s) * 1000),
                        tags={"kind": kind, "method": "okdph", **(tags or {})})
     _log(c, run.info.run_id, params={"metric": METRIC, "mode": "max", "epochs": EPOCHS, **params})
     c.set_terminated(run.info.run_id, "FINISHED")
@@ -88,7 +91,7 @@ def make_ablation(uri: str, root: Path, with_defaults: bool = True, name: str = 
     params = {"ablate": "omega,fusion_interval", "seeds": len(SEEDS)}
     if with_defaults:
         params.update({f"default.{k}": v for k, v in DEFAULTS.items()})
-    parent = _parent(c, exp_id, name, "ablation", params, start=1_000)
+    parent = _parent(c, exp_id, name, "ablation", params, age_s=120)
     rows = []
     for knob, values in VALUES.items():
         for value in values:
@@ -115,7 +118,7 @@ def make_tpe(uri: str, root: Path, trials: int = 10) -> tuple[str, Path]:
     space = {"omega": {"type": "uniform", "low": 0.3, "high": 1.0},
              "fusion_unit": {"type": "choice", "values": ["batch", "epoch"]}}
     parent = _parent(c, exp_id, name, "sweep", {f"swept.{k}": json.dumps(v) for k, v in space.items()},
-                     tags={"sweep_dir": str(sweep_dir)}, start=2_000)
+                     tags={"sweep_dir": str(sweep_dir)}, age_s=60)
     dists = {"omega": FloatDistribution(0.3, 1.0), "fusion_unit": CategoricalDistribution(["batch", "epoch"])}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}", direction="maximize")
@@ -172,13 +175,23 @@ def sweeps(template, tmp_path_factory) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def ablation_report(sweeps) -> tuple[Path, str]:
+def ablation_report(sweeps, monkeypatch_module) -> tuple[Path, str]:
     out = sweeps.root / "ablation-report"
-    # Through the real command alias, as a user types it.
-    res = run_cli("analysis.ablation", "--sweep", sweeps.ablation, "--tracking-uri", sweeps.uri,
-                  "--out", str(out), timeout=180)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out, res.stdout
+    # The command alias's own file, run in this process (a fresh interpreter would spend its
+    # time importing torch and mlflow again).
+    monkeypatch_module.setattr(sys, "argv", ["ablation.py", "--sweep", sweeps.ablation, "--tracking-uri",
+                                             sweeps.uri, "--out", str(out)])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(REPO / "analysis" / "ablation.py"), run_name="__main__")
+    assert exited.value.code == 0
+    return out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
 
 
 @pytest.fixture(scope="module")
@@ -308,15 +321,21 @@ def test_importance_needs_enough_trials(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown method", "unknown experiment", "unknown run id", "no store",
-                                  "not a sweep", "no sweep in experiment", "no target"])
+                                  "not a sweep", "no sweep in experiment", "no target", "method mismatch",
+                                  "unknown metric"])
 def test_bad_input(case, store, tmp_path, capsys):
     c = _client(store)
     exp_id = _experiment(c, "okdph", tmp_path)
     plain = c.create_run(exp_id).info.run_id
+    other = _experiment(c, "elsewhere", tmp_path)  # a real sweep, but not in experiment okdph
+    sweep = _parent(c, other, "okdph-elsewhere", "sweep", {})
+    _child(c, other, sweep, {"omega": 0.5, "seed": 0}, 80.0)
     args = {"unknown method": ["nosuch"], "unknown experiment": ["okdph", "--experiment", "nosuch"],
             "unknown run id": ["--sweep", "0" * 32], "not a sweep": ["--sweep", plain],
             "no sweep in experiment": ["okdph"], "no target": [],
-            "no store": ["okdph", "--tracking-uri", sqlite_uri(tmp_path / "none.db")]}[case]
+            "no store": ["okdph", "--tracking-uri", sqlite_uri(tmp_path / "none.db")],
+            "method mismatch": ["kd", "--sweep", sweep],
+            "unknown metric": ["--sweep", sweep, "--metric", "val/acc/nosuch"]}[case]
     if "--tracking-uri" not in args:
         args += ["--tracking-uri", store]
     out = tmp_path / "report"
@@ -324,3 +343,12 @@ def test_bad_input(case, store, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert not out.exists() and not (tmp_path / "none.db").exists()
+    assert not _client(store).list_artifacts(sweep)
+
+
+def test_command_alias_refuses_bad_input(tmp_path, template):
+    uri = new_store(template, tmp_path)
+    res = run_cli("analysis.ablation", "--sweep", "0" * 32, "--tracking-uri", uri,
+                  "--out", str(tmp_path / "report"), timeout=120)
+    assert res.returncode == 2 and res.stderr.strip() == f"error: no MLflow run with id '{'0' * 32}' in this store"
+    assert not (tmp_path / "report").exists()

@@ -310,7 +310,7 @@ def test_zero_val_fraction_evaluates_val_on_test_and_says_so(cifar10_dir, caplog
     assert "TEST set" in caplog.text
 
 
-def test_engine_trains_on_cifar_files(cifar10_dir):
+def test_engine_trains_on_cifar_files(cifar10_dir, one_thread):
     from kd_platform.engine import RunSpec, train
     root, _ = cifar10_dir
     spec = RunSpec.from_flat("ce", {"dataset": "cifar10", "data_dir": str(root), "arch": "resnet8", "epochs": 1,

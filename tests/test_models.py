@@ -126,6 +126,12 @@ def test_online_papers_bottleneck_networks_match_their_closed_form() -> None:
     assert build_model("wrn_20_8", 100).feature_channels == 256
 
 
+def test_resnet18_matches_torchvision_count_up_to_its_small_image_stem() -> None:
+    # torchvision's ImageNet ResNet-18 has 11,689,512 parameters with a 7x7 stem; ours has a
+    # 3x3 stem (no max-pool) for 64x64 inputs: 64 * 3 * (49 - 9) = 7,680 fewer.
+    assert n_params(build_model("resnet18", num_classes=1000)) == 11_689_512 - 7_680
+
+
 def test_unknown_architecture_is_a_usage_error() -> None:
     with pytest.raises(UsageError):
         build_model("resnet9000", 10)
@@ -135,7 +141,8 @@ MULTIBRANCH_NAMES = sorted(RESNET_SPECS)
 
 
 def test_every_registered_resnet_has_a_multibranch_form() -> None:
-    resnets = {n for n in NAMES if n.startswith("resnet")}
+    # The CIFAR ResNets; the TinyImageNet resnet18 has four stages and no multi-branch form yet.
+    resnets = {n for n in NAMES if n.startswith("resnet") and n != "resnet18"}
     assert resnets <= set(MULTIBRANCH_NAMES)
 
 

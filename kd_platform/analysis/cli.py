@@ -39,9 +39,15 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     if not (args.method or args.sweep or args.experiment):
         raise UsageError("name a method (e.g. okdph), --experiment NAME or --sweep PARENT_RUN_ID")
+    from mlflow.exceptions import MlflowException
     uri, c = open_client(args.tracking_uri)
-    parent = find_parent(c, args.method, args.experiment, args.sweep)
-    sweep = load_sweep(c, parent, args.metric)
+    try:
+        parent = find_parent(c, args.method, args.experiment, args.sweep)
+        sweep = load_sweep(c, parent, args.metric)
+    except MlflowException as exc:
+        raise UsageError(f"MLflow store '{uri}': {exc.message}") from None
+    if args.method and args.sweep and sweep.method and sweep.method != args.method:
+        raise UsageError(f"run '{args.sweep}' is a sweep of '{sweep.method}', not '{args.method}'")
     from .report import ARTIFACT_DIR, analyse  # matplotlib: only once the input is known to be good
     folder = args.out or REPORTS_DIR / sweep.name
     rep = analyse(c, sweep, folder)

@@ -21,8 +21,6 @@ PARENT_KINDS = ("sweep", "ablation")
 DEFAULT_METRIC = "val/acc/students_mean"
 DEFAULT_PREFIX = "default."
 SWEPT_PREFIX = "swept."
-# Columns of the run table that are not knobs; tags get a ``tag.`` prefix.
-BASE_COLUMNS = ("run_id", "run_name", "status", "trial_outcome", "epochs_run", "seed")
 
 
 @dataclass

@@ -33,12 +33,16 @@ class Usable:
 def usable_runs(sweep: Sweep) -> Usable:
     df = sweep.runs
     completed = df["trial_outcome"] == "completed"
-    has_metric = df[sweep.metric].notna()
     excluded = df.loc[~completed, "trial_outcome"].value_counts().to_dict()
-    missing = int((completed & ~has_metric).sum())
-    if missing:
-        excluded["completed without the metric"] = missing
-    return Usable(df[completed & has_metric].copy(), {str(k): int(v) for k, v in sorted(excluded.items())})
+    keep = completed & df[sweep.metric].notna()
+    if int((completed & ~keep).sum()):
+        excluded["completed without the metric"] = int((completed & ~keep).sum())
+    if "epochs" in df.columns and pd.api.types.is_numeric_dtype(df["epochs_run"].dtype):
+        short = keep & (df["epochs_run"] < df["epochs"]).fillna(False).astype(bool)
+        if int(short.sum()):
+            excluded["completed short of the final epoch"] = int(short.sum())
+        keep &= ~short
+    return Usable(df[keep].copy(), {str(k): int(v) for k, v in sorted(excluded.items())})
 
 
 def matches(column: pd.Series, value: Any) -> pd.Series:

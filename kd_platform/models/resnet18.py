@@ -1,0 +1,40 @@
+"""ResNet-18 (He et al. 2016, ImageNet basic-block layout [2, 2, 2, 2] with 64-512 channels)
+with the small-image stem used for 32x32 and 64x64 inputs in the distillation literature:
+a 3x3 stride-1 convolution and no max-pool. This is the TinyImageNet recipe's network."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import register_model
+from .resnet import BasicBlock, init_weights
+
+
+class ResNet18(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),
+                                  nn.ReLU(inplace=True))
+        stages, in_planes = [], 64
+        for i, planes in enumerate((64, 128, 256, 512)):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.feature_channels = 512
+        self.fc = nn.Linear(512, num_classes)
+        init_weights(self)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+
+    def classify(self, fmap: Tensor) -> Tensor:
+        return self.fc(F.adaptive_avg_pool2d(fmap, 1).flatten(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classify(self.features(x))
+
+
+@register_model("resnet18")
+def build(num_classes: int, in_channels: int = 3) -> nn.Module:
+    return ResNet18(num_classes, in_channels)

@@ -1,0 +1,173 @@
+"""Reliability: crashed workers, NaN losses and interrupted checkpoint writes.
+
+The sweeps run through the real command line (a fresh local Ray cluster each, so the
+``KD_PLATFORM_FAULT`` of ``kd_platform.faults`` reaches every Ray process); each prints
+how long the platform took to recover, for the record.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli, runs_in, sqlite_uri
+from kd_platform import faults
+from kd_platform.checkpoint import STATE_FILE, load_checked, save_atomic
+from kd_platform.errors import UsageError
+
+SPACE = """\
+swept:
+  lr: {type: choice, values: [0.1, 0.05]}
+asha: {grace_period: 3}
+"""
+
+
+def _space(tmp_path: Path) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE)  # no ASHA stop: every trial runs all its epochs unless it fails
+    return path
+
+
+def _children(uri: str) -> tuple:
+    runs = runs_in(uri)
+    (parent,) = [r for r in runs if r.data.tags.get("kind") in ("sweep", "ablation")]
+    return parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+def _history(uri: str, run_id: str, key: str) -> list:
+    from mlflow.tracking import MlflowClient
+    return sorted(MlflowClient(uri).get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+
+
+@pytest.mark.slow
+def test_killed_train_worker_resumes_from_its_last_checkpoint(tmp_path):
+    uri = sqlite_uri(tmp_path / "mlruns.db")
+    once = tmp_path / "fault-fired"
+    out = run_cli("platform.sweep", "ce", "--space", str(_space(tmp_path)), "--samples", "1", "--epochs", "3",
+                  "--use-train", "--tracking-uri", uri, "--out", str(tmp_path / "res"), "--quiet",
+                  env={"KD_PLATFORM_FAULT": "exit@2", "KD_PLATFORM_FAULT_ONCE": str(once)})
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    assert once.exists(), "the worker was never killed"
+    # Ray Train's own FailureConfig restarted the worker group (the Tune trial never failed)...
+    assert "[FailurePolicy] RETRY" in log
+    # ...and the new worker picked up the checkpoint of epoch 1 instead of starting over.
+    assert log.count("resumed from ") == 1 and "at epoch 1" in log.split("resumed from ", 1)[1].splitlines()[0]
+    parent, (child,) = _children(uri)
+    assert parent.info.status == "FINISHED"
+    assert child.info.status == "FINISHED" and child.data.tags["trial_outcome"] == "completed"
+    epochs = _history(uri, child.info.run_id, "epoch")
+    assert [m.step for m in epochs] == [1, 2, 3]  # each epoch logged once, none repeated
+    assert [m.step for m in _history(uri, child.info.run_id, "val/acc/students_mean")] == [1, 2, 3]
+    fault_at = once.stat().st_mtime
+    recovery = epochs[1].timestamp / 1000 - fault_at
+    assert recovery > 0
+    print(f"\n[recovery] Train worker killed at the start of epoch 2: epoch 2 reported {recovery:.1f}s later")
+
+
+@pytest.mark.slow
+def test_a_nan_trial_fails_alone_and_the_sweep_goes_on(tmp_path):
+    uri = sqlite_uri(tmp_path / "mlruns.db")
+    # An ablation runs its grid in order, one trial at a time: the NaN trial (lr=0.1) first.
+    out = run_cli("platform.sweep", "ce", "--space", str(_space(tmp_path)), "--ablate", "lr", "--epochs", "3",
+                  "--max-concurrent", "1", "--tracking-uri", uri, "--out", str(tmp_path / "res"), "--quiet",
+                  env={"KD_PLATFORM_FAULT": "nan@2:lr=0.1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "1 failed" in out.stdout
+    parent, children = _children(uri)
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    bad = next(c for c in children if float(c.data.params["lr"]) == 0.1)
+    good = next(c for c in children if float(c.data.params["lr"]) == 0.05)
+    assert bad.info.status == "FAILED" and bad.data.tags["trial_outcome"] == "failed"
+    assert "non-finite training loss at epoch 2" in bad.data.tags["error"]
+    # It stopped in the epoch where the loss went bad: epoch 1 kept, nothing after.
+    assert [m.step for m in _history(uri, bad.info.run_id, "epoch")] == [1]
+    assert good.info.status == "FINISHED" and good.data.tags["trial_outcome"] == "completed"
+    assert [m.step for m in _history(uri, good.info.run_id, "epoch")] == [1, 2, 3]
+    assert good.info.start_time >= bad.info.end_time  # started after the failure: the sweep went on
+    print(f"\n[recovery] NaN trial failed; the next trial started "
+          f"{(good.info.start_time - bad.info.end_time) / 1000:.1f}s later")
+
+
+def test_conditional_fault_fires_only_for_the_matching_knob(monkeypatch):
+    loss = torch.tensor(1.0)
+    monkeypatch.setenv(faults.ENV, "nan@2:lr=0.1")
+    faults.bind({"lr": 0.05, "seed": 0})
+    assert torch.isfinite(faults.corrupt_loss(1, loss))
+    faults.bind({"lr": 0.1, "seed": 0})
+    assert torch.isnan(faults.corrupt_loss(1, loss))  # epoch index 1 is epoch 2
+    assert torch.isfinite(faults.corrupt_loss(0, loss))
+    monkeypatch.setenv(faults.ENV, "nan@1:hwm_grad=true")
+    faults.bind({"hwm_grad": True})
+    assert torch.isnan(faults.corrupt_loss(0, loss))
+    faults.bind({})
+
+
+def _state(value: float) -> dict:
+    return {"weights": torch.full((64, 64), value), "epoch": int(value)}
+
+
+def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / STATE_FILE
+    save_atomic(_state(1.0), path)
+    real_save = torch.save
+
+    def half_then_crash(obj, fh, *args, **kwargs):
+        import io
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_atomic(_state(2.0), path)
+    monkeypatch.undo()
+    assert load_checked(path)["epoch"] == 1
+    assert torch.equal(load_checked(path)["weights"], _state(1.0)["weights"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [STATE_FILE]  # no temp file left behind
+
+
+def test_a_killed_writer_never_replaces_the_previous_checkpoint(tmp_path):
+    """A process that dies mid-write (no exception handler runs) leaves the old file whole."""
+    path = tmp_path / STATE_FILE
+    save_atomic(_state(1.0), path)
+    script = (
+        "import os, sys, torch\n"
+        "from kd_platform.checkpoint import save_atomic\n"
+        "def die(obj, fh, *a, **k):\n"
+        "    fh.write(b'PK' * 1000); fh.flush(); os._exit(9)\n"
+        "torch.save = die\n"
+        "save_atomic({'epoch': 2}, sys.argv[1])\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 9, done.stderr[-2000:]
+    assert load_checked(path)["epoch"] == 1
+
+
+def _truncated_checkpoint(directory: Path) -> Path:
+    path = directory / STATE_FILE
+    save_atomic(_state(1.0), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = _truncated_checkpoint(tmp_path)
+    with pytest.raises(UsageError) as err:
+        load_checked(path)
+    assert str(path) in str(err.value) and "corrupt or truncated" in str(err.value)
+
+
+def test_resuming_from_a_truncated_checkpoint_names_the_file(tmp_path):
+    from kd_platform.engine import RunSpec, train
+    path = _truncated_checkpoint(tmp_path)
+    spec = RunSpec.from_flat("ce", {"dataset": "digits", "arch": "resnet8", "epochs": 1}, 0)
+    with pytest.raises(UsageError) as err:
+        train(spec, lambda metrics, save: None, resume_from=tmp_path)
+    assert str(path) in str(err.value) and "corrupt or truncated" in str(err.value)

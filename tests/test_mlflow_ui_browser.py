@@ -1,0 +1,171 @@
+"""The MLflow UI, in a real headless Chromium, shows what a finished sweep and its analysis
+logged: the experiment, the parent run with its child runs, the report's plots as artifacts
+(logged through the running server), and a child run's metrics and chart groups.
+
+The UI is a JavaScript app, so the page is rendered by Chromium (``--dump-dom`` after a
+virtual-time budget) rather than fetched as HTML. Chromium is not installed by the test.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import REPO, sqlite_uri
+from test_analysis import METRIC, make_tpe
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+BUDGETS_MS = (15_000, 45_000)  # a slow machine gets a second, longer render before a check fails
+SERVER_START_S = 180
+DOCS_SHOT = REPO / "docs" / "mlflow-ui.png"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_ui(uri: str, folder: Path) -> Iterator[str]:
+    """``mlflow ui`` on a free local port for the duration of the block; yields its base URL.
+
+    It also serves artifacts (kept under ``folder/artifacts``), so an experiment whose
+    artifact location is ``mlflow-artifacts:/...`` shows that location instead of a local path.
+    """
+    port = _free_port()
+    log = open(folder / "mlflow-ui.log", "wb")
+    # One worker: the default several each import mlflow, which takes a minute on two cores.
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--serve-artifacts",
+                             "--artifacts-destination", (folder / "artifacts").as_uri()],
+                            cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow ui exited early:\n{(folder / 'mlflow-ui.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(base + "health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow ui did not answer within {SERVER_START_S}s")
+            time.sleep(1)
+        yield base
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its worker
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+class Browser:
+    def __init__(self, folder: Path) -> None:
+        self.profile = folder / "chromium-profile"
+
+    def _run(self, url: str, budget_ms: int, *extra: str) -> str:
+        out = subprocess.run([str(CHROMIUM), *FLAGS, f"--user-data-dir={self.profile}", "--window-size=1400,900",
+                              f"--virtual-time-budget={budget_ms}", *extra, url],
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    def dom(self, url: str, expected: list[str]) -> str:
+        """The rendered page; rendered again with a longer budget if something expected is missing."""
+        for budget in BUDGETS_MS:
+            page = self._run(url, budget, "--dump-dom")
+            if all(e in page for e in expected):
+                break
+        return page
+
+    def screenshot(self, url: str, path: Path) -> Path:
+        self._run(url, BUDGETS_MS[-1], f"--screenshot={path}")
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        return path
+
+
+def _missing(page: str, expected: list[str]) -> list[str]:
+    return [e for e in expected if e not in page]
+
+
+def test_mlflow_ui_shows_the_sweep_its_runs_and_the_report(tmp_path):
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} is missing (install the Debian package 'chromium' to run the browser check)")
+    from kd_platform.analysis.cli import main
+    from mlflow.tracking import MlflowClient
+
+    uri = sqlite_uri(tmp_path / "mlruns.db")
+    c = MlflowClient(tracking_uri=uri)
+    exp_id = c.create_experiment("okdph", artifact_location="mlflow-artifacts:/okdph")
+    parent, _ = make_tpe(uri, tmp_path, trials=4)  # the sweep's runs, straight into the store
+    run = c.get_run(parent)
+    parent_name = run.info.run_name
+    children = c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    child_names = [r.info.run_name for r in children]
+    best_child = max(children, key=lambda r: r.data.metrics[METRIC]).info.run_id
+    browser = Browser(tmp_path)
+
+    with mlflow_ui(uri, tmp_path) as base:
+        # The analysis talks to the server, which stores the report's artifacts.
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["--sweep", parent, "--tracking-uri", base.rstrip("/"),
+                         "--out", str(tmp_path / "report")]) == 0
+        report_files = sorted(p.name for p in (tmp_path / "report").iterdir())
+
+        runs_url = f"{base}#/experiments/{exp_id}/runs?workflowType=machine_learning"
+        page = browser.dom(runs_url, ["okdph", parent_name])
+        assert not _missing(page, ["okdph", parent_name]), "experiment page lacks the sweep"
+
+        parent_url = f"{base}#/experiments/{exp_id}/runs/{parent}"
+        expected = [parent_name, *child_names, "kind"]
+        page = browser.dom(parent_url, expected)
+        assert not _missing(page, expected), f"parent run page lacks {_missing(page, expected)}"
+
+        plot_url = f"{parent_url}/artifacts/report/importance.png"
+        expected = ['<img alt="report/importance.png" src="blob:',
+                    *[f'artifact-name="{name}"' for name in report_files]]
+        page = browser.dom(plot_url, expected)
+        assert not _missing(page, expected), f"artifact page lacks {_missing(page, expected)}"
+
+        child_url = f"{base}#/experiments/{exp_id}/runs/{best_child}"
+        expected = [f">{METRIC}</a>", ">val/acc/hwm</a>", ">train/loss/loss</a>"]
+        page = browser.dom(child_url, expected)
+        assert not _missing(page, expected), f"child run page lacks {_missing(page, expected)}"
+        # The metric charts, grouped by prefix; the curves themselves are drawn, not text.
+        expected = [">val/acc<", ">train/loss<", ">test/acc<"]
+        page = browser.dom(f"{child_url}/model-metrics", expected)
+        assert not _missing(page, expected), f"child run's charts lack {_missing(page, expected)}"
+
+        browser.screenshot(f"{child_url}/model-metrics", tmp_path / "mlflow-ui-child-curves.png")
+        shot = browser.screenshot(plot_url, tmp_path / "mlflow-ui.png")
+    _save_for_docs(shot, DOCS_SHOT)
+
+
+def _save_for_docs(shot: Path, target: Path) -> None:
+    """A palette PNG: the UI has few colours, and the repository keeps the file."""
+    from PIL import Image
+    target.parent.mkdir(exist_ok=True)
+    with Image.open(shot) as img:
+        img.convert("RGB").quantize(colors=64).save(target, optimize=True)
