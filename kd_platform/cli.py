@@ -120,6 +120,29 @@ def _load_space(args: argparse.Namespace) -> Any:
     return space
 
 
+def _checked_uri(args: argparse.Namespace) -> str:
+    from .tracking import check_reachable, resolve_tracking_uri
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_reachable(uri)
+    return uri
+
+
+def _check_data(method: str, fixed: dict[str, Any], seed: int) -> None:
+    """Open the dataset once here, so that a missing directory or a corrupt file is a one-line
+    error now rather than a failed trial later (and a download happens once, not per trial)."""
+    import torch
+    from .data import build_data
+    from .engine import RunSpec
+    recipe, _ = RunSpec.from_flat(method, fixed, seed).resolved()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the trial logs the dataset's warnings; an error here stays one line
+    try:
+        build_data(recipe, seed, torch.device("cpu"))
+    finally:
+        root.setLevel(level)
+
+
 def _epochs(args: argparse.Namespace, space: Any) -> int:
     """``--epochs``, else the preset's or ``--set``'s, else the space file's default."""
     return args.epochs or int(space.fixed.get("epochs", space.epochs))
@@ -184,7 +207,6 @@ def _latest_sweep(out: Path, method: str) -> Path:
 def sweep_settings(argv: Sequence[str] | None) -> Any:
     """Parse and validate a sweep command line into settings; touches nothing on disk."""
     from .sweep import SweepSettings
-    from .tracking import resolve_tracking_uri
     args = sweep_parser().parse_args(argv)
     if args.resume:
         conflicting = [f for f, v in (("--set", args.set), ("--space", args.space), ("--samples", args.samples),
@@ -204,7 +226,8 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
         raise UsageError("a sweep tunes on the validation split: keep val_fraction > 0 fixed "
                          "(val_fraction=0 is for a final 'python -m platform.train' run)")
     space.fixed.update(_teacher_assets(args, space.fixed, list(space.swept)))
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = _checked_uri(args)
+    _check_data(args.method, space.fixed, args.seed)
     ablation = _ablation(args, space, uri)
     samples = ablation.trials if ablation else (args.samples or space.samples)
     epochs = _epochs(args, space)
@@ -267,12 +290,13 @@ def train_parser() -> argparse.ArgumentParser:
 def _train(argv: Sequence[str] | None) -> int:
     from .engine import RunSpec
     from .single import run_single
-    from .tracking import resolve_tracking_uri, ui_command
+    from .tracking import ui_command
     args = train_parser().parse_args(argv)
     space = _load_space(args)
     flat = {**space.fixed, "epochs": _epochs(args, space)}
     spec = RunSpec.from_flat(args.method, {**flat, **_teacher_assets(args, flat)}, args.seed)
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = _checked_uri(args)
+    _check_data(args.method, flat, args.seed)
     launch = _launch(args)
     result = run_single(spec, launch, uri, args.experiment or args.method, args.out.resolve(),
                         tags={"preset": args.preset} if args.preset else None)

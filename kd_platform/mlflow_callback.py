@@ -110,6 +110,27 @@ class MlflowTrialLogger(Callback):
         self.record_teacher(trial, run_id)
         self.client.set_terminated(run_id, status="FINISHED")
 
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Close the runs of trials that this sweep's Tune state does not know.
+
+        A driver killed after starting a trial but before Tune's next experiment snapshot
+        leaves that trial out of the snapshot; the resumed sweep asks its searcher for a
+        replacement, and the first trial's run would stay RUNNING forever beside it. It is
+        ended as KILLED and moved to MLflow's trash (restorable), so that a sweep shows
+        exactly the trials it ran."""
+        known = {t.trial_id for t in trials}
+        running = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{self.parent_run_id}' "
+                                                f"and attributes.status = 'RUNNING'")
+        for run in running:
+            if run.data.tags.get(TRIAL_TAG) in known:
+                continue
+            tracking.set_tags(self.client, run.info.run_id, {
+                "trial_outcome": "lost", "error": "the sweep driver died before Ray Tune recorded this trial; "
+                                                  "the resumed sweep ran another trial in its place"})
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+            self.client.delete_run(run.info.run_id)
+
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.run_id(trial)
         tracking.set_tags(self.client, run_id, {"trial_outcome": "failed", "error": _error_text(trial)})

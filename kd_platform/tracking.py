@@ -29,6 +29,25 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail before anything starts if the store cannot be written (sqlite) or reached (http)."""
+    if uri.startswith("sqlite:///"):
+        parent = Path(uri[len("sqlite:///"):]).parent
+        if not parent.is_dir():
+            raise UsageError(f"tracking URI '{uri}': directory '{parent}' does not exist")
+        if not os.access(parent, os.W_OK):
+            raise UsageError(f"tracking URI '{uri}': directory '{parent}' is not writable")
+    elif uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+                pass
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UsageError(f"tracking URI '{uri}' is unreachable ({reason})") from None
+
+
 def artifact_root(uri: str) -> str | None:
     """Artifacts of a local sqlite store go beside the database file, not into whatever
     directory a Ray worker happens to run in."""

@@ -23,8 +23,9 @@ from conftest import REPO, run_cli, sqlite_uri
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METRIC = "val/acc/students_mean"
 EPOCHS = 3
-# An OKDPH-like one-knob-at-a-time ablation around the default omega=0.8, fusion_interval=1.
+# An OKDPH-like ablation around the default omega=0.8, fusion_interval=1.
 DEFAULTS = {"omega": 0.8, "fusion_interval": 1}
+OFF_GRID_DEFAULTS = {"omega": 0.8, "fusion_interval": 2}  # like hwm_grad=auto: a default the grid lacks
 VALUES = {"omega": [0.5, 0.8, 1.0], "fusion_interval": [0, 1, 5]}
 EFFECT = {("omega", 0.5): -4.0, ("omega", 0.8): 0.0, ("omega", 1.0): 1.5,
           ("fusion_interval", 0): -2.5, ("fusion_interval", 1): 0.0, ("fusion_interval", 5): 0.75}
@@ -81,25 +82,31 @@ def _child(c, exp_id: str, parent: str, knobs: dict, final: float, outcome: str 
     return run.info.run_id
 
 
-def make_ablation(uri: str, root: Path, with_defaults: bool = True, name: str = "okdph-ablation") -> tuple[str, pd.DataFrame]:
-    """An ablation sweep of omega and fusion_interval x 3 seeds (one knob at a time, the other
-    at its default, so the default configuration is run once per knob and seed), plus one
-    run stopped by ASHA and one failed run that the tables must leave out. Returns the
-    parent run id and what was logged for the completed runs."""
+def make_ablation(uri: str, root: Path, name: str, design: str = "grid", defaults: dict | None = None,
+                  log_defaults: bool = True) -> tuple[str, pd.DataFrame]:
+    """An ablation of omega and fusion_interval over 3 seeds, plus one run stopped by ASHA and
+    one failed run that the tables must leave out. ``design="grid"`` runs every combination of
+    the two knobs' values, as ``--ablate`` does; ``"one_at_a_time"`` varies one knob with the
+    other at its default (so the default configuration runs once per knob and seed).
+    Returns the parent run id and what was logged for the completed runs."""
     c = _client(uri)
     exp_id = _experiment(c, "okdph", root)
+    defaults = defaults or DEFAULTS
     params = {"ablate": "omega,fusion_interval", "seeds": len(SEEDS)}
-    if with_defaults:
-        params.update({f"default.{k}": v for k, v in DEFAULTS.items()})
+    if log_defaults:
+        params.update({f"default.{k}": v for k, v in defaults.items()})
     parent = _parent(c, exp_id, name, "ablation", params, age_s=120)
+    if design == "grid":
+        cells = [{"omega": o, "fusion_interval": f} for o in VALUES["omega"] for f in VALUES["fusion_interval"]]
+    else:
+        cells = [{**DEFAULTS, knob: v} for knob, values in VALUES.items() for v in values]
     rows = []
-    for knob, values in VALUES.items():
-        for value in values:
-            for seed in SEEDS:
-                knobs = {**DEFAULTS, knob: value, "seed": seed}
-                final = 90.0 + EFFECT[(knob, value)] + 0.5 * seed + 0.1 * len(rows) % 0.7
-                _child(c, exp_id, parent, knobs, final)
-                rows.append({**knobs, METRIC: final})
+    for cell in cells:
+        for seed in SEEDS:
+            final = (90.0 + sum(EFFECT[(k, v)] for k, v in cell.items()) + 0.5 * seed
+                     + (0.3 * len(rows)) % 0.7)  # a little noise that differs between repeats
+            _child(c, exp_id, parent, {**cell, "seed": seed}, final)
+            rows.append({**cell, "seed": seed, METRIC: final})
     _child(c, exp_id, parent, {**DEFAULTS, "omega": 1.0, "seed": 0}, 10.0, "asha_stopped", epochs=1)
     _child(c, exp_id, parent, {**DEFAULTS, "omega": 0.5, "seed": 1}, 5.0, "failed", epochs=1)
     return parent, pd.DataFrame(rows)
@@ -131,15 +138,18 @@ def make_tpe(uri: str, root: Path, trials: int = 10) -> tuple[str, Path]:
     return parent, sweep_dir
 
 
-def expected_table(logged: pd.DataFrame, knob: str) -> pd.DataFrame:
+def expected_table(logged: pd.DataFrame, knob: str, defaults: dict) -> pd.DataFrame:
     """The ablation table computed straight from what was logged: the other knob at its
-    default, repeats of one seed averaged, then mean/std/count over seeds."""
-    other = next(k for k in DEFAULTS if k != knob)
-    sub = logged[np.isclose(logged[other], DEFAULTS[other])]
+    default when that was run (else every value of it), repeats of one seed averaged, then
+    mean/std/count over seeds."""
+    other = next(k for k in defaults if k != knob)
+    at_default = np.isclose(logged[other], defaults[other])
+    sub = logged[at_default] if at_default.any() else logged
     per_seed = sub.groupby([knob, "seed"])[METRIC].mean()
     out = per_seed.groupby(level=knob).agg(["mean", "std", "count"])
     out["runs"] = sub.groupby(knob)[METRIC].count()
-    out["diff"] = out["mean"] - out.loc[DEFAULTS[knob], "mean"]
+    has_default = np.isclose(out.index, defaults[knob])
+    out["diff"] = out["mean"] - (out.loc[has_default, "mean"].iloc[0] if has_default.any() else np.nan)
     return out
 
 
@@ -163,15 +173,19 @@ def store(template, tmp_path) -> str:
 
 @pytest.fixture(scope="module")
 def sweeps(template, tmp_path_factory) -> SimpleNamespace:
-    """One store with an ablation, the same ablation without ``default.*`` params, and a TPE
-    sweep (the newest)."""
+    """One store with three ablations (a grid as ``--ablate`` runs it; a one-knob-at-a-time
+    design without ``default.*`` params; a grid whose fusion_interval default was not run)
+    and a TPE sweep, the newest."""
     root = tmp_path_factory.mktemp("sweeps")
     uri = new_store(template, root)
-    ablation, logged = make_ablation(uri, root)
-    no_defaults, logged_no_defaults = make_ablation(uri, root, with_defaults=False, name="okdph-nodefaults")
+    grid, logged = make_ablation(uri, root, "okdph-ablation")
+    no_defaults, logged_no_defaults = make_ablation(uri, root, "okdph-nodefaults", "one_at_a_time",
+                                                    log_defaults=False)
+    off_grid, logged_off_grid = make_ablation(uri, root, "okdph-offgrid", defaults=OFF_GRID_DEFAULTS)
     tpe, _ = make_tpe(uri, root)
-    return SimpleNamespace(uri=uri, root=root, ablation=ablation, logged=logged, no_defaults=no_defaults,
-                           logged_no_defaults=logged_no_defaults, tpe=tpe)
+    return SimpleNamespace(uri=uri, root=root, ablation=grid, logged=logged, no_defaults=no_defaults,
+                           logged_no_defaults=logged_no_defaults, off_grid=off_grid,
+                           logged_off_grid=logged_off_grid, tpe=tpe)
 
 
 @pytest.fixture(scope="module")
@@ -226,29 +240,68 @@ def _artifacts(uri: str, run_id: str) -> set[str]:
     return {Path(a.path).name for a in _client(uri).list_artifacts(run_id, "report")}
 
 
-def _check_tables(out: Path, logged: pd.DataFrame) -> None:
-    for knob in DEFAULTS:
+def _check_tables(out: Path, logged: pd.DataFrame, defaults: dict) -> dict[str, pd.DataFrame]:
+    tables = {}
+    for knob in defaults:
         got = pd.read_csv(out / f"ablation_{knob}.csv").set_index(knob)
-        want = expected_table(logged, knob)
+        want = expected_table(logged, knob, defaults)
         assert list(got.index) == pytest.approx(list(want.index))
         np.testing.assert_allclose(got["mean"], want["mean"])
         np.testing.assert_allclose(got["std"], want["std"])
         np.testing.assert_array_equal(got["n_seeds"], want["count"])
         np.testing.assert_array_equal(got["n_runs"], want["runs"])
         np.testing.assert_allclose(got["diff_vs_default"], want["diff"], atol=1e-9)
-        assert got["default"].tolist() == [bool(np.isclose(v, DEFAULTS[knob])) for v in got.index]
-        # The default configuration ran once per ablated knob: six runs over three seeds.
-        assert got.loc[DEFAULTS[knob], "n_runs"] == 6 and got.loc[DEFAULTS[knob], "n_seeds"] == 3
+        assert got["default"].tolist() == [bool(np.isclose(v, defaults[knob])) for v in got.index]
+        tables[knob] = got
+    return tables
 
 
 def test_ablation_tables_match_pandas(ablation_report, sweeps):
     out, printed = ablation_report
-    _check_tables(out, sweeps.logged)
-    for knob in DEFAULTS:
+    tables = _check_tables(out, sweeps.logged, DEFAULTS)
+    for knob, table in tables.items():
         assert f"== Ablation of {knob} (default {DEFAULTS[knob]})" in printed
+        assert table["n_runs"].tolist() == [3, 3, 3] and table["n_seeds"].tolist() == [3, 3, 3]
+        assert table.loc[DEFAULTS[knob], "diff_vs_default"] == 0
     report = (out / "report.md").read_text()
     assert "2 run(s) were excluded from the tables (1 asha_stopped, 1 failed)" in report
-    assert "| 0.8 | yes | 6 | 3 |" in report
+    assert "| 0.8 | yes | 3 | 3 |" in report
+    assert "Other ablated knobs held at their defaults: `fusion_interval=1`." in report
+
+
+def test_ablation_grid_cells_match_pandas(ablation_report, sweeps):
+    out, _ = ablation_report
+    got = pd.read_csv(out / "ablation_grid.csv")
+    want = sweeps.logged.groupby(["omega", "fusion_interval"])[METRIC].agg(["mean", "std", "count"])
+    assert len(got) == 9 and got["mean"].is_monotonic_decreasing  # best first
+    for _, row in got.iterrows():
+        cell = want.loc[(row["omega"], row["fusion_interval"])]
+        assert row["mean"] == pytest.approx(cell["mean"]) and row["std"] == pytest.approx(cell["std"])
+        assert row["n_seeds"] == row["n_runs"] == cell["count"] == 3
+
+
+def test_missing_defaults_are_inferred_from_the_runs(sweeps):
+    out = sweeps.root / "no-defaults-report"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert _main("--sweep", sweeps.no_defaults, "--tracking-uri", sweeps.uri, "--out", str(out)) == 0
+    tables = _check_tables(out, sweeps.logged_no_defaults, DEFAULTS)
+    for knob, table in tables.items():
+        # The default configuration ran once per ablated knob: six runs over three seeds.
+        assert table.loc[DEFAULTS[knob], "n_runs"] == 6 and table.loc[DEFAULTS[knob], "n_seeds"] == 3
+    report = (out / "report.md").read_text()
+    assert "has no `default.omega` param; the default of `omega` was taken as `0.8`" in report
+
+
+def test_a_default_the_grid_lacks_is_averaged_over(sweeps):
+    out = sweeps.root / "off-grid-report"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert _main("--sweep", sweeps.off_grid, "--tracking-uri", sweeps.uri, "--out", str(out)) == 0
+    tables = _check_tables(out, sweeps.logged_off_grid, OFF_GRID_DEFAULTS)
+    assert tables["omega"]["n_runs"].tolist() == [9, 9, 9]  # every fusion_interval, three seeds each
+    assert tables["fusion_interval"]["diff_vs_default"].isna().all()
+    report = (out / "report.md").read_text()
+    assert "Averaged over the values of `fusion_interval` (its default `2` was not run)." in report
+    assert "The default `2` is not among the values of `fusion_interval` that were run" in report
 
 
 def test_ablation_plots_report_and_artifacts(ablation_report, sweeps):
@@ -259,25 +312,17 @@ def test_ablation_plots_report_and_artifacts(ablation_report, sweeps):
     assert _artifacts(sweeps.uri, sweeps.ablation) == {p.name for p in out.iterdir()}
 
 
-def test_missing_defaults_are_inferred_from_the_runs(sweeps):
-    out = sweeps.root / "no-defaults-report"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert _main("--sweep", sweeps.no_defaults, "--tracking-uri", sweeps.uri, "--out", str(out)) == 0
-    _check_tables(out, sweeps.logged_no_defaults)
-    assert "has no `default.omega` param" in (out / "report.md").read_text()
-
-
 def test_runs_load_typed(sweeps):
     from kd_platform.analysis import find_parent, load_sweep, open_client
     _, c = open_client(sweeps.uri)
     sweep = load_sweep(c, find_parent(c, None, None, sweeps.ablation))
     df = sweep.runs
-    assert len(df) == 20 and sweep.is_ablation and sweep.ablate == ["omega", "fusion_interval"]
+    assert len(df) == 29 and sweep.is_ablation and sweep.ablate == ["omega", "fusion_interval"]
     assert df["omega"].dtype == "float64" and df["fusion_interval"].dtype == "int64"
     assert df["same_init"].dtype == "bool" and df["seed"].dtype == "int64"
     # A metric named like a knob (the final learning rate) does not replace the knob.
     assert (df["lr"] == 0.1).all() and "metric.lr" in df.columns
-    assert df["trial_outcome"].value_counts().to_dict() == {"completed": 18, "asha_stopped": 1, "failed": 1}
+    assert df["trial_outcome"].value_counts().to_dict() == {"completed": 27, "asha_stopped": 1, "failed": 1}
 
 
 def test_tpe_best_trials_and_marginals(tpe_report, sweeps):

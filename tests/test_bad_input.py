@@ -28,20 +28,87 @@ CASES = {
     "resume with --set": (["platform.sweep", "okdph", "--resume", "--set", "omega=0.5"], "--set"),
     "missing space file": (["platform.sweep", "okdph", "--space", "{tmp}/none.yaml"], "none.yaml"),
     "unknown architecture": (["platform.train", "okdph", "--set", "arch=resnet9000"], "resnet9000"),
+    "missing dataset directory": (["platform.train", "ce", "--set", "dataset=tinyimagenet",
+                                   "--set", "data_dir={tmp}/nodata"], "nodata"),
+    "corrupt dataset file": (["platform.sweep", "ce", "--set", "dataset=cifar10",
+                              "--set", "data_dir={corrupt_cifar}"], "cifar-10-batches-py"),
+    "teacher checkpoint of the wrong architecture": (["platform.train", "kd", "--teacher-checkpoint",
+                                                      "{wrong_arch}"], "wrong.pt"),
+    "corrupt teacher checkpoint": (["platform.sweep", "kd", "--teacher-checkpoint", "{truncated}"], "cut.pt"),
+    "teacher checkpoint for an online method": (["platform.train", "okdph", "--teacher-checkpoint",
+                                                 "{truncated}"], "no teacher"),
+    "tracking directory missing": (["platform.sweep", "okdph", "--tracking-uri", "sqlite:///{tmp}/no/dir/m.db"],
+                                   "does not exist"),
+    "unreachable tracking server": (["platform.sweep", "okdph", "--tracking-uri", "http://127.0.0.1:9"],
+                                    "unreachable"),
+    "ablation with --samples": (["platform.sweep", "okdph", "--ablate", "gamma", "--samples", "3"], "--samples"),
+    "sweep without validation": (["platform.sweep", "okdph", "--set", "val_fraction=0"], "val_fraction"),
+    "preset for another method": (["platform.sweep", "okdph", "--preset", "cifar100-resnet56-resnet20"],
+                                  "not 'okdph'"),
+    "unknown preset": (["platform.train", "okdph", "--preset", "imagenet-vit"], "imagenet-vit"),
 }
 
 
+@pytest.fixture
+def placeholders(tmp_path):
+    """Bad files in their real formats: a truncated CIFAR batch and teacher checkpoints."""
+    import torch
+    from kd_platform.models import build_model
+    cifar = tmp_path / "cifar" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                 "test_batch", "batches.meta"):
+        (cifar / name).write_bytes(b"\x80\x04\x95 truncated")
+    torch.save(build_model("resnet8", 10, 1).state_dict(), tmp_path / "wrong.pt")  # kd's teacher is resnet20
+    torch.save(build_model("resnet20", 10, 1).state_dict(), tmp_path / "good.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:5000])
+    return {"tmp": str(tmp_path), "corrupt_cifar": str(tmp_path / "cifar"), "wrong_arch": str(tmp_path / "wrong.pt"),
+            "truncated": str(tmp_path / "cut.pt")}
+
+
+def _run(args: list[str], capfd) -> tuple[int, str]:
+    """The command line in this process (the same entry point as ``python -m``, without paying
+    for a new interpreter per case); the alias itself is checked by subprocess below."""
+    from kd_platform.cli import sweep_main, train_main
+    main = {"platform.sweep": sweep_main, "platform.train": train_main}[args[0]]
+    capfd.readouterr()
+    code = main(args[1:])
+    return code, capfd.readouterr().err
+
+
+def test_the_python_m_alias_reports_errors_the_same_way(tmp_path):
+    out = run_cli("platform.sweep", "nosuch", "--out", str(tmp_path / "res"),
+                  "--tracking-uri", sqlite_uri(tmp_path / "m.db"), timeout=120)
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "error: unknown method 'nosuch'; known methods: " + ", ".join(__import__(
+            "kd_platform.methods", fromlist=["method_names"]).method_names()))
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "res").exists()
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_cli_rejects(case, tmp_path):
+def test_cli_rejects(case, tmp_path, placeholders, capfd):
     args, needle = CASES[case]
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    args = [a.format(**placeholders) for a in args]
     db = tmp_path / "m.db"
-    out = run_cli(*args, "--tracking-uri", sqlite_uri(db), "--out", str(tmp_path / "res"), timeout=120)
-    assert out.returncode == 2, (out.stdout, out.stderr)
-    lines = out.stderr.strip().splitlines()
+    if "--tracking-uri" not in args:
+        args += ["--tracking-uri", sqlite_uri(db)]
+    code, stderr = _run(args + ["--out", str(tmp_path / "res")], capfd)
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     assert needle in lines[0]
     assert not db.exists() and not (tmp_path / "res").exists()
+    assert not list(tmp_path.rglob("*.db"))  # no MLflow store anywhere
+
+
+def test_invalid_cluster_config(tmp_path):
+    bad = tmp_path / "cluster.yaml"
+    bad.write_text("cluster_name: x\nprovider: {type: aws, region: us-west-2}\nbogus_key: 1\n")
+    out = run_cli("platform.check_cluster", str(bad), timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert "cluster.yaml" in out.stderr and "bogus_key" in out.stderr
+    ok = run_cli("platform.check_cluster", "cluster.yaml", timeout=120)
+    assert ok.returncode == 0 and "valid" in ok.stdout
 
 
 SPACES = {
@@ -56,12 +123,12 @@ SPACES = {
 
 
 @pytest.mark.parametrize("case", sorted(SPACES))
-def test_space_file_errors(case, bad_space, tmp_path):
+def test_space_file_errors(case, bad_space, tmp_path, capfd):
     text, needle = SPACES[case]
     path = bad_space(text)
-    out = run_cli("platform.sweep", "okdph", "--space", path, "--tracking-uri", sqlite_uri(tmp_path / "m.db"),
-                  "--out", str(tmp_path / "res"), timeout=120)
-    assert out.returncode == 2, out.stderr
-    line = out.stderr.strip()
+    code, stderr = _run(["platform.sweep", "okdph", "--space", path, "--tracking-uri",
+                         sqlite_uri(tmp_path / "m.db"), "--out", str(tmp_path / "res")], capfd)
+    assert code == 2, stderr
+    line = stderr.strip()
     assert "\n" not in line and needle in line and "space.yaml" in line
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "res").exists()

@@ -142,9 +142,10 @@ def load_sweep(c: Any, parent: Any, metric: str | None = None) -> Sweep:
         raise UsageError(f"run '{parent.info.run_id}' has no child runs; it is not a sweep parent")
     params = parent.data.params
     metric = metric or params.get("metric") or DEFAULT_METRIC
-    mode = params.get("mode", "max")
-    if mode not in ("max", "min"):
-        mode = "max"
+    if metric == params.get("metric") and params.get("mode") in ("max", "min"):
+        mode = params["mode"]
+    else:  # another metric than the sweep optimised: losses go down, accuracies up
+        mode = "min" if "loss" in metric else "max"
     runs, knobs = runs_frame(children)
     exp = c.get_experiment(parent.info.experiment_id)
     sweep = Sweep(parent, exp.name, runs, knobs, metric, mode)

@@ -12,7 +12,7 @@ def fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
         return ""
     if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
+        return "true" if value else "false"  # knob values spelled as in search-space files
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

@@ -39,7 +39,7 @@ def ablation_plot(table: pd.DataFrame, runs: pd.DataFrame, knob: str, metric: st
     base = table.loc[table["default"], "mean"]
     if len(base):
         ax.axhline(base.iloc[0], color=DEFAULT_COLOUR, linestyle="--", linewidth=1, label="default mean")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     ax.set_xticks(x, labels)
     _tight_ylim(ax, pd.concat([runs[metric], table["mean"] - table["std"].fillna(0),
                                table["mean"] + table["std"].fillna(0)]))

@@ -15,8 +15,8 @@ from . import markdown as md
 from . import plots
 from .importance import fanova_importance
 from .load import Sweep, history
-from .tables import (Usable, ablation_defaults, ablation_table, best_trials, is_categorical, marginal_effect,
-                     usable_runs)
+from .tables import (Usable, ablation_defaults, ablation_table, best_trials, grid_table, is_categorical,
+                     marginal_effect, usable_runs)
 
 ARTIFACT_DIR = "report"
 REPORT_FILE = "report.md"
@@ -116,37 +116,58 @@ def _ablation(rep: Report, sweep: Sweep, runs: pd.DataFrame) -> None:
     sweep.notes.extend(notes)
     knobs = [k for k in sweep.ablate if k in runs.columns and k in defaults]
     rep.text("## Ablation tables",
-             f"Ablated knobs: {', '.join(f'`{k}`' for k in sweep.ablate)}. Each table holds the runs whose other "
-             f"ablated knobs are at their defaults; runs of one value that share a seed are averaged first, so "
-             f"mean ± std is over seeds. `diff_vs_default` is the value's mean minus the default's mean.")
-    effects = {}
+             f"Ablated knobs: {', '.join(f'`{k}`' for k in sweep.ablate)}. A knob's table compares its values "
+             f"with the other ablated knobs held at their defaults (or, for a knob whose default is not among "
+             f"its ablated values, averaged over them). Runs of one value that share a seed are averaged "
+             f"first, so mean ± std is over seeds. `diff_vs_default` is the value's mean minus the "
+             f"default's mean.")
+    spreads = {}
     for knob in knobs:
-        others = {k: defaults[k] for k in knobs if k != knob}
-        table, sub = ablation_table(runs, knob, others, defaults[knob], sweep.metric)
+        ab = ablation_table(runs, knob, defaults, sweep.metric)
+        table = ab.table
         if table.empty:
-            sweep.notes.append(f"No completed run has the other ablated knobs at their defaults for `{knob}`.")
+            sweep.notes.append(f"No completed run is left for `{knob}` with the other knobs at their defaults.")
             continue
+        rep.text(f"### `{knob}` (default `{defaults[knob]}`)", _held_text(ab.held, ab.free, defaults))
         if not table["default"].any():
-            sweep.notes.append(f"No completed run of `{knob}` at its default `{defaults[knob]}`; "
-                               f"its differences are empty.")
-        shown = pd.DataFrame({knob: table[knob], "default": table["default"], "runs": table["n_runs"],
+            rep.text(f"The default `{defaults[knob]}` is not among the values of `{knob}` that were run, "
+                     f"so there are no differences to it.")
+        shown = pd.DataFrame({knob: table[knob], "default": ["yes" if d else "" for d in table["default"]],
+                              "runs": table["n_runs"],
                               "seeds": table["n_seeds"],
                               sweep.metric: [md.mean_std(m, s) for m, s in zip(table["mean"], table["std"])],
                               "diff_vs_default": table["diff_vs_default"]})
-        rep.text(f"### `{knob}` (default `{defaults[knob]}`)")
         rep.table(f"Ablation of {knob} (default {defaults[knob]}): {sweep.metric}", table,
                   f"ablation_{safe_name(knob)}.csv", shown)
         rep.image(f"{sweep.metric} per value of {knob}",
-                  plots.ablation_plot(table, sub, knob, sweep.metric, rep.folder / f"ablation_{safe_name(knob)}.png"))
-        effects[knob] = float(table["diff_vs_default"].abs().max())
-    effects = pd.Series(effects, dtype="float64").dropna()
-    if len(effects):
+                  plots.ablation_plot(table, ab.runs, knob, sweep.metric,
+                                      rep.folder / f"ablation_{safe_name(knob)}.png"))
+        spreads[knob] = float(table["mean"].max() - table["mean"].min())
+    if len(knobs) > 1:
+        grid = grid_table(runs, knobs, sweep.metric, sweep.mode)
+        shown = grid[knobs].assign(runs=grid["n_runs"], seeds=grid["n_seeds"], **{
+            sweep.metric: [md.mean_std(m, s) for m, s in zip(grid["mean"], grid["std"])]})
+        rep.text("## Grid cells", "Every combination of the ablated knobs' values that was run, best first "
+                                  "(mean ± std over seeds): interactions between knobs show here.")
+        rep.table("Grid cells (best first)", grid, "ablation_grid.csv", shown)
+    if spreads:
         rep.text("## Effect sizes",
-                 "The largest absolute difference to the default's mean that each knob produced, a simple "
-                 "measure of how much the knob matters around the default configuration.")
+                 "How far apart each knob's value means lie (largest minus smallest mean in its table): "
+                 "a simple measure of how much the knob matters around the default configuration.")
         rep.image("effect size per knob", plots.importance_plot(
-            effects, "Largest |difference to default| per ablated knob", f"|Δ {sweep.metric}|",
-            rep.folder / "effects.png"))
+            pd.Series(spreads, dtype="float64"), "Spread of the value means per ablated knob",
+            f"max − min of mean {sweep.metric}", rep.folder / "effects.png"))
+
+
+def _held_text(held: dict[str, Any], free: list[str], defaults: dict[str, Any]) -> str:
+    parts = []
+    if held:
+        parts.append("Other ablated knobs held at their defaults: "
+                     + ", ".join(f"`{k}={v}`" for k, v in held.items()) + ".")
+    if free:
+        parts.append("Averaged over the values of " + ", ".join(
+            f"`{k}` (its default `{defaults[k]}` was not run)" for k in free) + ".")
+    return " ".join(parts) or "No other ablated knob."
 
 
 def _tpe(rep: Report, sweep: Sweep, runs: pd.DataFrame) -> None:

@@ -53,11 +53,28 @@ def matches(column: pd.Series, value: Any) -> pd.Series:
     return (column == value).fillna(False).astype(bool)
 
 
+def hold_at_defaults(runs: pd.DataFrame, defaults: dict[str, Any]) -> tuple[pd.Series, dict[str, Any], list[str]]:
+    """Which runs have the given knobs at their defaults: a knob whose default some run has is
+    held there; one whose default no run has (the ablation grid does not contain it) is left
+    free, so that the comparison averages over its values instead of finding no run at all.
+    Returns the mask, the knobs held and the knobs left free."""
+    mask = pd.Series(True, index=runs.index)
+    held, free = {}, []
+    for knob, value in defaults.items():
+        at_default = matches(runs[knob], value)
+        if at_default.any():
+            mask &= at_default
+            held[knob] = value
+        else:
+            free.append(knob)
+    return mask, held, free
+
+
 def ablation_defaults(sweep: Sweep, runs: pd.DataFrame) -> tuple[dict[str, Any], list[str]]:
     """Each ablated knob's default: the parent's ``default.<knob>`` param; when that is
     missing, the most common value among runs whose other ablated knobs (those with a known
-    default) are at their defaults, since an ablation varies one knob at a time around the
-    default configuration."""
+    default) are at their defaults. In a one-knob-at-a-time design that is the default;
+    in a full grid every value is equally common and the tie is reported."""
     known, notes = {}, []
     for knob in sweep.ablate:
         if knob in sweep.defaults and knob in runs.columns:
@@ -66,10 +83,7 @@ def ablation_defaults(sweep: Sweep, runs: pd.DataFrame) -> tuple[dict[str, Any],
     for knob in sweep.ablate:
         if knob in out or knob not in runs.columns:
             continue
-        mask = pd.Series(True, index=runs.index)
-        for other, value in known.items():
-            if other != knob:
-                mask &= matches(runs[other], value)
+        mask, _, _ = hold_at_defaults(runs, {k: v for k, v in known.items() if k != knob})
         counts = runs.loc[mask, knob].value_counts()
         if counts.empty:
             continue
@@ -82,27 +96,42 @@ def ablation_defaults(sweep: Sweep, runs: pd.DataFrame) -> tuple[dict[str, Any],
     return out, notes
 
 
-def ablation_table(runs: pd.DataFrame, knob: str, others: dict[str, Any], default: Any,
-                   metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The table of one ablated knob and the runs behind it.
+@dataclass
+class AblationTable:
+    table: pd.DataFrame       # one row per value: n_runs, mean, std, n_seeds, diff_vs_default
+    runs: pd.DataFrame        # the runs behind it
+    held: dict[str, Any]      # other ablated knobs held at their defaults
+    free: list[str]           # other ablated knobs averaged over (their default is not in the grid)
 
-    Runs enter when every other ablated knob is at its default. Runs sharing a value and a
-    seed (the default configuration can be run once per ablated knob) are averaged first, so
-    the std is over seeds, not over repeats of one seed.
-    """
-    mask = pd.Series(True, index=runs.index)
-    for other, value in others.items():
-        mask &= matches(runs[other], value)
+
+def _seed_stats(runs: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
+    """Mean, std and count over seeds per ``keys`` group. Runs of one group that share a seed
+    (cells of a knob left free, or the default configuration run once per ablated knob) are
+    averaged first, so the std is over seeds, not over repeats within a seed."""
+    per_seed = runs.groupby([*keys, "seed"], dropna=False)[metric].mean().reset_index()
+    stats = per_seed.groupby(keys)[metric].agg(mean="mean", std="std", n_seeds="count")
+    stats.insert(0, "n_runs", runs.groupby(keys)[metric].count())
+    return stats.reset_index()
+
+
+def ablation_table(runs: pd.DataFrame, knob: str, defaults: dict[str, Any], metric: str) -> AblationTable:
+    """The table of one ablated knob: its values compared with the other ablated knobs held at
+    their defaults (see ``hold_at_defaults``), each value's difference to the default's mean."""
+    mask, held, free = hold_at_defaults(runs, {k: v for k, v in defaults.items() if k != knob})
     sub = runs[mask]
-    per_seed = sub.groupby([knob, "seed"], dropna=False)[metric].mean().reset_index()
-    stats = per_seed.groupby(knob)[metric].agg(mean="mean", std="std", n_seeds="count")
-    stats.insert(0, "n_runs", sub.groupby(knob)[metric].count())
-    table = stats.reset_index()
+    table = _seed_stats(sub, [knob], metric)
+    default = defaults.get(knob)
     is_default = matches(table[knob], default) if default is not None else pd.Series(False, index=table.index)
     table.insert(1, "default", is_default.to_numpy())
     base = table.loc[table["default"], "mean"]
     table["diff_vs_default"] = table["mean"] - (base.iloc[0] if len(base) else np.nan)
-    return table, sub
+    return AblationTable(table, sub, held, free)
+
+
+def grid_table(runs: pd.DataFrame, knobs: list[str], metric: str, mode: str) -> pd.DataFrame:
+    """Every cell of the ablation grid (one combination of the ablated knobs' values), best first:
+    where two knobs interact, the per-knob tables cannot show it."""
+    return _seed_stats(runs, knobs, metric).sort_values("mean", ascending=mode == "min", ignore_index=True)
 
 
 def best_trials(runs: pd.DataFrame, metric: str, mode: str, knobs: list[str], n: int = 5) -> pd.DataFrame:

@@ -1,0 +1,53 @@
+"""Offline validation of a Ray cluster config with Ray's own schema and rules.
+
+``python -m platform.check_cluster cluster.yaml`` runs it before ``ray up``, so a typo in
+the config is one line here instead of a half-started cluster.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .errors import UsageError
+
+
+def check_cluster_config(path: Path) -> dict[str, Any]:
+    """The config as ``ray up`` would use it; a ``UsageError`` naming the file if Ray rejects it."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    logging.getLogger("ray.autoscaler").setLevel(logging.WARNING)  # keep errors to one line
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"cluster config '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise UsageError(f"cluster config '{path}': malformed YAML") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"cluster config '{path}': expected a mapping")
+    try:
+        config = prepare_config(copy.deepcopy(raw))
+        validate_config(config)
+    except Exception as exc:  # jsonschema, ValueError and click errors all mean "Ray rejects it"
+        first = str(getattr(exc, "message", exc)).strip().splitlines()[0]
+        raise UsageError(f"cluster config '{path}' is invalid: {first}") from None
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m platform.check_cluster CLUSTER_YAML", file=sys.stderr)
+        return 2
+    try:
+        config = check_cluster_config(Path(args[0]))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args[0]}: valid ({config.get('provider', {}).get('type', '?')} provider, "
+          f"{len(config.get('available_node_types', {}))} node types)")
+    return 0
