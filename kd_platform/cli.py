@@ -161,7 +161,8 @@ def _launch(args: argparse.Namespace) -> Any:
     if args.gpus_per_trial > 0 and not (args.address or os.environ.get("RAY_ADDRESS")):
         import torch
         if torch.cuda.device_count() == 0:
-            raise UsageError("--gpus-per-trial > 0 but this machine has no CUDA GPU (use --address to join a GPU cluster)")
+            raise UsageError("--gpus-per-trial > 0 but this machine has no CUDA GPU "
+                             "(use --address to join a GPU cluster)")
     return Launch(workers=args.workers_per_trial, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial,
                   use_train=args.use_train, storage_path=_storage(args))
 

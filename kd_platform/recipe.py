@@ -6,9 +6,13 @@ flat mapping that splits into a :class:`Recipe` and a method config with no key 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
 from .knobs import knob
+
+if TYPE_CHECKING:
+    import torch
 
 AUGMENTATIONS = ("none", "shift", "standard", "rotate", "cutout", "randaugment", "autoaugment")
 """Training augmentation pipelines by name; ``kd_platform.data.augment`` defines them."""

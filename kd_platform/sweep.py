@@ -133,7 +133,8 @@ def _parent_run(s: SweepSettings, c: Any, experiment_id: str) -> str:
         c.update_run(s.parent_run_id, status="RUNNING")
         return s.parent_run_id
     run = c.create_run(experiment_id, run_name=s.name, tags={
-        "kind": "ablation" if s.ablation else "sweep", "method": s.method, "seed": s.seed, "git_commit": tracking.git_commit(),
+        "kind": "ablation" if s.ablation else "sweep", "method": s.method, "seed": s.seed,
+        "git_commit": tracking.git_commit(),
         "sweep_dir": str(s.sweep_dir), **tracking.package_versions(),
         **({"preset": s.space.extra["preset"]} if "preset" in s.space.extra else {})})
     params = {"samples": s.samples, "epochs": s.epochs, "max_concurrent": s.max_concurrent, "seed": s.seed,

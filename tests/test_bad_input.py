@@ -95,7 +95,7 @@ def test_cli_rejects(case, tmp_path, placeholders, capfd):
     code, stderr = _run(args + ["--out", str(tmp_path / "res")], capfd)
     assert code == 2, stderr
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert needle in lines[0]
     assert not db.exists() and not (tmp_path / "res").exists()
     assert not list(tmp_path.rglob("*.db"))  # no MLflow store anywhere

@@ -171,3 +171,74 @@ def test_resuming_from_a_truncated_checkpoint_names_the_file(tmp_path):
     with pytest.raises(UsageError) as err:
         train(spec, lambda metrics, save: None, resume_from=tmp_path)
     assert str(path) in str(err.value) and "corrupt or truncated" in str(err.value)
+
+
+class _Trial:
+    """What the MLflow callback reads of a Tune trial."""
+
+    def __init__(self, trial_id: str, lr: float) -> None:
+        self.trial_id, self.config, self.error_file = trial_id, {"lr": lr}, None
+
+
+def _logger(uri: str, experiment_id: str, parent_id: str):
+    """A fresh driver-side callback, as a (re)started sweep driver builds it."""
+    from kd_platform.mlflow_callback import MlflowTrialLogger
+    return MlflowTrialLogger(uri, experiment_id, parent_id, "ce", {"dataset": "digits", "arch": "resnet8", "epochs": 3},
+                             0, 3, tags={"method": "ce", "kind": "trial"})
+
+
+def _tracked_sweep(tmp_path: Path) -> tuple:
+    from kd_platform import tracking
+    uri = sqlite_uri(tmp_path / "mlruns.db")
+    experiment_id = tracking.ensure_experiment(uri, "ce")
+    parent = tracking.client(uri).create_run(experiment_id, tags={"kind": "sweep"}).info.run_id
+    return uri, experiment_id, parent
+
+
+def _result(epoch: int, node: str = "node-a") -> dict:
+    return {"epoch": epoch, "val/acc/students_mean": 10.0 * epoch, "node_id": node}
+
+
+def test_an_epoch_trained_again_after_a_driver_restart_is_logged_once(tmp_path):
+    uri, experiment_id, parent = _tracked_sweep(tmp_path)
+    trial = _Trial("t1", 0.1)
+    first = _logger(uri, experiment_id, parent)
+    first.on_trial_start(0, [], trial)
+    for epoch in (1, 2):
+        first.on_trial_result(0, [], trial, _result(epoch))
+    # The driver died before Tune persisted the epoch-2 checkpoint: the resumed trial trains
+    # epoch 2 again, on the new driver's cluster.
+    second = _logger(uri, experiment_id, parent)
+    second.on_trial_start(0, [], trial)
+    for epoch in (2, 3):
+        second.on_trial_result(0, [], trial, _result(epoch, node="node-b"))
+    second.on_trial_complete(0, [], trial)
+    (run,) = [r for r in runs_in(uri) if r.data.tags.get("ray.trial_id") == "t1"]
+    assert run.info.status == "FINISHED" and run.data.tags["epochs_run"] == "3"
+    assert [m.step for m in _history(uri, run.info.run_id, "epoch")] == [1, 2, 3]
+    assert [m.step for m in _history(uri, run.info.run_id, "val/acc/students_mean")] == [1, 2, 3]
+    assert run.data.tags["epochs_replayed"] == "1"
+    assert run.data.tags["node_id"] == "node-b"  # where it trains now
+
+
+def test_a_trial_lost_with_the_driver_is_closed_and_trashed(tmp_path):
+    uri, experiment_id, parent = _tracked_sweep(tmp_path)
+    done, lost, replacement = _Trial("done", 0.1), _Trial("lost", 0.05), _Trial("again", 0.05)
+    first = _logger(uri, experiment_id, parent)
+    first.on_trial_start(0, [], done)
+    first.on_trial_result(0, [], done, _result(3))
+    first.on_trial_complete(0, [], done)
+    first.on_trial_start(0, [], lost)  # started, then the driver died before Tune's next snapshot
+    second = _logger(uri, experiment_id, parent)
+    second.on_trial_start(0, [], replacement)
+    second.on_trial_result(0, [], replacement, _result(3))
+    second.on_trial_complete(0, [], replacement)
+    second.on_experiment_end([done, replacement])
+    children = [r for r in runs_in(uri) if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert sorted(r.data.tags["ray.trial_id"] for r in children) == ["again", "done"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+    (trashed,) = MlflowClient(uri).search_runs([experiment_id], "tags.`ray.trial_id` = 'lost'",
+                                               run_view_type=ViewType.DELETED_ONLY)
+    assert trashed.info.status == "KILLED" and trashed.data.tags["trial_outcome"] == "lost"

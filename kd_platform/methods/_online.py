@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -15,10 +16,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..knobs import knob
 from ..losses import kd_loss
+from .base import MethodConfig
 
 Logits = Callable[[Tensor], Tensor]
 
+
+
+@dataclass(frozen=True)
+class MultiBranchConfig(MethodConfig):
+    """Knobs of the multi-branch peer methods (PCL and DKEL, which builds on it)."""
+    branches: int = knob(3, low=2, high=8, help="B, the number of peer branches")
+    ema_decay: float = knob(0.999, low=0.0, high=1.0, help="decay of the EMA teacher (PCL: the temporal mean)")
+    rampup_epochs: float = knob(80.0, low=0.0, high=100000.0,
+                                help="R, epochs of the mean-teacher ramp-up of the KD weights (0: none)")
+    temperature: float = knob(3.0, low=0.1, high=20.0, help="T of the KD terms")
+    views: str = knob("shared", choices=("shared", "per_network"),
+                      help="per_network: each branch sees its own augmented view")
 
 def memo_forward(net: Callable[[Tensor], object]) -> Callable[[Tensor], object]:
     """``net`` remembering its output for the last input it saw.

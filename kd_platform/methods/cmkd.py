@@ -17,8 +17,8 @@ what "how sure the teacher is" means independently of the distillation temperatu
 
 The exact weighting used in the paper is unknown, so it is a knob: ``difficulty``
 (default) gives ``w_P = 1 - d``, ``w_S = d`` (ranks matter more on hard samples),
-``inverse`` swaps them, ``fixed`` uses ``w_P = 1 - s``, ``w_S = s`` with ``s = spearman_share``. ``weighting=fixed, spearman_share=0`` is DIST
-with its ``t^2`` scaling (``dist`` with ``tau_squared=true``).
+``inverse`` swaps them, ``fixed`` uses ``w_P = 1 - s``, ``w_S = s`` with ``s = spearman_share``.
+``weighting=fixed, spearman_share=0`` is DIST with its ``t^2`` scaling (``dist`` with ``tau_squared=true``).
 """
 from __future__ import annotations
 

@@ -45,9 +45,9 @@ from torch import Tensor
 from ..knobs import knob
 from ..models import build_multibranch
 from . import register_method
-from ._online import (ema_update_, freeze_parameters, gradients_for, mean_teacher_rampup,
+from ._online import (MultiBranchConfig, ema_update_, freeze_parameters, gradients_for, mean_teacher_rampup,
                       multibranch_eval_networks, multibranch_logits, peer_teacher_loss, plain_sgd_step_)
-from .base import Batch, BuildEnv, Method, MethodConfig, StepContext
+from .base import Batch, BuildEnv, Method, StepContext
 
 # The released script's ramp-up constants, kept literal under variant=code.
 CODE_RAMPUP_SCALE, CODE_RAMPUP_LENGTH, CODE_RAMPUP_UNTIL = 0.1, 0.1, 80
@@ -55,21 +55,14 @@ ENSEMBLE_WEIGHT_FLOOR = 0.01
 
 
 @dataclass(frozen=True)
-class DKELConfig(MethodConfig):
+class DKELConfig(MultiBranchConfig):
     variant: str = knob("paper", choices=("paper", "code"),
                         help="paper: EMA from the initialised teacher, lam-scaled ramp-up; "
-                             "code: the released script's EMA warm-up and ramp-up")
-    branches: int = knob(3, low=2, high=8, help="B, the number of peer branches")
+                             "code: the released script's EMA warm-up and ramp-up (R fixed at 80)")
     decay: float = knob(0.5, low=0.0, high=100.0, help="k of the ensemble weight w(e) = exp(-k e)")
     init_steps: int = knob(1, low=0, high=100000, help="mini-batches of teacher initialisation")
     init_lr_scale: float = knob(0.01, low=0.0, high=10.0, help="teacher initialisation lr = lr * this")
     lam: float = knob(1.0, low=0.0, high=100.0, help="scale of the paper ramp-up")
-    rampup_epochs: float = knob(80.0, low=0.0, high=100000.0,
-                                help="R, epochs of the paper ramp-up (0: none; the code variant uses 80)")
-    ema_decay: float = knob(0.999, low=0.0, high=1.0, help="a, decay of the teacher's EMA")
-    temperature: float = knob(3.0, low=0.1, high=20.0, help="T of the KD terms")
-    views: str = knob("shared", choices=("shared", "per_network"),
-                      help="per_network: each branch sees its own augmented view")
 
 
 @register_method

@@ -31,23 +31,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..knobs import knob
 from ..models import build_multibranch
 from . import register_method
-from ._online import (ema_update_, frozen_copy, mean_teacher_rampup, multibranch_eval_networks,
-                      multibranch_logits, peer_teacher_loss)
-from .base import Batch, BuildEnv, Method, MethodConfig, StepContext
+from ._online import (MultiBranchConfig, ema_update_, frozen_copy, mean_teacher_rampup,
+                      multibranch_eval_networks, multibranch_logits, peer_teacher_loss)
+from .base import Batch, BuildEnv, Method, StepContext
 
 
 @dataclass(frozen=True)
-class PCLConfig(MethodConfig):
-    branches: int = knob(3, low=2, high=8, help="B, the number of peer branches")
-    ema_decay: float = knob(0.999, low=0.0, high=1.0, help="decay of the temporal mean")
-    rampup_epochs: float = knob(80.0, low=0.0, high=100000.0,
-                                help="R, epochs of the mean-teacher ramp-up of the KD weights (0: none)")
-    temperature: float = knob(3.0, low=0.1, high=20.0, help="T of the KD terms")
-    views: str = knob("shared", choices=("shared", "per_network"),
-                      help="per_network: each branch sees its own augmented view")
+class PCLConfig(MultiBranchConfig):
+    """PCL's knobs are exactly the multi-branch ones."""
 
 
 @register_method
