@@ -11,14 +11,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
+from .console import OneLineParser, run_command
 from .errors import UsageError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line instead of argparse's usage dump
-        raise UsageError(message)
 
 
 def _positive_int(text: str) -> int:
@@ -167,20 +163,8 @@ def _launch(args: argparse.Namespace) -> Any:
                   use_train=args.use_train, storage_path=_storage(args))
 
 
-def _run(main: Any, argv: Sequence[str] | None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return main(argv)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
 def sweep_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m platform.sweep",
+    p = OneLineParser(prog="python -m platform.sweep",
                 description="Sweep a distillation method's knobs with Ray Tune (Optuna TPE + ASHA), logged to MLflow.")
     _common(p)
     p.add_argument("--samples", type=_positive_int, help="trials to run (default: the space file's)")
@@ -282,7 +266,7 @@ def _sweep(argv: Sequence[str] | None) -> int:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m platform.train",
+    p = OneLineParser(prog="python -m platform.train",
                 description="Train one run of a method (no sweep) and log it to MLflow.")
     _common(p)
     return p
@@ -309,11 +293,11 @@ def _train(argv: Sequence[str] | None) -> int:
 
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_sweep, argv)
+    return run_command(_sweep, argv)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_train, argv)
+    return run_command(_train, argv)
 
 
 def sweep_entry() -> None:

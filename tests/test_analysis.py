@@ -13,11 +13,11 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import REPO, run_cli, sqlite_uri
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -240,10 +240,30 @@ def _artifacts(uri: str, run_id: str) -> set[str]:
     return {Path(a.path).name for a in _client(uri).list_artifacts(run_id, "report")}
 
 
-def _check_tables(out: Path, logged: pd.DataFrame, defaults: dict) -> dict[str, pd.DataFrame]:
-    tables = {}
-    for knob in defaults:
-        got = pd.read_csv(out / f"ablation_{knob}.csv").set_index(knob)
+def _csv_tables(out: Path, knobs) -> dict[str, pd.DataFrame]:
+    return {knob: pd.read_csv(out / f"ablation_{knob}.csv").set_index(knob) for knob in knobs}
+
+
+def _library_tables(uri: str, parent: str) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+    """The ablation tables straight from the library (no report, no plots): tables, the notes
+    on defaults, and each knob's ``AblationTable``."""
+    from kd_platform.analysis import find_parent, load_sweep, open_client
+    from kd_platform.analysis.tables import (
+        ablation_defaults,
+        ablation_table,
+        usable_runs,
+    )
+    _, c = open_client(uri)
+    sweep = load_sweep(c, find_parent(c, None, None, parent))
+    runs = usable_runs(sweep).runs
+    defaults, notes = ablation_defaults(sweep, runs)
+    full = {k: ablation_table(runs, k, defaults, METRIC) for k in sweep.ablate}
+    return {k: ab.table.set_index(k) for k, ab in full.items()}, notes, full
+
+
+def _check_tables(tables: dict[str, pd.DataFrame], logged: pd.DataFrame, defaults: dict) -> None:
+    assert set(tables) == set(defaults)
+    for knob, got in tables.items():
         want = expected_table(logged, knob, defaults)
         assert list(got.index) == pytest.approx(list(want.index))
         np.testing.assert_allclose(got["mean"], want["mean"])
@@ -252,13 +272,12 @@ def _check_tables(out: Path, logged: pd.DataFrame, defaults: dict) -> dict[str, 
         np.testing.assert_array_equal(got["n_runs"], want["runs"])
         np.testing.assert_allclose(got["diff_vs_default"], want["diff"], atol=1e-9)
         assert got["default"].tolist() == [bool(np.isclose(v, defaults[knob])) for v in got.index]
-        tables[knob] = got
-    return tables
 
 
 def test_ablation_tables_match_pandas(ablation_report, sweeps):
     out, printed = ablation_report
-    tables = _check_tables(out, sweeps.logged, DEFAULTS)
+    tables = _csv_tables(out, DEFAULTS)
+    _check_tables(tables, sweeps.logged, DEFAULTS)
     for knob, table in tables.items():
         assert f"== Ablation of {knob} (default {DEFAULTS[knob]})" in printed
         assert table["n_runs"].tolist() == [3, 3, 3] and table["n_seeds"].tolist() == [3, 3, 3]
@@ -281,27 +300,20 @@ def test_ablation_grid_cells_match_pandas(ablation_report, sweeps):
 
 
 def test_missing_defaults_are_inferred_from_the_runs(sweeps):
-    out = sweeps.root / "no-defaults-report"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert _main("--sweep", sweeps.no_defaults, "--tracking-uri", sweeps.uri, "--out", str(out)) == 0
-    tables = _check_tables(out, sweeps.logged_no_defaults, DEFAULTS)
+    tables, notes, _ = _library_tables(sweeps.uri, sweeps.no_defaults)
+    _check_tables(tables, sweeps.logged_no_defaults, DEFAULTS)
     for knob, table in tables.items():
         # The default configuration ran once per ablated knob: six runs over three seeds.
         assert table.loc[DEFAULTS[knob], "n_runs"] == 6 and table.loc[DEFAULTS[knob], "n_seeds"] == 3
-    report = (out / "report.md").read_text()
-    assert "has no `default.omega` param; the default of `omega` was taken as `0.8`" in report
+    assert any("has no `default.omega` param; the default of `omega` was taken as `0.8`" in n for n in notes)
 
 
 def test_a_default_the_grid_lacks_is_averaged_over(sweeps):
-    out = sweeps.root / "off-grid-report"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert _main("--sweep", sweeps.off_grid, "--tracking-uri", sweeps.uri, "--out", str(out)) == 0
-    tables = _check_tables(out, sweeps.logged_off_grid, OFF_GRID_DEFAULTS)
+    tables, _, full = _library_tables(sweeps.uri, sweeps.off_grid)
+    _check_tables(tables, sweeps.logged_off_grid, OFF_GRID_DEFAULTS)
     assert tables["omega"]["n_runs"].tolist() == [9, 9, 9]  # every fusion_interval, three seeds each
+    assert full["omega"].free == ["fusion_interval"] and full["fusion_interval"].held == {"omega": 0.8}
     assert tables["fusion_interval"]["diff_vs_default"].isna().all()
-    report = (out / "report.md").read_text()
-    assert "Averaged over the values of `fusion_interval` (its default `2` was not run)." in report
-    assert "The default `2` is not among the values of `fusion_interval` that were run" in report
 
 
 def test_ablation_plots_report_and_artifacts(ablation_report, sweeps):
@@ -357,6 +369,7 @@ def test_tpe_importance_plots_and_artifacts(tpe_report, sweeps):
 
 def test_importance_needs_enough_trials(tmp_path):
     import optuna
+
     from kd_platform.analysis.importance import MIN_TRIALS, fanova_importance
     assert "no `optuna.db`" in fanova_importance("s", tmp_path / "nowhere").note
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")

@@ -63,6 +63,7 @@ def test_killed_train_worker_resumes_from_its_last_checkpoint(tmp_path):
     epochs = _history(uri, child.info.run_id, "epoch")
     assert [m.step for m in epochs] == [1, 2, 3]  # each epoch logged once, none repeated
     assert [m.step for m in _history(uri, child.info.run_id, "val/acc/students_mean")] == [1, 2, 3]
+    assert "epochs_replayed" not in child.data.tags  # Tune saw every epoch once
     fault_at = once.stat().st_mtime
     recovery = epochs[1].timestamp / 1000 - fault_at
     assert recovery > 0

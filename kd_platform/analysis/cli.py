@@ -6,10 +6,10 @@ while loading, before the report folder exists, so bad input writes nothing.
 from __future__ import annotations
 
 import argparse
-import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Sequence
 
+from ..console import OneLineParser, run_command
 from ..errors import UsageError
 from . import markdown as md
 from .load import find_parent, load_sweep, open_client
@@ -17,13 +17,8 @@ from .load import find_parent, load_sweep, open_client
 REPORTS_DIR = Path("reports")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line instead of argparse's usage dump
-        raise UsageError(message)
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m analysis.ablation",
+    p = OneLineParser(prog="python -m analysis.ablation",
                 description="Tables, knob importance and plots of a sweep or ablation, from its MLflow runs; "
                             "written to a folder and logged to the sweep's parent run.")
     p.add_argument("method", nargs="?", help="analyse the newest sweep of this method's experiment")
@@ -31,7 +26,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
     p.add_argument("--experiment", help="MLflow experiment to search (default: the method's name)")
     p.add_argument("--out", type=Path, help="report folder (default reports/<sweep name>/)")
-    p.add_argument("--metric", help="metric to analyse (default: the sweep's metric, else val/acc/students_mean)")
+    p.add_argument("--metric", help="metric to analyse (default: the sweep's metric, else val/acc/students_mean); "
+                                    "another metric than the sweep's is lower-is-better if its name holds 'loss'")
     return p
 
 
@@ -48,7 +44,8 @@ def _main(argv: Sequence[str] | None) -> int:
         raise UsageError(f"MLflow store '{uri}': {exc.message}") from None
     if args.method and args.sweep and sweep.method and sweep.method != args.method:
         raise UsageError(f"run '{args.sweep}' is a sweep of '{sweep.method}', not '{args.method}'")
-    from .report import ARTIFACT_DIR, analyse  # matplotlib: only once the input is known to be good
+    # Imports matplotlib: only once the input is known to be good.
+    from .report import ARTIFACT_DIR, analyse
     folder = args.out or REPORTS_DIR / sweep.name
     rep = analyse(c, sweep, folder)
     for title, frame, index in rep.tables:
@@ -60,11 +57,4 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(_main, argv)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 
@@ -198,7 +199,7 @@ def typed(column: pd.Series) -> pd.Series:
             mapping = {v: convert(v) for v in values}
         except (TypeError, ValueError):
             continue
-        return column.map(lambda v: None if _missing(v) else mapping[v]).astype(dtype)
+        return column.map(lambda v, m=mapping: None if _missing(v) else m[v]).astype(dtype)
     return column
 
 
@@ -229,15 +230,17 @@ def _to_bool(value: Any) -> bool:
 
 
 def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError(value)
     text = str(value).strip()
-    if isinstance(value, bool) or not text.lstrip("-").isdigit():
+    if not text.lstrip("-").isdigit():
         raise ValueError(value)
     return int(text)
 
 
 def _to_float(value: Any) -> float:
     if isinstance(value, bool):
-        raise ValueError(value)
+        raise TypeError(value)
     return float(str(value).strip())
 
 

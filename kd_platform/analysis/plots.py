@@ -2,8 +2,9 @@
 through ``pyplot``, so no display, backend switch or global figure state is involved."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -87,7 +88,7 @@ def knob_plot(runs: pd.DataFrame, knob: str, metric: str, categorical: bool, log
 
 
 def importance_plot(values: pd.Series, title: str, xlabel: str, path: Path) -> Path:
-    fig = Figure(figsize=(6, 0.9 + 0.35 * len(values)))
+    fig = Figure(figsize=(6, max(2.6, 0.9 + 0.35 * len(values))))
     ax = fig.add_subplot()
     ordered = values.sort_values()
     ax.barh([str(k) for k in ordered.index], ordered.to_numpy(), color=OTHER_COLOUR)

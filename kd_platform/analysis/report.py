@@ -15,8 +15,16 @@ from . import markdown as md
 from . import plots
 from .importance import fanova_importance
 from .load import Sweep, history
-from .tables import (Usable, ablation_defaults, ablation_table, best_trials, grid_table, is_categorical,
-                     marginal_effect, usable_runs)
+from .tables import (
+    Usable,
+    ablation_defaults,
+    ablation_table,
+    best_trials,
+    grid_table,
+    is_categorical,
+    marginal_effect,
+    usable_runs,
+)
 
 ARTIFACT_DIR = "report"
 REPORT_FILE = "report.md"

@@ -88,7 +88,7 @@ def ablation_defaults(sweep: Sweep, runs: pd.DataFrame) -> tuple[dict[str, Any],
         if counts.empty:
             continue
         top = counts[counts == counts.max()].index
-        out[knob] = sorted(top, key=str)[0]
+        out[knob] = min(top, key=str)
         tie = " (a tie; the first in sort order was taken)" if len(top) > 1 else ""
         notes.append(f"The parent run has no `default.{knob}` param; the default of `{knob}` was taken as "
                      f"`{out[knob]}`, its most common value among runs with the other ablated knobs at "
