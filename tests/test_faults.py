@@ -6,7 +6,6 @@ how long the platform took to recover, for the record.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
