@@ -35,6 +35,7 @@ class MultiBranchConfig(MethodConfig):
     views: str = knob("shared", choices=("shared", "per_network"),
                       help="per_network: each branch sees its own augmented view")
 
+
 def memo_forward(net: Callable[[Tensor], object]) -> Callable[[Tensor], object]:
     """``net`` remembering its output for the last input it saw.
 

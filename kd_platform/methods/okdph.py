@@ -20,6 +20,7 @@ from torch.func import functional_call
 from ..knobs import knob
 from ..losses import kd_loss
 from . import register_method
+from ._online import peer_eval_networks
 from .base import Batch, BuildEnv, Method, MethodConfig, StepContext
 
 
@@ -136,9 +137,9 @@ class OKDPH(Method):
             self.fuse()
 
     def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:
-        nets = {name: net for name, net in zip(self.students, self.nets)}
+        # The students and their logit ensemble share one forward per student and batch.
+        nets = peer_eval_networks(self.students, self.nets)
         mean_r = torch.full((self.cfg.n_students,), 1.0 / self.cfg.n_students)
         hwm_state = mix_state(list(self.nets), mean_r, keep_grad=False)
         nets["hwm"] = lambda x: functional_call(self.nets[0], hwm_state, (x,))
-        nets["ensemble"] = lambda x: torch.stack([net(x) for net in self.nets]).mean(0)
         return nets
