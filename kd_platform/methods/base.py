@@ -111,8 +111,3 @@ def freeze(net: nn.Module) -> nn.Module:
     for p in net.parameters():
         p.requires_grad_(False)
     return net
-
-
-@torch.no_grad()
-def accuracy_counts(logits: Tensor, y: Tensor) -> Tensor:
-    return (logits.argmax(1) == y).sum()
