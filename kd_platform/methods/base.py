@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterator
 
-import torch
 from torch import Tensor, nn
 
 from ..recipe import Recipe
