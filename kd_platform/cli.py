@@ -128,8 +128,8 @@ def _check_data(method: str, fixed: dict[str, Any], seed: int) -> None:
     error now rather than a failed trial later (and a download happens once, not per trial)."""
     import torch
     from .data import build_data
-    from .engine import RunSpec
-    recipe, _ = RunSpec.from_flat(method, fixed, seed).resolved()
+    from .engine import RunSpec, data_recipe
+    recipe = data_recipe(RunSpec.from_flat(method, fixed, seed))
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the trial logs the dataset's warnings; an error here stays one line

@@ -11,7 +11,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -66,6 +66,7 @@ class RunSpec:
         if unknown:
             raise UsageError(f"unknown knob '{sorted(unknown)[0]}' for method '{method}'")
         _check_names(*spec.resolved())
+        data_recipe(spec).check_data_path()
         return spec
 
     def resolved(self) -> tuple[Recipe, Any]:
@@ -86,6 +87,15 @@ def _check_names(recipe: Recipe, cfg: Any) -> None:
     for key, name in archs.items():
         if name not in model_names():
             raise UsageError(f"knob '{key}': unknown architecture '{name}'; known: {', '.join(model_names())}")
+
+
+def data_recipe(spec: RunSpec) -> Recipe:
+    """The recipe the data module is built from: ``view_augments`` only reach a method that
+    asks for per-network views, so a single-view run is not held to augmentations it never uses."""
+    recipe, cfg = spec.resolved()
+    if recipe.view_augments and get_method(spec.method).views_for(cfg) == 1:
+        recipe = replace(recipe, view_augments="")
+    return recipe
 
 
 class Reporter(Protocol):
@@ -153,7 +163,7 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
           get_teacher: Callable[[str], nn.Module] | None = None) -> dict[str, float]:
     """Train ``spec`` to its last epoch (resuming from a checkpoint directory if given)."""
     device = device or torch.device("cpu")
-    recipe, _ = spec.resolved()
+    recipe = data_recipe(spec)
     seed_everything(spec.seed)
     data = build_data(recipe, spec.seed, device, rank, world)
     if get_teacher is None:

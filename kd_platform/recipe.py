@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 AUGMENTATIONS = ("none", "shift", "standard", "rotate", "cutout", "randaugment", "autoaugment")
 """Training augmentation pipelines by name; ``kd_platform.data.augment`` defines them."""
 
+DEVICE_AUGMENTATIONS = ("none", "shift", "standard", "rotate", "cutout")
+"""The augmentations the device-resident data path draws per sample in whole batches
+(``kd_platform.data.device_data``); the policy ones need the loader."""
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -53,6 +57,16 @@ class Recipe:
     loader_workers: int = knob(-1, low=-1, high=256,
                                help="data-loading processes per training process for file datasets; "
                                     "-1 picks from the CPUs this process may use")
+    data_path: str = knob("auto", choices=("auto", "device", "loader"),
+                          help="device: the decoded dataset lives on the training device as uint8 and "
+                               "batches are index gathers with batched per-sample augmentation; loader: "
+                               "DataLoader workers decode and augment one image at a time; auto: device "
+                               "when every augmentation in use has a device form and the data fits")
+    fused: str = knob("auto", choices=("auto", "true", "false"),
+                      help="train a method's homogeneous peers as one stacked model (one forward and "
+                           "backward for all); auto: off until a GPU benchmark shows it faster")
+    compile: str = knob("off", choices=("off", "on"),
+                        help="torch.compile the training step; off until a GPU benchmark shows a gain")
 
     def __post_init__(self) -> None:
         # Checked here so that a typo fails when the knobs are read, before any trial starts.
@@ -60,6 +74,23 @@ class Recipe:
             if name not in AUGMENTATIONS:
                 raise UsageError(f"knob 'view_augments': unknown augmentation '{name}'; "
                                  f"known: {', '.join(AUGMENTATIONS)}")
+
+    def check_data_path(self) -> None:
+        """``data_path=device`` needs a device form of every augmentation in use. Called on the
+        recipe the data sees (``engine.data_recipe``): per-view augmentations count only for a
+        method that asks for per-network views."""
+        if self.data_path == "device":
+            lacking = [a for a in self.augment_names() if a not in DEVICE_AUGMENTATIONS]
+            if lacking:
+                raise UsageError(f"knob 'data_path': the device path has no '{lacking[0]}' augmentation "
+                                 f"(it has {', '.join(DEVICE_AUGMENTATIONS)}); use data_path=loader or auto")
+
+    def augment_names(self) -> list[str]:
+        """Every augmentation a run may use: ``augment`` and the per-view ones."""
+        return list(dict.fromkeys([self.augment, *self.view_augment_list()]))
+
+    def device_augmentable(self) -> bool:
+        return all(a in DEVICE_AUGMENTATIONS for a in self.augment_names())
 
     def autocast_dtype(self, device: "torch.device") -> "torch.dtype | None":
         import torch

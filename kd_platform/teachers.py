@@ -239,8 +239,8 @@ def load_teacher_state(net: nn.Module, state: Mapping[str, Tensor], path: Path, 
 def check_teacher_checkpoint(path: Path, spec: RunSpec) -> None:
     """Fail now, before any run is created, if ``path`` cannot be ``spec``'s teacher."""
     state = read_state_dict(path)  # before the data: a corrupt file fails without loading any
-    recipe, cfg = spec.resolved()
-    data = build_data(recipe, spec.seed, torch.device("cpu"))
+    _, cfg = spec.resolved()
+    data = build_data(engine.data_recipe(spec), spec.seed, torch.device("cpu"))
     load_teacher_state(build_model(cfg.teacher_arch, data.num_classes, data.in_channels), state, path,
                        cfg.teacher_arch)
 
@@ -287,7 +287,7 @@ class TeacherProvider:
 
         ``build`` runs with the global generators seeded by the run's seed (and restored
         afterwards) on the whole, unsharded training split with the run's batch size."""
-        r, _ = self.spec.resolved()
+        r = engine.data_recipe(self.spec)
         data_keys = ("dataset", "data_dir", "val_fraction", "augment", "batch_size")
         description = {"format": FORMAT, "kind": name, "teacher": self.teacher_hash(arch),
                        "recipe": dict(recipe), "data": {k: getattr(r, k) for k in data_keys},

@@ -85,9 +85,14 @@ class Method(nn.Module):
         # DDP synchronises gradients of whatever runs through forward().
         return self.training_step(batch, ctx)
 
-    def num_views(self) -> int:
-        """How many independently augmented views of each batch the method wants."""
+    @classmethod
+    def views_for(cls, cfg: MethodConfig) -> int:
+        """How many independently augmented views of each batch a method with knobs ``cfg``
+        wants; known before the method is built, so the data can be chosen for it."""
         return 1
+
+    def num_views(self) -> int:
+        return type(self).views_for(self.cfg)
 
     def after_step(self, ctx: StepContext) -> None:
         """Runs after every optimiser step (fusion, EMA updates, ...)."""

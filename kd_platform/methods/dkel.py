@@ -83,8 +83,9 @@ class DKEL(Method):
         # Released DKEL code reports the best teacher branch: logged as val/acc/teacher_branches_best.
         self.groups = {"teacher_branches": tuple(f"teacher_branch{b + 1}" for b in range(cfg.branches))}
 
-    def num_views(self) -> int:
-        return self.cfg.branches if self.cfg.views == "per_network" else 1
+    @classmethod
+    def views_for(cls, cfg: DKELConfig) -> int:  # type: ignore[override]
+        return cfg.branches if cfg.views == "per_network" else 1
 
     def rampup(self, epoch: float) -> float:
         if self.cfg.variant == "code":

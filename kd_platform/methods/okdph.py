@@ -88,8 +88,10 @@ class OKDPH(Method):
         self.hwm_grad = _pick(cfg.hwm_grad, "true", "false", cfg.variant) == "true"
         self.per_network_views = _pick(cfg.views, "shared", "per_network", cfg.variant) == "per_network"
 
-    def num_views(self) -> int:
-        return self.cfg.n_students + 1 if self.per_network_views else 1
+    @classmethod
+    def views_for(cls, cfg: OKDPHConfig) -> int:  # type: ignore[override]
+        per_network = _pick(cfg.views, "shared", "per_network", cfg.variant) == "per_network"
+        return cfg.n_students + 1 if per_network else 1
 
     def mixing_weights(self) -> Tensor:
         n = self.cfg.n_students

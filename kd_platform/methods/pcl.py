@@ -55,8 +55,9 @@ class PCL(Method):
         self.temporal = frozen_copy(self.net)
         self.students = tuple(f"branch{b + 1}" for b in range(cfg.branches))
 
-    def num_views(self) -> int:
-        return self.cfg.branches if self.cfg.views == "per_network" else 1
+    @classmethod
+    def views_for(cls, cfg: PCLConfig) -> int:  # type: ignore[override]
+        return cfg.branches if cfg.views == "per_network" else 1
 
     def rampup(self, epoch: float) -> float:
         return mean_teacher_rampup(epoch, self.cfg.rampup_epochs)
