@@ -28,6 +28,7 @@ from .knobs import build_config, knob_specs
 from .methods import get_method
 from .methods.base import BuildEnv, Method, StepContext
 from .models import build_model, model_names
+from .models.stacked import is_stackable
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class RunSpec:
             raise UsageError(f"unknown knob '{sorted(unknown)[0]}' for method '{method}'")
         _check_names(*spec.resolved())
         data_recipe(spec).check_data_path()
+        _check_fused(spec)
         return spec
 
     def resolved(self) -> tuple[Recipe, Any]:
@@ -87,6 +89,43 @@ def _check_names(recipe: Recipe, cfg: Any) -> None:
     for key, name in archs.items():
         if name not in model_names():
             raise UsageError(f"knob '{key}': unknown architecture '{name}'; known: {', '.join(model_names())}")
+
+
+FUSED_AUTO: dict[str, bool] = {"cpu": False, "cuda": False}
+"""What ``fused=auto`` means per device type. On the CPU a stacked step is no faster (grouped
+convolutions there are not better kernels; see bench/gpu.py's CPU figures). On CUDA it stays
+off until bench/gpu.py has measured the fused step faster on a GPU and the figures are in
+bench/RESULTS.md."""
+
+
+def _stackable_arch(arch: str) -> bool:
+    return is_stackable(build_model(arch, 2, 3))
+
+
+def _check_fused(spec: RunSpec) -> None:
+    recipe, _ = spec.resolved()
+    if recipe.fused != "true":
+        return
+    from .methods import method_names
+    if not get_method(spec.method).fusable_peers:
+        fusable = [m for m in method_names() if get_method(m).fusable_peers]
+        raise UsageError(f"knob 'fused': method '{spec.method}' has no homogeneous peers to fuse into one model "
+                         f"(methods that have: {', '.join(fusable)})")
+    if not _stackable_arch(recipe.arch):
+        stackable = [a for a in model_names() if _stackable_arch(a)]
+        raise UsageError(f"knob 'fused': architecture '{recipe.arch}' cannot be stacked (its layers mix "
+                         f"channels outside convolutions); stackable: {', '.join(stackable)}")
+
+
+def resolve_fused(spec: RunSpec, device: torch.device) -> bool:
+    """Whether this run trains its peers fused: ``fused`` resolved for the method, the
+    architecture and the device."""
+    recipe, _ = spec.resolved()
+    if recipe.fused == "false" or not get_method(spec.method).fusable_peers:
+        return False
+    if recipe.fused == "true":
+        return True
+    return FUSED_AUTO.get(device.type, False) and _stackable_arch(recipe.arch)
 
 
 def data_recipe(spec: RunSpec) -> Recipe:
@@ -154,8 +193,32 @@ def build_method(spec: RunSpec, data: Any, device: torch.device,
     env = BuildEnv(recipe=recipe, num_classes=data.num_classes, in_channels=data.in_channels,
                    image_size=data.image_size,
                    make_model=lambda arch: build_model(arch, data.num_classes, data.in_channels),
-                   get_teacher=get_teacher)
+                   get_teacher=get_teacher, fused=resolve_fused(spec, device))
     return get_method(spec.method)(cfg, env).to(device)
+
+
+def _layout(spec: RunSpec, device: torch.device, data: Any) -> dict[str, Any]:
+    """How a run's state is laid out and fed: recorded in every checkpoint, since a resumed run
+    must load the same parameter layout and see the same data stream."""
+    return {"fused": resolve_fused(spec, device), "data_path": str(getattr(data, "path", ""))}
+
+
+def _check_layout(saved: dict[str, Any] | None, now: dict[str, Any], where: Path) -> None:
+    saved = saved or {"fused": False, "data_path": now["data_path"]}
+    for key, value in now.items():
+        if saved.get(key, value) != value:
+            want = str(saved[key]).lower()
+            raise UsageError(f"checkpoint {where} was written with {key}={want} but this run resolves "
+                             f"{key} to {str(value).lower()}; resume with --set {key}={want}")
+
+
+def _to_channels_last(module: nn.Module) -> None:
+    """Channels-last for every 4-D weight; stacked peers keep their 5-D stacks as they are and
+    hand channels-last views to the convolution themselves."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
 
 
 def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None,
@@ -170,19 +233,25 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
         from .teachers import TeacherProvider  # imported here: teachers trains with this module
         get_teacher = TeacherProvider(spec, data, device)
     method = build_method(spec, data, device, get_teacher)
+    layout = _layout(spec, device, data)
+    log.info("%s: fused peers %s, data path %s", spec.method, "on" if layout["fused"] else "off",
+             layout["data_path"] or "in memory")
     channels_last = recipe.use_channels_last(device)
     if channels_last:  # before DDP, whose gradient buckets follow the parameters' layout
-        method.to(memory_format=torch.channels_last)
+        _to_channels_last(method)
     model: nn.Module = method
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(method, device_ids=ids)
+    if recipe.compile == "on":  # the training step only: evaluation runs once an epoch, eagerly
+        model.compile()
     opt = torch.optim.SGD(list(method.trainable_parameters()), lr=recipe.lr, momentum=recipe.momentum,
                           nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
     sched = _scheduler(opt, recipe)
     start_epoch, best = 0, -math.inf
     if resume_from is not None:
         state = load_checked(Path(resume_from) / STATE_FILE)
+        _check_layout(state.get("layout"), layout, Path(resume_from))
         method.load_state_dict(state["method"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -236,6 +305,6 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
         def save(directory: Path, epoch: int = epoch) -> None:
             save_atomic({"method": method.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                         "epoch": epoch + 1, "best": best}, Path(directory) / STATE_FILE)
+                         "epoch": epoch + 1, "best": best, "layout": layout}, Path(directory) / STATE_FILE)
         report(metrics, save)
     return metrics

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from conftest import make_method
 from kd_platform.losses import kd_loss
 from kd_platform.methods.base import Batch, StepContext
-from kd_platform.methods.okdph import mix_state
+from torch.func import functional_call
+
+
+def _hwm(m, x: torch.Tensor, r: torch.Tensor, keep_grad: bool) -> torch.Tensor:
+    """The hybrid-weight model's logits, run on its own."""
+    return functional_call(m.peers.nets[0], m.peers.mixed_state(r, keep_grad), (x,))
 
 
 def _batch(n: int = 16, seed: int = 1) -> Batch:
@@ -22,7 +27,7 @@ def _perturb(method, scale: float = 0.05) -> None:
     """Make the students differ (they start identical with same_init), buffers included."""
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for net in method.nets:
+        for net in method.peers.nets:
             for t in list(net.parameters()) + [b for b in net.buffers() if b.is_floating_point()]:
                 t.add_(scale * torch.randn(t.shape, generator=g))
             for m in net.modules():
@@ -32,8 +37,8 @@ def _perturb(method, scale: float = 0.05) -> None:
 
 def _explicit_hybrid(method, r: torch.Tensor) -> torch.nn.Module:
     """A stand-alone network whose every float tensor is sum_i r_i * (student i's tensor)."""
-    hybrid = copy.deepcopy(method.nets[0])
-    states = [net.state_dict() for net in method.nets]
+    hybrid = copy.deepcopy(method.peers.nets[0])
+    states = [net.state_dict() for net in method.peers.nets]
     mixed = {}
     for key, value in states[0].items():
         if value.is_floating_point():
@@ -49,13 +54,13 @@ def test_hwm_is_the_explicit_convex_combination(n):
     m = make_method("okdph", n_students=n, same_init=False)
     _perturb(m)
     r = torch.distributions.Dirichlet(torch.ones(n)).sample()
-    state = mix_state(list(m.nets), r, keep_grad=False)
+    state = m.peers.mixed_state(r, keep_grad=False)
     hybrid = _explicit_hybrid(m, r)
     for key, value in hybrid.state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
     x = _batch().x
     m.eval(), hybrid.eval()
-    torch.testing.assert_close(m.hwm_forward(x, r, keep_grad=False), hybrid(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_hwm(m, x, r, keep_grad=False), hybrid(x), rtol=1e-4, atol=1e-5)
 
 
 def test_hwm_gradient_reaches_students_scaled_by_r():
@@ -64,12 +69,12 @@ def test_hwm_gradient_reaches_students_scaled_by_r():
     m.train()
     r = torch.tensor([0.2, 0.5, 0.3])
     b = _batch()
-    F.cross_entropy(m.hwm_forward(b.x, r, keep_grad=True), b.y).backward()
+    F.cross_entropy(_hwm(m, b.x, r, keep_grad=True), b.y).backward()
 
     hybrid = _explicit_hybrid(m, r)
     hybrid.train()
     F.cross_entropy(hybrid(b.x), b.y).backward()
-    for i, net in enumerate(m.nets):
+    for i, net in enumerate(m.peers.nets):
         for (name, p), q in zip(net.named_parameters(), hybrid.parameters()):
             torch.testing.assert_close(p.grad, r[i] * q.grad, rtol=1e-4, atol=1e-7, msg=name)
 
@@ -79,7 +84,7 @@ def test_code_variant_hwm_gives_students_no_gradient():
     assert m.hwm_grad is False and m.mix == "mean" and m.num_views() == 3
     b = _batch()
     # The HWM is built from detached copies: its loss is not even connected to the students.
-    assert not F.cross_entropy(m.hwm_forward(b.x, m.mixing_weights(), m.hwm_grad), b.y).requires_grad
+    assert not F.cross_entropy(_hwm(m, b.x, m.mixing_weights(), m.hwm_grad), b.y).requires_grad
     m.training_step(b, StepContext(0, 1, 0, 1, 0))["ce_hwm"].requires_grad is False
 
 
@@ -89,7 +94,7 @@ def test_training_step_loss_matches_the_formula():
     _perturb(m)
     b = _batch()
     terms = m.training_step(b, StepContext(0, 1, 0, 1, 0))
-    z = [net(b.x) for net in m.nets]
+    z = [net(b.x) for net in m.peers.nets]
     z_h = _explicit_hybrid(m, torch.tensor([0.5, 0.5])).train()(b.x)
     target = torch.stack(z + [z_h]).mean(0)
     # KD written out: T^2 * KL(p_t || p_s), batch mean.
@@ -106,16 +111,16 @@ def test_training_step_loss_matches_the_formula():
 def test_fusion(gamma):
     m = make_method("okdph", n_students=3, same_init=False, gamma=gamma)
     _perturb(m)
-    before = [copy.deepcopy(net.state_dict()) for net in m.nets]
+    before = [copy.deepcopy(net.state_dict()) for net in m.peers.nets]
     m.fuse()
-    for i, net in enumerate(m.nets):
+    for i, net in enumerate(m.peers.nets):
         for key, value in net.state_dict().items():
             if not value.is_floating_point():
                 continue
             mean = sum(s[key] for s in before) / 3
             torch.testing.assert_close(value, gamma * mean + (1 - gamma) * before[i][key], rtol=1e-5, atol=1e-6)
     if gamma == 1.0:  # every student is now the same network
-        a, b = m.nets[0].state_dict(), m.nets[2].state_dict()
+        a, b = m.peers.nets[0].state_dict(), m.peers.nets[2].state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -158,5 +163,5 @@ def test_paper_variant_defaults():
     m = make_method("okdph")
     assert m.mix == "dirichlet" and m.hwm_grad is True and m.num_views() == 1
     assert set(m.eval_networks()) == {"student1", "student2", "hwm", "ensemble"}
-    a, b = m.nets[0].state_dict(), m.nets[1].state_dict()
+    a, b = m.peers.nets[0].state_dict(), m.peers.nets[1].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # same_init

@@ -101,8 +101,9 @@ def test_exactly_one_forward_per_network_per_batch(name, n):
     """Counted at both ends of each network (stem and classifier), as IE-DML calls
     ``features`` then ``classify`` instead of the network itself."""
     m = make_method(name) if name == "iedml" else make_method(name, n_students=n)
-    stems = _count_calls([net.stem for net in m.nets])
-    heads = _count_calls([net.fc for net in m.nets])
+    nets = m.nets if name == "iedml" else m.peers.nets
+    stems = _count_calls([net.stem for net in nets])
+    heads = _count_calls([net.fc for net in nets])
     m.training_step(_batch(), _ctx())
     assert stems == heads == [1] * n
 
@@ -125,7 +126,7 @@ def test_dml_targets_are_detached(n):
     may send gradient into z_j through its target, and the loss is the sum of the N losses."""
     t = 2.0
     m = make_method("dml", n_students=n, temperature=t)
-    leaves = _hook_logits(m.nets)
+    leaves = _hook_logits(m.peers.nets)
     b = _batch()
     terms = m.training_step(b, _ctx())
     terms["loss"].backward()
@@ -140,18 +141,18 @@ def test_dml_targets_are_detached(n):
 def test_dml_net1_loss_gives_net2_no_gradient():
     m = make_method("dml", temperature=1.0)
     b = _batch()
-    z1, z2 = m.nets[0](b.x), m.nets[1](b.x)
+    z1, z2 = m.peers.nets[0](b.x), m.peers.nets[1](b.x)
     loss1 = F.cross_entropy(z1, b.y) + mean_kd_to_peers([z1, z2], 0, 1.0)
     loss1.backward()
-    assert all(p.grad is None for p in m.nets[1].parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.nets[0].parameters())
+    assert all(p.grad is None for p in m.peers.nets[1].parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.peers.nets[0].parameters())
 
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_kdcl_loss_and_detached_ensemble_target(n):
     a, t = 0.3, 4.0
     m = make_method("kdcl", n_students=n, alpha=a, temperature=t)
-    leaves = _hook_logits(m.nets)
+    leaves = _hook_logits(m.peers.nets)
     b = _batch()
     terms = m.training_step(b, _ctx())
     z = [leaf.detach() for leaf in leaves]

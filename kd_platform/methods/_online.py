@@ -23,7 +23,6 @@ from .base import MethodConfig
 Logits = Callable[[Tensor], Tensor]
 
 
-
 @dataclass(frozen=True)
 class MultiBranchConfig(MethodConfig):
     """Knobs of the multi-branch peer methods (PCL and DKEL, which builds on it)."""
@@ -58,11 +57,18 @@ def detached_mean(terms: Sequence[Tensor]) -> Tensor:
     return torch.stack(list(terms)).mean().detach()
 
 
-def peer_eval_networks(names: Sequence[str], nets: Sequence[nn.Module]) -> dict[str, Logits]:
-    """Each peer by name plus ``ensemble``, the mean of their logits."""
-    runs = [memo_forward(net) for net in nets]
-    out: dict[str, Logits] = dict(zip(names, runs))
-    out["ensemble"] = lambda x: torch.stack([run(x) for run in runs]).mean(0)
+def peer_eval_networks(names: Sequence[str], run_all: Callable[[Tensor], Sequence[Tensor]],
+                       extra_names: Sequence[str] = ()) -> dict[str, Logits]:
+    """Each peer by name, ``ensemble`` (the mean of the peers' logits), then any extra members.
+
+    ``run_all(x)`` returns the peers' logits followed by the extras'; it runs once per batch
+    however many names read it (one stacked forward when the peers are fused)."""
+    run = memo_forward(run_all)
+    n = len(names)
+    out: dict[str, Logits] = {name: (lambda x, i=i: run(x)[i]) for i, name in enumerate(names)}
+    out["ensemble"] = lambda x: torch.stack(list(run(x)[:n])).mean(0)
+    for j, name in enumerate(extra_names):
+        out[name] = lambda x, i=n + j: run(x)[i]
     return out
 
 

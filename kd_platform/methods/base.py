@@ -30,6 +30,8 @@ class BuildEnv:
     """Fresh network of the named architecture, shaped for this dataset."""
     get_teacher: Callable[[str], nn.Module] | None = None
     """Trained, frozen teacher of the named architecture (offline methods only)."""
+    fused: bool = False
+    """Train homogeneous peers as one stacked model (methods with ``fusable_peers`` only)."""
 
 
 @dataclass
@@ -66,6 +68,9 @@ class Method(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]]
     kind: ClassVar[str] = "online"    # "single" | "online" | "offline"
+    fusable_peers: ClassVar[bool] = False
+    """True when the method's networks are N peers of one architecture built by ``_peers.Peers``,
+    which can train fused into one stacked model (knob ``fused``)."""
     students: ClassVar[tuple[str, ...]] | tuple[str, ...] = ()
     """Names (keys of ``eval_networks``) averaged into the primary metric ``students_mean``."""
 

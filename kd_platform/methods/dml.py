@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..knobs import knob
 from ..losses import mean_kd_to_peers
 from . import register_method
 from ._online import detached_mean, peer_eval_networks
+from ._peers import Peers
 from .base import Batch, BuildEnv, Method, MethodConfig, StepContext
 
 
@@ -32,18 +33,19 @@ class DML(Method):
     name = "dml"
     Config = DMLConfig
     kind = "online"
+    fusable_peers = True
 
     def __init__(self, cfg: DMLConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)
-        self.nets = nn.ModuleList(env.make_model(env.recipe.arch) for _ in range(cfg.n_students))
+        self.peers = Peers(lambda: env.make_model(env.recipe.arch), cfg.n_students, env.fused)
         self.students = tuple(f"net{i + 1}" for i in range(cfg.n_students))
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
-        logits = [net(batch.x) for net in self.nets]
+        logits = self.peers([batch.x])
         ce = [F.cross_entropy(z, batch.y) for z in logits]
         kd = [mean_kd_to_peers(logits, i, self.cfg.temperature) for i in range(len(logits))]
         loss = sum(c + k for c, k in zip(ce, kd))
         return {"loss": loss, "ce": detached_mean(ce), "kd": detached_mean(kd)}
 
     def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:
-        return peer_eval_networks(self.students, self.nets)
+        return peer_eval_networks(self.students, lambda x: self.peers([x]))

@@ -81,4 +81,4 @@ class IEDML(Method):
                 "explore": detached_mean(exp), "reconstruction": detached_mean(recon)}
 
     def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:
-        return peer_eval_networks(self.students, self.nets)
+        return peer_eval_networks(self.students, lambda x: [net(x) for net in self.nets])

@@ -14,12 +14,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..knobs import knob
 from ..losses import kd_loss
 from . import register_method
 from ._online import detached_mean, peer_eval_networks
+from ._peers import Peers
 from .base import Batch, BuildEnv, Method, MethodConfig, StepContext
 
 
@@ -35,15 +36,16 @@ class KDCL(Method):
     name = "kdcl"
     Config = KDCLConfig
     kind = "online"
+    fusable_peers = True
 
     def __init__(self, cfg: KDCLConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)
-        self.nets = nn.ModuleList(env.make_model(env.recipe.arch) for _ in range(cfg.n_students))
+        self.peers = Peers(lambda: env.make_model(env.recipe.arch), cfg.n_students, env.fused)
         self.students = tuple(f"net{i + 1}" for i in range(cfg.n_students))
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         a, t = self.cfg.alpha, self.cfg.temperature
-        logits = [net(batch.x) for net in self.nets]
+        logits = self.peers([batch.x])
         target = torch.stack([z.detach() for z in logits]).mean(0)
         ce = [F.cross_entropy(z, batch.y) for z in logits]
         kd = [kd_loss(z, target, t) for z in logits]
@@ -51,4 +53,4 @@ class KDCL(Method):
         return {"loss": loss, "ce": detached_mean(ce), "kd": detached_mean(kd)}
 
     def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:
-        return peer_eval_networks(self.students, self.nets)
+        return peer_eval_networks(self.students, lambda x: self.peers([x]))

@@ -14,13 +14,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
 from ..knobs import knob
 from ..losses import kd_loss
 from . import register_method
 from ._online import peer_eval_networks
+from ._peers import Peers
 from .base import Batch, BuildEnv, Method, MethodConfig, StepContext
 
 
@@ -49,44 +49,19 @@ def _pick(value: str, paper: str, code: str, variant: str) -> str:
     return value if value != "auto" else (paper if variant == "paper" else code)
 
 
-def mix_state(nets: list[nn.Module], r: Tensor, keep_grad: bool) -> dict[str, Tensor]:
-    """Parameters and buffers of the convex combination ``sum_i r_i net_i``.
-
-    With ``keep_grad`` the parameters stay functions of the live student tensors, so a
-    loss on the hybrid sends ``r_i`` times its gradient to student ``i``. Float buffers
-    (BatchNorm statistics) are mixed the same way; integer buffers come from the first net.
-    """
-    named = [dict(n.named_parameters()) for n in nets]
-    out: dict[str, Tensor] = {}
-    for key in named[0]:
-        stacked = torch.stack([p[key] if keep_grad else p[key].detach() for p in named])
-        out[key] = torch.tensordot(r.to(stacked), stacked, dims=1)
-    bufs = [dict(n.named_buffers()) for n in nets]
-    with torch.no_grad():
-        for key, first in bufs[0].items():
-            if first.is_floating_point():
-                out[key] = torch.tensordot(r.to(first), torch.stack([b[key] for b in bufs]), dims=1)
-            else:
-                out[key] = first.clone()
-    return out
-
-
 @register_method
 class OKDPH(Method):
     name = "okdph"
     Config = OKDPHConfig
     kind = "online"
+    fusable_peers = True
 
     def __init__(self, cfg: OKDPHConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)
-        self.nets = nn.ModuleList(env.make_model(env.recipe.arch) for _ in range(cfg.n_students))
-        if cfg.same_init:
-            for net in self.nets[1:]:
-                net.load_state_dict(self.nets[0].state_dict())
+        self.peers = Peers(lambda: env.make_model(env.recipe.arch), cfg.n_students, env.fused, cfg.same_init)
         self.students = tuple(f"student{i + 1}" for i in range(cfg.n_students))
         self.mix = _pick(cfg.hwm_mix, "dirichlet", "mean", cfg.variant)
         self.hwm_grad = _pick(cfg.hwm_grad, "true", "false", cfg.variant) == "true"
-        self.per_network_views = _pick(cfg.views, "shared", "per_network", cfg.variant) == "per_network"
 
     @classmethod
     def views_for(cls, cfg: OKDPHConfig) -> int:  # type: ignore[override]
@@ -100,13 +75,11 @@ class OKDPH(Method):
         # Sampled on the CPU generator so a seed gives the same draws on every device.
         return torch.distributions.Dirichlet(torch.full((n,), float(self.cfg.alpha))).sample()
 
-    def hwm_forward(self, x: Tensor, r: Tensor, keep_grad: bool) -> Tensor:
-        return functional_call(self.nets[0], mix_state(list(self.nets), r, keep_grad), (x,))
-
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
-        cfg, n, y = self.cfg, self.cfg.n_students, batch.y
-        logits = [net(batch.view(i)) for i, net in enumerate(self.nets)]
-        z_h = self.hwm_forward(batch.view(n), self.mixing_weights(), self.hwm_grad)
+        cfg, y = self.cfg, batch.y
+        # The HWM runs as one more member beside the students: with fused peers, one forward.
+        hwm = self.peers.mixed_state(self.mixing_weights(), keep_grad=self.hwm_grad)
+        *logits, z_h = self.peers(batch.views, extra=[hwm])
         target = torch.stack(logits + [z_h]).mean(0).detach()
         ce = [F.cross_entropy(z, y) for z in logits]
         kd = [kd_loss(z, target, cfg.temperature) for z in logits]
@@ -115,16 +88,9 @@ class OKDPH(Method):
         return {"loss": loss, "ce_students": torch.stack(ce).mean().detach(),
                 "ce_hwm": ce_h.detach(), "kd": torch.stack(kd).mean().detach()}
 
-    @torch.no_grad()
     def fuse(self) -> None:
         """Move every student (parameters and float buffers) ``gamma`` of the way to the mean."""
-        g = self.cfg.gamma
-        tensors = [list(net.parameters()) + [b for b in net.buffers() if b.is_floating_point()]
-                   for net in self.nets]
-        for group in zip(*tensors):
-            mean = torch.stack(group).mean(0)
-            for t in group:
-                t.mul_(1 - g).add_(mean, alpha=g)
+        self.peers.pull_to_mean_(self.cfg.gamma)
 
     def _fusion_due(self, unit: str, count: int) -> bool:
         k = self.cfg.fusion_interval
@@ -139,9 +105,7 @@ class OKDPH(Method):
             self.fuse()
 
     def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:
-        # The students and their logit ensemble share one forward per student and batch.
-        nets = peer_eval_networks(self.students, self.nets)
-        mean_r = torch.full((self.cfg.n_students,), 1.0 / self.cfg.n_students)
-        hwm_state = mix_state(list(self.nets), mean_r, keep_grad=False)
-        nets["hwm"] = lambda x: functional_call(self.nets[0], hwm_state, (x,))
-        return nets
+        # Students, their logit ensemble and the mean HWM share one forward per batch.
+        n = self.cfg.n_students
+        hwm = self.peers.mixed_state(torch.full((n,), 1.0 / n), keep_grad=False)
+        return peer_eval_networks(self.students, lambda x: self.peers([x], extra=[hwm]), ["hwm"])

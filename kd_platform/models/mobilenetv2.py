@@ -44,6 +44,8 @@ class InvertedResidual(nn.Module):
 
 
 class CifarMobileNetV2(nn.Module):
+    stackable = True  # channels mix only in Conv2d/Linear: see kd_platform.models.stacked
+
     def __init__(self, num_classes: int, in_channels: int = 3, width_mult: float = 0.5,
                  expansion: int = 6) -> None:
         super().__init__()

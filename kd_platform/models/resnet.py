@@ -128,6 +128,8 @@ def init_weights(module: nn.Module) -> None:
 class CifarResNet(nn.Module):
     """Stem, three stages (``layer1``..``layer3``), global average pooling and a linear head."""
 
+    stackable = True  # channels mix only in Conv2d/Linear: see kd_platform.models.stacked
+
     def __init__(self, spec: ResNetSpec, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         self.stem = make_stem(spec, in_channels)

@@ -11,6 +11,8 @@ from .resnet import BasicBlock, init_weights
 
 
 class ResNet18(nn.Module):
+    stackable = True  # channels mix only in Conv2d/Linear: see kd_platform.models.stacked
+
     def __init__(self, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),

@@ -23,6 +23,8 @@ _CONFIGS: dict[str, list[list[int]]] = {
 
 
 class CifarVGG(nn.Module):
+    stackable = True  # channels mix only in Conv2d/Linear: see kd_platform.models.stacked
+
     def __init__(self, config: list[list[int]], num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         groups, c_in = [], in_channels

@@ -41,6 +41,8 @@ class PreActBlock(nn.Module):
 class WideResNet(nn.Module):
     """WRN-``depth``-``widen`` for CIFAR-sized inputs of any resolution."""
 
+    stackable = True  # channels mix only in Conv2d/Linear: see kd_platform.models.stacked
+
     def __init__(self, depth: int, widen: int, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         if (depth - 4) % 6:
