@@ -107,7 +107,8 @@ class Peers(nn.Module):
         optimiser state is left alone."""
         if self.fused:
             for t in [*self.stack.parameters(), *(b for b in self.stack.buffers() if b.is_floating_point())]:
-                t.mul_(1 - g).add_(t.mean(0, keepdim=True), alpha=g)
+                mean = t.mean(0, keepdim=True)
+                t.mul_(1 - g).add_(mean, alpha=g)
             return
         tensors = [list(net.parameters()) + [b for b in net.buffers() if b.is_floating_point()]
                    for net in self.nets]
