@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from kd_platform.data import build_data
-from kd_platform.data.digits import load_digits_tensors
+from kd_platform.data.digits import load_digits_arrays
 from kd_platform.data.split import shard, stratified_split
 from kd_platform.recipe import Recipe
 
@@ -25,14 +25,26 @@ def test_stratified_split_is_seeded_and_proportional():
 
 
 def test_digits_splits_are_disjoint_and_test_is_fixed():
-    x, _ = load_digits_tensors()
+    images, _ = load_digits_arrays()
     a = build_data(Recipe(), seed=0, device=torch.device("cpu"))
     b = build_data(Recipe(), seed=1, device=torch.device("cpu"))
-    train, val, test = (_rows(a.splits[k][0]) for k in ("train", "val", "test"))
+    assert a.path == "device"
+    train, val, test = (set(a.splits[k].indices.tolist()) for k in ("train", "val", "test"))
     assert not (train & val) and not (train & test) and not (val & test)
-    assert len(a.splits["train"][1]) + len(a.splits["val"][1]) + len(a.splits["test"][1]) == len(x)
-    assert torch.equal(a.splits["test"][0], b.splits["test"][0])  # the test split never moves
-    assert not torch.equal(a.splits["val"][0], b.splits["val"][0])  # validation follows the seed
+    assert len(train) + len(val) + len(test) == len(images)
+    assert torch.equal(a.splits["test"].indices, b.splits["test"].indices)  # the test split never moves
+    assert not torch.equal(a.splits["val"].indices, b.splits["val"].indices)  # validation follows the seed
+    # Different images, not just different positions: what the splits yield never overlaps.
+    x_train, x_val = (torch.cat([x for x, _ in a.eval_batches(k)]) for k in ("train", "val"))
+    assert not (_rows(x_val) & _rows(x_train))
+
+
+def test_digits_images_are_the_raw_values_normalised_exactly():
+    from sklearn.datasets import load_digits
+    raw = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1)
+    d = build_data(Recipe(), seed=0, device=torch.device("cpu"))
+    x = torch.cat([x for x, _ in d.eval_batches("test")])
+    assert torch.equal(x, (raw[d.splits["test"].indices] / 16.0 - 0.5) / 0.5)
 
 
 def test_two_workers_see_disjoint_equal_halves_of_an_epoch():
@@ -40,7 +52,7 @@ def test_two_workers_see_disjoint_equal_halves_of_an_epoch():
     full = build_data(recipe, seed=0, device=torch.device("cpu"))
     halves = [build_data(recipe, seed=0, device=torch.device("cpu"), rank=r, world=2) for r in (0, 1)]
     seen = [torch.cat([b.x for b in h.train_batches(epoch=3, num_views=1)]) for h in halves]
-    assert len(seen[0]) == len(seen[1]) == len(full.splits["train"][1]) // 2
+    assert len(seen[0]) == len(seen[1]) == len(full.splits["train"]) // 2
     assert not (_rows(seen[0]) & _rows(seen[1]))
     assert halves[0].steps_per_epoch() == halves[1].steps_per_epoch()
     assert halves[0].batch_size == 32  # the global batch is split across workers

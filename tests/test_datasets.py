@@ -1,14 +1,15 @@
 """File datasets (CIFAR-10/100, TinyImageNet), augmentation pipelines and recipe presets.
 
 No dataset can be downloaded here, so each test writes a tiny copy in the dataset's real
-on-disk format (CIFAR's pickled batches, TinyImageNet's JPEG tree) and reads it through
-``build_data``, the path every run takes.
+on-disk format (CIFAR's pickled batches, TinyImageNet's JPEG tree; ``dataset_files``) and
+reads it through ``build_data``, the path every run takes. Tests of what a data module
+yields run on both data paths (``PATHS``); ``test_device_data`` covers what is particular
+to the device path.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -21,88 +22,10 @@ from kd_platform.errors import UsageError
 from kd_platform.knobs import build_config
 from kd_platform.recipe import AUGMENTATIONS, Recipe
 
+from dataset_files import TINY_WNIDS, dump_pickle, write_cifar10, write_cifar100, write_tinyimagenet
+
 CPU = torch.device("cpu")
-
-
-# ---------------------------------------------------------------- writers of the real formats
-
-def _balanced_labels(num_classes: int, per_class: int, rng: np.random.Generator) -> np.ndarray:
-    return rng.permutation(np.repeat(np.arange(num_classes), per_class))
-
-
-def _dump(path: Path, obj: dict) -> None:
-    with open(path, "wb") as fh:
-        pickle.dump(obj, fh, protocol=2)
-
-
-def write_cifar10(root: Path, per_class_train: int = 20, per_class_test: int = 4, seed: int = 0) -> dict:
-    """``cifar-10-batches-py`` as the official archive extracts: five training batches, a
-    test batch and ``batches.meta``, each a pickled dict with ``data`` rows of 3072 bytes
-    (channel-major) and a ``labels`` list."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    y_train = _balanced_labels(10, per_class_train, rng)
-    x_train = rng.integers(0, 256, (len(y_train), 3072), dtype=np.uint8)
-    for b, (xs, ys) in enumerate(zip(np.array_split(x_train, 5), np.array_split(y_train, 5)), 1):
-        _dump(folder / f"data_batch_{b}", {"batch_label": f"training batch {b} of 5", "labels": ys.tolist(),
-                                           "data": xs, "filenames": [f"img_{b}_{i}.png" for i in range(len(ys))]})
-    y_test = _balanced_labels(10, per_class_test, rng)
-    x_test = rng.integers(0, 256, (len(y_test), 3072), dtype=np.uint8)
-    _dump(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": y_test.tolist(),
-                                  "data": x_test, "filenames": [f"t_{i}.png" for i in range(len(y_test))]})
-    _dump(folder / "batches.meta", {"num_cases_per_batch": len(y_train) // 5, "num_vis": 3072,
-                                    "label_names": [f"class{c}" for c in range(10)]})
-    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
-
-
-def write_cifar100(root: Path, per_class_train: int = 4, per_class_test: int = 1, seed: int = 1) -> dict:
-    """``cifar-100-python``: ``train``, ``test`` and ``meta``, with fine and coarse labels."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    out = {}
-    for name, per_class in (("train", per_class_train), ("test", per_class_test)):
-        y = _balanced_labels(100, per_class, rng)
-        x = rng.integers(0, 256, (len(y), 3072), dtype=np.uint8)
-        _dump(folder / name, {"filenames": [f"{name}_{i}.png" for i in range(len(y))], "batch_label": name,
-                              "fine_labels": y.tolist(), "coarse_labels": (y // 5).tolist(), "data": x})
-        out[f"x_{name}"], out[f"y_{name}"] = x, y
-    _dump(folder / "meta", {"fine_label_names": [f"fine{c}" for c in range(100)],
-                            "coarse_label_names": [f"coarse{c}" for c in range(20)]})
-    return out
-
-
-TINY_WNIDS = ["n09999999", "n01443537", "n02085620", "n04067472"]  # deliberately unsorted, as in the file
-
-
-def write_tinyimagenet(root: Path, per_class_train: int = 10, per_class_val: int = 3) -> Path:
-    """``tiny-imagenet-200``: wnids.txt, train/<wnid>/images/*.JPEG (+ boxes file), val/images
-    and val/val_annotations.txt, with real JPEGs; one training image is greyscale, as some
-    of the real ones are."""
-    from PIL import Image
-    rng = np.random.default_rng(2)
-    base = root / "tiny-imagenet-200"
-    (base / "val" / "images").mkdir(parents=True)
-    (base / "wnids.txt").write_text("\n".join(TINY_WNIDS) + "\n")
-    for wnid in TINY_WNIDS:
-        folder = base / "train" / wnid / "images"
-        folder.mkdir(parents=True)
-        for i in range(per_class_train):
-            pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-            img = Image.fromarray(pixels).convert("L") if (wnid, i) == (TINY_WNIDS[0], 0) else Image.fromarray(pixels)
-            img.save(folder / f"{wnid}_{i}.JPEG", quality=90)
-        (base / "train" / wnid / f"{wnid}_boxes.txt").write_text(
-            "".join(f"{wnid}_{i}.JPEG\t0\t0\t63\t63\n" for i in range(per_class_train)))
-    lines, n = [], 0
-    for wnid in TINY_WNIDS:
-        for _ in range(per_class_val):
-            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
-                base / "val" / "images" / f"val_{n}.JPEG", quality=90)
-            lines.append(f"val_{n}.JPEG\t{wnid}\t1\t2\t60\t61")
-            n += 1
-    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
-    return base
+PATHS = ("device", "loader")
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +72,11 @@ def _normalised(raw_rows: np.ndarray, mean, std) -> torch.Tensor:
 
 # ---------------------------------------------------------------- CIFAR
 
-def test_cifar10_shapes_splits_and_pixel_layout(cifar10_dir):
+@pytest.mark.parametrize("path", PATHS)
+def test_cifar10_shapes_splits_and_pixel_layout(cifar10_dir, path):
     root, raw = cifar10_dir
-    d = build_data(_recipe(dataset="cifar10", data_dir=str(root)), seed=3, device=CPU)
+    d = build_data(_recipe(dataset="cifar10", data_dir=str(root), data_path=path), seed=3, device=CPU)
+    assert d.path == path
     assert (d.num_classes, d.in_channels, d.image_size) == (10, 3, 32)
     train, val, test = d.splits["train"], d.splits["val"], d.splits["test"]
     assert len(train) + len(val) == 200 and len(test) == 40
@@ -206,9 +131,10 @@ def test_unofficial_files_are_read_with_a_warning(cifar10_dir, caplog):
     assert "differ from the official release's checksums" in caplog.text
 
 
-def test_two_workers_see_disjoint_equal_halves(cifar10_dir):
+@pytest.mark.parametrize("path", PATHS)
+def test_two_workers_see_disjoint_equal_halves(cifar10_dir, path):
     root, _ = cifar10_dir
-    recipe = _recipe(dataset="cifar10", data_dir=str(root), batch_size=64)
+    recipe = _recipe(dataset="cifar10", data_dir=str(root), batch_size=64, data_path=path)
     halves = [build_data(recipe, seed=0, device=CPU, rank=r, world=2) for r in (0, 1)]
     seen = [torch.cat([b.x for b in h.train_batches(epoch=5, num_views=1)]) for h in halves]
     n_train = len(halves[0].splits["train"])
@@ -219,9 +145,11 @@ def test_two_workers_see_disjoint_equal_halves(cifar10_dir):
     assert sum(evals) == 40  # evaluation covers the split once across ranks
 
 
-def test_per_network_views_are_independent_and_reproducible(cifar10_dir):
+@pytest.mark.parametrize("path", PATHS)
+def test_per_network_views_are_independent_and_reproducible(cifar10_dir, path):
     root, _ = cifar10_dir
-    d = build_data(_recipe(dataset="cifar10", data_dir=str(root), augment="standard"), seed=0, device=CPU)
+    d = build_data(_recipe(dataset="cifar10", data_dir=str(root), augment="standard", data_path=path),
+                   seed=0, device=CPU)
     first = next(d.train_batches(epoch=2, num_views=3))
     again = next(d.train_batches(epoch=2, num_views=3))
     later = next(d.train_batches(epoch=3, num_views=3))
@@ -229,9 +157,11 @@ def test_per_network_views_are_independent_and_reproducible(cifar10_dir):
     assert not torch.equal(first.view(0), first.view(1)) and not torch.equal(first.view(1), first.view(2))
     assert all(torch.equal(a, b) for a, b in zip(first.views, again.views)) and torch.equal(first.y, again.y)
     assert not torch.equal(first.y, later.y)
+    if path == "device":
+        return
     # The stream does not depend on how many loader processes produce it.
-    pooled = build_data(_recipe(dataset="cifar10", data_dir=str(root), augment="standard", loader_workers=1),
-                        seed=0, device=CPU)
+    pooled = build_data(_recipe(dataset="cifar10", data_dir=str(root), augment="standard", loader_workers=1,
+                                data_path="loader"), seed=0, device=CPU)
     assert pooled.workers == 1 and pooled._train.persistent_workers
     other = next(pooled.train_batches(epoch=2, num_views=3))
     assert all(torch.equal(a, b) for a, b in zip(first.views, other.views))
@@ -241,6 +171,7 @@ def test_view_augments_give_each_network_its_pipeline(cifar10_dir):
     root, raw = cifar10_dir
     d = build_data(_recipe(dataset="cifar10", data_dir=str(root), augment="standard",
                            view_augments="none,cutout,randaugment"), seed=0, device=CPU)
+    assert d.path == "loader"  # randaugment exists only per image
     batch = next(d.train_batches(epoch=0, num_views=3))
     fmt = cifar_module.CIFAR10
     plain = _normalised(raw["x_train"], fmt.mean, fmt.std)
@@ -292,7 +223,7 @@ def test_incomplete_or_corrupt_cifar_files_are_named(tmp_path):
     (folder / "data_batch_3").write_bytes(good[: len(good) // 2])  # truncated
     with pytest.raises(UsageError, match="data_batch_3"):
         build_data(recipe, seed=0, device=CPU)
-    _dump(folder / "data_batch_3", {"data": np.zeros((4, 100), np.uint8), "labels": [0] * 4})  # wrong shape
+    dump_pickle(folder / "data_batch_3", {"data": np.zeros((4, 100), np.uint8), "labels": [0] * 4})  # wrong shape
     with pytest.raises(UsageError, match="corrupt CIFAR-10 file .*data_batch_3"):
         build_data(recipe, seed=0, device=CPU)
     (folder / "data_batch_3").unlink()
@@ -300,36 +231,43 @@ def test_incomplete_or_corrupt_cifar_files_are_named(tmp_path):
         build_data(recipe, seed=0, device=CPU)
 
 
-def test_zero_val_fraction_evaluates_val_on_test_and_says_so(cifar10_dir, caplog):
+@pytest.mark.parametrize("path", PATHS)
+def test_zero_val_fraction_evaluates_val_on_test_and_says_so(cifar10_dir, caplog, path):
     root, _ = cifar10_dir
     with caplog.at_level(logging.WARNING):
-        d = build_data(_recipe(dataset="cifar10", data_dir=str(root), val_fraction=0.0), seed=0, device=CPU)
+        d = build_data(_recipe(dataset="cifar10", data_dir=str(root), val_fraction=0.0, data_path=path),
+                       seed=0, device=CPU)
         val = [y for _, y in d.eval_batches("val")]
     assert d.val_is_test and len(d.splits["train"]) == 200
     assert torch.equal(torch.cat(val), torch.cat([y for _, y in d.eval_batches("test")]))
     assert "TEST set" in caplog.text
+    with pytest.raises(UsageError, match="no split 'holdout'"):
+        next(d.eval_batches("holdout"))
 
 
-def test_engine_trains_on_cifar_files(cifar10_dir, one_thread):
+@pytest.mark.parametrize("path", PATHS)
+def test_engine_trains_on_cifar_files(cifar10_dir, one_thread, path):
     from kd_platform.engine import RunSpec, train
     root, _ = cifar10_dir
     spec = RunSpec.from_flat("ce", {"dataset": "cifar10", "data_dir": str(root), "arch": "resnet8", "epochs": 1,
-                                    "batch_size": 64, "augment": "cutout", "loader_workers": 0}, seed=0)
+                                    "batch_size": 64, "augment": "cutout", "loader_workers": 0,
+                                    "data_path": path}, seed=0)
     metrics = train(spec, lambda m, save: None)
     assert 0.0 <= metrics["val/acc/students_mean"] <= 100.0 and "test/acc/net" in metrics
 
 
 # ---------------------------------------------------------------- TinyImageNet
 
-def test_tinyimagenet_layout_labels_and_splits(tiny_dir):
-    d = build_data(_recipe(dataset="tinyimagenet", data_dir=str(tiny_dir), val_fraction=0.2, batch_size=8),
-                   seed=0, device=CPU)
-    assert (d.num_classes, d.in_channels, d.image_size) == (4, 3, 64)
+@pytest.mark.parametrize("path", PATHS)
+def test_tinyimagenet_layout_labels_and_splits(tiny_dir, path):
+    d = build_data(_recipe(dataset="tinyimagenet", data_dir=str(tiny_dir), val_fraction=0.2, batch_size=8,
+                           data_path=path), seed=0, device=CPU)
+    assert (d.num_classes, d.in_channels, d.image_size, d.path) == (4, 3, 64, path)
     assert torch.bincount(d.splits["val"].labels, minlength=4).tolist() == [2] * 4
     assert len(d.splits["train"]) == 32 and len(d.splits["test"]) == 12
     # Classes are the sorted WordNet ids; the official val annotations label the test split.
     order = sorted(TINY_WNIDS)
-    test_paths = d.splits["test"].source.paths
+    test_paths = [d.splits["test"].source.paths[i] for i in d.splits["test"].indices.tolist()]
     ann = dict(line.split("\t")[:2] for line in
                (tiny_dir / "tiny-imagenet-200" / "val" / "val_annotations.txt").read_text().splitlines())
     assert [order[c] for c in d.splits["test"].labels.tolist()] == [ann[Path(p).name] for p in test_paths]
@@ -349,12 +287,14 @@ def test_tinyimagenet_missing_and_corrupt_files_are_named(tmp_path):
     base = write_tinyimagenet(tmp_path, per_class_train=4, per_class_val=1)
     bad = base / "train" / TINY_WNIDS[2] / "images" / f"{TINY_WNIDS[2]}_1.JPEG"
     bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG
-    # Decoding happens in a loader process; the error must still arrive as one line naming the file.
-    d = build_data(_recipe(dataset="tinyimagenet", data_dir=str(tmp_path), batch_size=16, loader_workers=1),
-                   seed=0, device=CPU)
-    with pytest.raises(UsageError) as err:
-        list(d.train_batches(epoch=0, num_views=1))
-    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+    # On the loader path decoding happens in a loader process, on the device path in a pool
+    # of threads; the error must still arrive as one line naming the file.
+    for path in PATHS:
+        d = build_data(_recipe(dataset="tinyimagenet", data_dir=str(tmp_path), batch_size=16, loader_workers=1,
+                               data_path=path), seed=0, device=CPU)
+        with pytest.raises(UsageError) as err:
+            list(d.train_batches(epoch=0, num_views=1))
+        assert str(bad) in str(err.value) and "\n" not in str(err.value), path
     (base / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn00000000\t0\t0\t1\t1\n")
     with pytest.raises(UsageError, match="val_annotations.txt: line 1"):
         build_data(_recipe(dataset="tinyimagenet", data_dir=str(tmp_path)), seed=0, device=CPU)

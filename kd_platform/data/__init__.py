@@ -3,12 +3,16 @@
 A :class:`DataModule` yields training batches already on the device (sharded across
 data-parallel workers, every shuffle and augmentation drawn from generators derived
 from ``(seed, epoch, rank)`` so a resumed run sees the same stream) and evaluation
-batches for the validation and test splits.
+batches for the validation and test splits. Its ``path`` says how the images get there:
+``"device"`` (held on the device, augmented in whole batches, ``device_data``) or
+``"loader"`` (DataLoader workers, one image at a time, ``loader_data``).
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
 import torch
@@ -18,7 +22,10 @@ from ..errors import UsageError
 from ..methods.base import Batch
 from ..recipe import Recipe
 
+log = logging.getLogger(__name__)
+
 _BUILDERS: dict[str, Callable[..., "DataModule"]] = {}
+_CHECKS: dict[str, Callable[[Recipe], None]] = {}
 _loaded = False
 
 
@@ -26,6 +33,7 @@ class DataModule(Protocol):
     num_classes: int
     in_channels: int
     image_size: int
+    path: str
 
     def steps_per_epoch(self) -> int: ...
 
@@ -34,10 +42,29 @@ class DataModule(Protocol):
     def eval_batches(self, split: str) -> Iterator[tuple[Tensor, Tensor]]: ...
 
 
-def register_dataset(name: str) -> Callable:
-    """Decorator registering ``builder(recipe, seed, device, rank, world) -> DataModule``."""
+@dataclass
+class PathNote:
+    """Which data path a module takes and why, logged at INFO the first time it yields a
+    training batch: a module built only to check a recipe or to read its shapes stays
+    quiet, so that a command's one-line error stays its only line."""
+    dataset: str
+    path: str
+    reason: str
+    _logged: bool = field(default=False, repr=False)
+
+    def log_once(self) -> None:
+        if not self._logged:
+            log.info("%s: %s data path (%s)", self.dataset, self.path, self.reason)
+            self._logged = True
+
+
+def register_dataset(name: str, check: Callable[[Recipe], None] | None = None) -> Callable:
+    """Decorator registering ``builder(recipe, seed, device, rank, world) -> DataModule``;
+    ``check(recipe)`` raises a UsageError for knobs the dataset cannot honour."""
     def wrap(builder: Callable[..., DataModule]) -> Callable[..., DataModule]:
         _BUILDERS[name] = builder
+        if check is not None:
+            _CHECKS[name] = check
         return builder
     return wrap
 
@@ -55,8 +82,18 @@ def _load_all() -> None:
         _loaded = True
 
 
-def build_data(recipe: Recipe, seed: int, device: torch.device, rank: int = 0, world: int = 1) -> DataModule:
+def check_recipe(recipe: Recipe) -> None:
+    """Fail now, with a UsageError, if the data of ``recipe`` (the recipe the data sees) cannot
+    be built as asked: an unknown dataset, ``data_path=device`` with an augmentation that has
+    no device form, or a knob the dataset itself refuses (digits has no loader path)."""
     _load_all()
     if recipe.dataset not in _BUILDERS:
         raise UsageError(f"unknown dataset '{recipe.dataset}'; known: {', '.join(sorted(_BUILDERS))}")
+    recipe.check_data_path()
+    if recipe.dataset in _CHECKS:
+        _CHECKS[recipe.dataset](recipe)
+
+
+def build_data(recipe: Recipe, seed: int, device: torch.device, rank: int = 0, world: int = 1) -> DataModule:
+    check_recipe(recipe)
     return _BUILDERS[recipe.dataset](recipe, seed, device, rank, world)

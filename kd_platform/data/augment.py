@@ -6,6 +6,10 @@ batches on the training device (:class:`Normaliser`), which is cheaper than per 
 the CPU and sends a quarter of the bytes to the device. The policy transforms
 (RandAugment, AutoAugment) are defined on 8-bit intensities anyway.
 
+The geometry both data paths share (shift padding, cutout side, rotation range, the
+mean colour) is defined here once; ``device_augment`` draws the same transforms for whole
+batches on the device.
+
 Every random draw comes from torch's global generator, which the loader re-seeds per
 sample from ``(seed, epoch, index, view)``; nothing here draws from Python's ``random``.
 """
@@ -16,7 +20,6 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from ..errors import UsageError
 from ..recipe import AUGMENTATIONS
@@ -52,9 +55,21 @@ class Cutout:
         return f"Cutout(size={self.size})"
 
 
-def mean_colour(mean: Sequence[float]) -> list[int]:
-    """The dataset's mean colour in 8-bit intensities: what normalisation maps to zero."""
-    return [int(round(255 * m)) for m in mean]
+def mean_colour(mean: Sequence[float], scale: float = 255.0) -> list[int]:
+    """The dataset's mean colour in stored intensities (``scale`` is the maximum one): what
+    normalisation maps to zero."""
+    return [int(round(scale * m)) for m in mean]
+
+
+def shift_padding(image_size: int) -> int:
+    """How far ``shift`` translates: ``image_size // 8`` (4 px at 32x32, the CIFAR convention),
+    at least 1."""
+    return max(1, image_size // 8)
+
+
+def cutout_size(image_size: int) -> int:
+    """Side of the cutout square: half the image side (16 px at 32x32)."""
+    return image_size // 2
 
 
 def build_pipeline(name: str, image_size: int, mean: Sequence[float],
@@ -62,16 +77,16 @@ def build_pipeline(name: str, image_size: int, mean: Sequence[float],
     """The training pipeline ``name`` (one of ``kd_platform.recipe.AUGMENTATIONS``) on ``uint8``
     images; ``mean`` (in [0, 1]) is the colour cutout paints.
 
-    ``shift`` pads by ``image_size // 8`` and crops back (zero fill), the CIFAR convention of
-    4 pixels at 32x32; cutout covers a square of half the image side (16 px at 32x32).
+    ``shift`` pads by :func:`shift_padding` and crops back (zero fill); cutout covers a
+    square of side :func:`cutout_size`.
     """
     if name not in AUGMENTATIONS:
         raise UsageError(f"unknown augmentation '{name}'; known: {', '.join(AUGMENTATIONS)}")
-    shift: list[Callable] = [v2.RandomCrop(image_size, padding=max(1, image_size // 8))]
+    shift: list[Callable] = [v2.RandomCrop(image_size, padding=shift_padding(image_size))]
     standard = shift + [v2.RandomHorizontalFlip()]
     steps = {"none": [], "shift": shift, "standard": standard,
              "rotate": standard + [v2.RandomRotation(ROTATION_DEGREES)],
-             "cutout": standard + [Cutout(image_size // 2, mean_colour(mean))],
+             "cutout": standard + [Cutout(cutout_size(image_size), mean_colour(mean))],
              "randaugment": standard + [v2.RandAugment()],
              "autoaugment": standard + [v2.AutoAugment(policy)]}[name]
     return v2.Compose(steps) if steps else _identity
@@ -82,14 +97,30 @@ def _identity(img: Tensor) -> Tensor:
 
 
 class Normaliser:
-    """``uint8`` batches to ``float32``, scaled to [0, 1] and standardised per channel, on
-    whatever device the batch lives on."""
+    """``uint8`` batches to ``float32``: divided by ``scale`` (the dataset's maximum stored
+    intensity) and standardised per channel, on whatever device the batch lives on.
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean, self.std = list(mean), list(std)
+    The statistics are kept as tensors per device: building them from Python lists every
+    batch would copy them to the device every step, and such a copy waits for the host.
+    Dividing (rather than multiplying by ``1 / scale``) keeps ``scale=240`` exact for digits'
+    0..16 values stored times 15.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], scale: float = 255.0) -> None:
+        if not all(std):
+            raise ValueError("a standard deviation of zero")
+        self.mean, self.std, self.scale = list(mean), list(std), float(scale)
+        self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._stats:
+            self._stats[device] = (torch.tensor(self.mean, device=device).view(-1, 1, 1),
+                                   torch.tensor(self.std, device=device).view(-1, 1, 1))
+        return self._stats[device]
 
     def __call__(self, batch: Tensor) -> Tensor:
-        return TF.normalize(TF.to_dtype(batch, torch.float32, scale=True), self.mean, self.std)
+        mean, std = self._on(batch.device)
+        return batch.to(torch.float32).div_(self.scale).sub_(mean).div_(std)
 
 
 def view_pipeline_names(augment: str, view_augments: Sequence[str], num_views: int) -> list[str]:

@@ -14,6 +14,9 @@ checksums differ); a file that reader cannot make sense of is reported by name.
 
 The validation split is a stratified, seeded ``val_fraction`` of the official training set;
 the official test set is the test split.
+
+The pickles already hold decoded ``uint8`` arrays, so the device data path copies them to
+the device as they are; there is nothing to decode and no decode cache.
 """
 from __future__ import annotations
 
@@ -30,8 +33,10 @@ from torchvision.datasets.utils import check_integrity
 
 from ..errors import UsageError
 from ..recipe import Recipe
-from . import register_dataset
-from .loader_data import ArraySource, LoaderDataModule, Split, check_labels, data_root, split_train
+from . import DataModule, register_dataset
+from .data_path import build_file_data
+from .sources import ArraySource, data_root
+from .split import Split, check_labels, split_train
 
 log = logging.getLogger(__name__)
 
@@ -174,20 +179,20 @@ def load_arrays(fmt: CifarFormat, root: Path) -> Arrays:
 
 
 def build_cifar(fmt: CifarFormat, recipe: Recipe, seed: int, device: torch.device, rank: int,
-                world: int) -> LoaderDataModule:
+                world: int) -> DataModule:
     x_train, y_train, x_test, y_test = load_arrays(fmt, data_root(recipe))
     train = Split(ArraySource(x_train), torch.arange(len(y_train)), torch.from_numpy(y_train))
     test = Split(ArraySource(x_test), torch.arange(len(y_test)), torch.from_numpy(y_test))
     splits = {**split_train(train, recipe.val_fraction, seed), "test": test}
-    return LoaderDataModule(recipe.dataset, splits, fmt.num_classes, IMAGE_SIZE, fmt.mean, fmt.std,
-                            recipe, seed, device, rank, world)
+    return build_file_data(recipe.dataset, splits, fmt.num_classes, IMAGE_SIZE, fmt.mean, fmt.std,
+                           recipe, seed, device, rank, world)
 
 
 @register_dataset("cifar10")
-def build_cifar10(recipe: Recipe, seed: int, device: torch.device, rank: int, world: int) -> LoaderDataModule:
+def build_cifar10(recipe: Recipe, seed: int, device: torch.device, rank: int, world: int) -> DataModule:
     return build_cifar(CIFAR10, recipe, seed, device, rank, world)
 
 
 @register_dataset("cifar100")
-def build_cifar100(recipe: Recipe, seed: int, device: torch.device, rank: int, world: int) -> LoaderDataModule:
+def build_cifar100(recipe: Recipe, seed: int, device: torch.device, rank: int, world: int) -> DataModule:
     return build_cifar(CIFAR100, recipe, seed, device, rank, world)

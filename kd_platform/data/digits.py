@@ -3,31 +3,54 @@ installed package: the embedded default, needing no download.
 
 Digits has no official test split, so a fixed stratified 20% (seed 0, independent of the
 run's seed) plays that role; validation is then held out of the rest with the run's seed.
+
+The whole set is 115 KB, so it always takes the device data path (``device_data``). Its
+intensities are 0..16; stored as ``uint8`` times 15 (0..240) and normalised with scale
+240, mean 0.5 and std 0.5, the network sees exactly ``(x / 16 - 0.5) / 0.5``.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from ..recipe import Recipe
+from ..errors import UsageError
+from ..recipe import DEVICE_AUGMENTATIONS, Recipe
 from . import register_dataset
-from .split import stratified_split
-from .tensor_data import TensorDataModule
+from .device_data import DeviceDataModule
+from .sources import ArraySource
+from .split import Split, split_train, stratified_split
 
 TEST_FRACTION = 0.2
+STORED_MAX = 240  # 16 * 15: the largest stored intensity
+MEAN, STD = (0.5,), (0.5,)
 
 
-def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Images ``uint8 (N, 8, 8, 1)`` holding the raw 0..16 values times 15, and labels."""
     from sklearn.datasets import load_digits
     raw = load_digits()
-    x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    return (x - 0.5) / 0.5, torch.tensor(raw.target, dtype=torch.long)
+    images = (raw.images * (STORED_MAX // 16)).round().astype(np.uint8)[..., None]
+    return images, raw.target.astype(np.int64)
 
 
-@register_dataset("digits")
-def build_digits(recipe: Recipe, seed: int, device: torch.device, rank: int, world: int) -> TensorDataModule:
-    x, y = load_digits_tensors()
+def check_digits(recipe: Recipe) -> None:
+    """Digits lives on the device: no loader path, and only augmentations with device forms."""
+    if recipe.data_path == "loader":
+        raise UsageError("knob 'data_path': dataset 'digits' is held in memory and has no loader path")
+    for knob, names in (("augment", [recipe.augment]), ("view_augments", recipe.view_augment_list())):
+        lacking = [a for a in names if a not in DEVICE_AUGMENTATIONS]
+        if lacking:
+            raise UsageError(f"knob '{knob}': dataset 'digits' is held in memory and its device path has "
+                             f"no '{lacking[0]}' augmentation (it has {', '.join(DEVICE_AUGMENTATIONS)})")
+
+
+@register_dataset("digits", check=check_digits)
+def build_digits(recipe: Recipe, seed: int, device: torch.device, rank: int, world: int) -> DeviceDataModule:
+    images, labels = load_digits_arrays()
+    y = torch.from_numpy(labels)
     rest, test = stratified_split(y, TEST_FRACTION, seed=0)
-    train_rel, val_rel = stratified_split(y[rest], recipe.val_fraction, seed=seed)
-    train, val = rest[train_rel], rest[val_rel]
-    splits = {"train": (x[train], y[train]), "val": (x[val], y[val]), "test": (x[test], y[test])}
-    return TensorDataModule(splits, 10, recipe.batch_size, recipe.augment, seed, device, rank, world)
+    source = ArraySource(images)
+    splits = {**split_train(Split(source, rest, y[rest]), recipe.val_fraction, seed),
+              "test": Split(source, test, y[test])}
+    return DeviceDataModule("digits", splits, 10, MEAN, STD, recipe, seed, device, rank, world,
+                            scale=STORED_MAX, reason="digits is held in memory")

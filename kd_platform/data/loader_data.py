@@ -9,89 +9,30 @@ which sample: every sample's augmentation is drawn from a generator seeded by
 ``(seed, epoch, sample index, view)``, and the epoch's order is one permutation seeded by
 ``(seed, epoch)``, shared by all data-parallel ranks, each taking its own disjoint share.
 A resumed run therefore sees exactly the stream the interrupted one would have seen.
+
+This is the path for augmentations that exist only per image (RandAugment, AutoAugment)
+and for data too large for the device; the others usually take ``device_data``. Splits,
+epoch orders, batch counts and the 'val' fallback come from ``split``, shared by both.
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from ..errors import UsageError
 from ..methods.base import Batch
 from ..recipe import Recipe
+from . import PathNote
 from .augment import Normaliser, Pipeline, build_pipeline, view_pipeline_names
-from .split import generator, shard, stratified_split
+from .split import EVAL_BATCH_SIZE, EvalSplits, Split, batches_per_epoch, epoch_order, generator
 
-log = logging.getLogger(__name__)
-
-EVAL_BATCH_SIZE = 500
 MAX_AUTO_WORKERS = 8
-
-
-class ImageSource(Protocol):
-    """Random access to the images of one file set, as ``uint8`` tensors ``(C, H, W)``."""
-
-    def __len__(self) -> int: ...
-
-    def image(self, i: int) -> Tensor: ...
-
-
-class ArraySource:
-    """Images already decoded into one ``uint8`` array ``(N, H, W, C)`` (CIFAR's pickles)."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array = array
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def image(self, i: int) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.array[i].transpose(2, 0, 1)))
-
-
-class FileSource:
-    """One image file per sample (TinyImageNet's JPEGs), decoded to RGB on access."""
-
-    def __init__(self, paths: Sequence[str], image_size: int) -> None:
-        self.paths = list(paths)
-        self.image_size = image_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def image(self, i: int) -> Tensor:
-        from PIL import Image
-        path = self.paths[i]
-        try:
-            with Image.open(path) as im:
-                # Some TinyImageNet JPEGs are greyscale; every network expects three channels.
-                img = TF.pil_to_tensor(im.convert("RGB"))
-        except (OSError, ValueError, SyntaxError) as err:
-            raise UsageError(f"corrupt image file {path}: {err}") from None
-        if img.shape[-2:] != (self.image_size, self.image_size):
-            img = TF.resize(img, [self.image_size, self.image_size], antialias=True)
-        return img
-
-
-@dataclass
-class Split:
-    """Samples ``indices`` of ``source`` with their class ``labels`` (aligned with ``indices``)."""
-    source: ImageSource
-    indices: Tensor
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 def sample_seed(*parts: int) -> int:
@@ -136,24 +77,18 @@ class _EvalSet(Dataset):
 
 
 class _EpochBatches:
-    """Batch sampler of one rank: the epoch's permutation from ``generator(seed, epoch)`` (the
-    same on every rank), this rank's equal share of it (:func:`shard`), cut into batches.
-
-    A final batch of a single sample is dropped: BatchNorm cannot normalise one sample."""
+    """Batch sampler of one rank: its share of the epoch's order (:func:`epoch_order`), cut
+    into batches (:func:`batches_per_epoch`)."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int) -> None:
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.epoch, self.num_views = 0, 1
 
-    def per_rank(self) -> int:
-        return (self.n - self.n % self.world) // self.world
-
     def __len__(self) -> int:
-        full, rest = divmod(self.per_rank(), self.batch_size)
-        return full + (rest > 1)
+        return batches_per_epoch(self.n, self.batch_size, self.world)
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        order = shard(torch.randperm(self.n, generator=generator(self.seed, self.epoch)), self.rank, self.world)
+        order = epoch_order(self.n, self.seed, self.epoch, self.rank, self.world)
         for b in range(len(self)):
             part = order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
             yield [(p, self.epoch, self.num_views) for p in part]
@@ -220,24 +155,22 @@ def _guarded(loader: Iterable) -> Iterator:
 
 class LoaderDataModule:
     """Train, validation and test splits of a file dataset behind one ``DataLoader`` each.
-
-    With ``val_fraction=0`` there is no validation split: ``eval_batches("val")`` then yields
-    the test set, with a warning, and ``val_is_test`` is true, so that a caller can refuse
-    to tune on it. That is for final runs trained on the whole official train set, whose
-    per-epoch curves are then test curves; it must never drive a sweep.
-    """
+    'val' without a validation split reads the test set (:class:`split.EvalSplits`)."""
 
     in_channels = 3
+    path = "loader"
 
     def __init__(self, name: str, splits: dict[str, Split], num_classes: int, image_size: int,
                  mean: Sequence[float], std: Sequence[float], recipe: Recipe, seed: int,
                  device: torch.device, rank: int, world: int,
-                 policy: v2.AutoAugmentPolicy = v2.AutoAugmentPolicy.CIFAR10) -> None:
+                 policy: v2.AutoAugmentPolicy = v2.AutoAugmentPolicy.CIFAR10,
+                 reason: str = "data_path=loader") -> None:
         self.name, self.splits = name, splits
+        self.note = PathNote(name, self.path, reason)
         self.num_classes, self.image_size = num_classes, image_size
         self.device, self.rank, self.world, self.seed = device, rank, world, seed
-        self.val_is_test = "val" not in splits
-        self._warned_val = False
+        self._evals = EvalSplits(name, splits)
+        self.val_is_test = self._evals.val_is_test
         self.normalise = Normaliser(mean, std)
         self.batch_size = max(1, recipe.batch_size // world)
         self.workers = default_workers(world) if recipe.loader_workers < 0 else recipe.loader_workers
@@ -248,9 +181,6 @@ class LoaderDataModule:
         train_set = _TrainSet(splits["train"], seed, recipe.augment, recipe.view_augment_list(), pipelines)
         self._train = self._loader(train_set, self._sampler, persistent=True)
         self._eval: dict[str, DataLoader] = {}
-        if self.val_is_test:
-            log.warning("%s: val_fraction=0, so no validation split is held out; 'val' metrics are "
-                        "measured on the TEST set (fine for a final run, never for tuning)", name)
 
     def _loader(self, dataset: Dataset, batch_sampler: object, persistent: bool) -> DataLoader:
         return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.workers, pin_memory=self.pin,
@@ -263,18 +193,13 @@ class LoaderDataModule:
         return self.normalise(x.to(self.device, non_blocking=self.pin))
 
     def train_batches(self, epoch: int, num_views: int) -> Iterator[Batch]:
+        self.note.log_once()
         self._sampler.epoch, self._sampler.num_views = epoch, num_views
         for views, y in _guarded(self._train):
             yield Batch([self._to_device(v) for v in views], y.to(self.device, non_blocking=self.pin))
 
     def eval_batches(self, split: str) -> Iterator[tuple[Tensor, Tensor]]:
-        if split == "val" and self.val_is_test:
-            if not self._warned_val:
-                log.warning("%s: evaluating 'val' on the test set (val_fraction=0)", self.name)
-                self._warned_val = True
-            split = "test"
-        if split not in self.splits:
-            raise UsageError(f"dataset '{self.name}' has no split '{split}'")
+        split = self._evals.resolve(split)
         if split not in self._eval:
             data = self.splits[split]
             # The validation loader runs every epoch, the test loader once at the end.
@@ -283,24 +208,3 @@ class LoaderDataModule:
                                              persistent=split == "val")
         for x, y in _guarded(self._eval[split]):
             yield self._to_device(x), y.to(self.device, non_blocking=self.pin)
-
-
-def data_root(recipe: Recipe) -> Path:
-    if not recipe.data_dir:
-        raise UsageError(f"dataset '{recipe.dataset}' is read from files: set knob 'data_dir' to the "
-                         "directory that holds them")
-    return Path(recipe.data_dir).expanduser()
-
-
-def split_train(train: Split, val_fraction: float, seed: int) -> dict[str, Split]:
-    """``train`` and a stratified, seeded ``val`` held out of it (none when the fraction is 0)."""
-    if val_fraction <= 0:
-        return {"train": train}
-    kept, held = stratified_split(train.labels, val_fraction, seed)
-    return {"train": Split(train.source, train.indices[kept], train.labels[kept]),
-            "val": Split(train.source, train.indices[held], train.labels[held])}
-
-
-def check_labels(labels: Tensor, num_classes: int, where: str) -> None:
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise UsageError(f"{where}: labels outside 0..{num_classes - 1}")

@@ -1,8 +1,29 @@
-"""Seeded, stratified splits and per-(seed, epoch, rank) generators."""
+"""Seeded, stratified splits, per-(seed, epoch, rank) generators, and the sample bookkeeping
+every data path shares: which samples a split holds, which of them one rank trains on in
+an epoch and in what order, how many batches that makes, and where 'val' points when no
+validation split was held out.
+
+Both data paths (``loader_data`` and ``device_data``) take their splits, epoch orders and
+batch counts from here, so switching ``data_path`` changes how images reach the device,
+never which images a step sees.
+"""
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from torch import Tensor
+
+from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from .sources import ImageSource
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH_SIZE = 500
 
 
 def generator(*parts: int) -> torch.Generator:
@@ -32,3 +53,69 @@ def shard(indices: Tensor, rank: int, world: int) -> Tensor:
     every worker runs the same number of steps and collective calls stay in lockstep)."""
     usable = len(indices) - len(indices) % world
     return indices[:usable][rank::world]
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> Tensor:
+    """Positions ``0..n-1`` this rank visits in ``epoch``, in order: one permutation seeded by
+    ``(seed, epoch)`` shared by every rank, each taking its own disjoint share of it."""
+    return shard(torch.randperm(n, generator=generator(seed, epoch)), rank, world)
+
+
+def batches_per_epoch(n: int, batch_size: int, world: int) -> int:
+    """Batches one rank draws from ``n`` training samples. A final batch of a single sample is
+    dropped: BatchNorm cannot normalise one sample."""
+    full, rest = divmod((n - n % world) // world, batch_size)
+    return full + (rest > 1)
+
+
+@dataclass
+class Split:
+    """Samples ``indices`` of ``source`` with their class ``labels`` (aligned with ``indices``)."""
+    source: "ImageSource"
+    indices: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def split_train(train: Split, val_fraction: float, seed: int) -> dict[str, Split]:
+    """``train`` and a stratified, seeded ``val`` held out of it (none when the fraction is 0)."""
+    if val_fraction <= 0:
+        return {"train": train}
+    kept, held = stratified_split(train.labels, val_fraction, seed)
+    return {"train": Split(train.source, train.indices[kept], train.labels[kept]),
+            "val": Split(train.source, train.indices[held], train.labels[held])}
+
+
+def check_labels(labels: Tensor, num_classes: int, where: str) -> None:
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise UsageError(f"{where}: labels outside 0..{num_classes - 1}")
+
+
+class EvalSplits:
+    """Which split ``eval_batches(name)`` reads.
+
+    With ``val_fraction=0`` there is no validation split: 'val' then reads the test set,
+    with a warning, and ``val_is_test`` is true, so that a caller can refuse to tune on it.
+    That is for final runs trained on the whole official train set, whose per-epoch curves
+    are then test curves; it must never drive a sweep.
+    """
+
+    def __init__(self, dataset: str, splits: Mapping[str, object]) -> None:
+        self.dataset, self.names = dataset, set(splits)
+        self.val_is_test = "val" not in self.names and "test" in self.names
+        self._warned = False
+        if self.val_is_test:
+            log.warning("%s: val_fraction=0, so no validation split is held out; 'val' metrics are "
+                        "measured on the TEST set (fine for a final run, never for tuning)", dataset)
+
+    def resolve(self, split: str) -> str:
+        if split == "val" and self.val_is_test:
+            if not self._warned:
+                log.warning("%s: evaluating 'val' on the test set (val_fraction=0)", self.dataset)
+                self._warned = True
+            split = "test"
+        if split not in self.names:
+            raise UsageError(f"dataset '{self.dataset}' has no split '{split}'")
+        return split

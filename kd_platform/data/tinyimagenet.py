@@ -12,8 +12,10 @@ the official validation set is the test split, and our validation split is a str
 seeded ``val_fraction`` of the training images. Class ``i`` is the ``i``-th WordNet id in
 sorted order, as a folder-per-class reader would number them.
 
-Images are decoded in the loader workers; a file that does not decode stops the run with
-a one-line error naming it.
+On the loader path images are decoded in the loader workers; on the device path all of
+them are decoded once into one array cached under ``tiny-imagenet-200/.kd_decoded/`` (or
+``~/.cache/kd_platform/decoded/`` when the data directory is read-only; see ``sources``).
+Either way a file that does not decode stops the run with a one-line error naming it.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ from torchvision.transforms import v2
 
 from ..errors import UsageError
 from ..recipe import Recipe
-from . import register_dataset
-from .loader_data import FileSource, LoaderDataModule, Split, data_root, split_train
+from . import DataModule, register_dataset
+from .data_path import build_file_data
+from .sources import CACHE_FOLDER, FileSource, data_root
+from .split import Split, split_train
 
 IMAGE_SIZE = 64
 FOLDER = "tiny-imagenet-200"
@@ -91,13 +95,16 @@ def list_val(base: Path, wnids: list[str]) -> tuple[list[str], list[int]]:
 
 
 @register_dataset("tinyimagenet")
-def build_tinyimagenet(recipe: Recipe, seed: int, device: torch.device, rank: int, world: int) -> LoaderDataModule:
+def build_tinyimagenet(recipe: Recipe, seed: int, device: torch.device, rank: int, world: int) -> DataModule:
     base = find_base(data_root(recipe))
     wnids = read_wnids(base)
     train_paths, train_labels = list_train(base, wnids)
     test_paths, test_labels = list_val(base, wnids)
-    train = Split(FileSource(train_paths, IMAGE_SIZE), torch.arange(len(train_paths)), torch.tensor(train_labels))
-    test = Split(FileSource(test_paths, IMAGE_SIZE), torch.arange(len(test_paths)), torch.tensor(test_labels))
+    # One source for both splits: the device path decodes (and caches) one array.
+    source = FileSource(train_paths + test_paths, IMAGE_SIZE, cache_dir=base / CACHE_FOLDER)
+    n_train = len(train_paths)
+    train = Split(source, torch.arange(n_train), torch.tensor(train_labels))
+    test = Split(source, torch.arange(n_train, n_train + len(test_paths)), torch.tensor(test_labels))
     splits = {**split_train(train, recipe.val_fraction, seed), "test": test}
-    return LoaderDataModule(recipe.dataset, splits, len(wnids), IMAGE_SIZE, MEAN, STD, recipe, seed, device,
-                            rank, world, policy=v2.AutoAugmentPolicy.IMAGENET)
+    return build_file_data(recipe.dataset, splits, len(wnids), IMAGE_SIZE, MEAN, STD, recipe, seed, device,
+                           rank, world, policy=v2.AutoAugmentPolicy.IMAGENET)
