@@ -46,6 +46,13 @@ CASES = {
     "preset for another method": (["platform.sweep", "okdph", "--preset", "cifar100-resnet56-resnet20"],
                                   "not 'okdph'"),
     "unknown preset": (["platform.train", "okdph", "--preset", "imagenet-vit"], "imagenet-vit"),
+    "fused peers for a multi-branch method": (["platform.sweep", "pcl", "--set", "fused=true"], "'fused'"),
+    "fused peers for an offline method": (["platform.train", "kd", "--set", "fused=true"], "'fused'"),
+    "fused peers of an unstackable architecture": (["platform.sweep", "dml", "--set", "fused=true",
+                                                    "--set", "arch=densenet40_12"], "densenet40_12"),
+    "device data path without the augmentation": (["platform.sweep", "ce", "--set", "dataset=cifar10",
+                                                   "--set", "data_dir={tmp}", "--set", "data_path=device",
+                                                   "--set", "augment=randaugment"], "'data_path'"),
 }
 
 
