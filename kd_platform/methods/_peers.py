@@ -87,11 +87,13 @@ class Peers(nn.Module):
         the mixture sends ``r_i`` times its gradient to peer ``i``. Float buffers (BatchNorm
         statistics) are mixed the same way; integer buffers come from the first peer."""
         out: State = {}
-        for key, stack in self.stacked().items():
-            out[key] = torch.tensordot(r.to(stack), stack if keep_grad else stack.detach(), dims=1)
+        params = self.stacked()
+        r = r.to(next(iter(params.values())))  # one host-to-device copy per step, not one per tensor
+        for key, stack in params.items():
+            out[key] = torch.tensordot(r, stack if keep_grad else stack.detach(), dims=1)
         with torch.no_grad():
             for key, stack in self.stacked(buffers=True).items():
-                out[key] = torch.tensordot(r.to(stack), stack, dims=1)
+                out[key] = torch.tensordot(r.to(stack.dtype), stack, dims=1)
             for key, b in self.first_int_buffers().items():
                 out[key] = b.clone()
         return out
