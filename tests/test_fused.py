@@ -187,11 +187,14 @@ def _one_epoch(fused: str, tmp=None):
     return history[-1]
 
 
-def test_fused_and_unfused_runs_give_the_same_metrics_on_digits(tmp_path):
+def test_fused_and_unfused_runs_give_the_same_metrics_on_digits(tmp_path, float64):
+    # In float64 through the whole engine (the data follows the default dtype): float32's other
+    # kernels for grouped convolutions round differently, and one epoch of training at lr 0.1
+    # amplifies that into a flipped prediction or two.
     a, b = _one_epoch("true", tmp_path), _one_epoch("false")
     for key in ("val/acc/students_mean", "val/acc/ensemble", "val/acc/hwm", "test/acc/students_mean"):
         assert a[key] == pytest.approx(b[key], abs=1e-9), key
-    assert a["train/loss/loss"] == pytest.approx(b["train/loss/loss"], rel=1e-4)
+    assert a["train/loss/loss"] == pytest.approx(b["train/loss/loss"], rel=1e-9)
     # The checkpoint records the layout: a resume that would resolve it otherwise is refused.
     spec = RunSpec.from_flat("okdph", {"epochs": 2, "fused": "false"}, seed=3)
     with pytest.raises(UsageError, match="fused=true"):

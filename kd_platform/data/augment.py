@@ -97,7 +97,8 @@ def _identity(img: Tensor) -> Tensor:
 
 
 class Normaliser:
-    """``uint8`` batches to ``float32``: divided by ``scale`` (the dataset's maximum stored
+    """``uint8`` batches to the default float dtype (``float32`` unless a caller changed it):
+    divided by ``scale`` (the dataset's maximum stored
     intensity) and standardised per channel, on whatever device the batch lives on.
 
     The statistics are kept as tensors per device: building them from Python lists every
@@ -110,17 +111,18 @@ class Normaliser:
         if not all(std):
             raise ValueError("a standard deviation of zero")
         self.mean, self.std, self.scale = list(mean), list(std), float(scale)
-        self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._stats: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
-    def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        if device not in self._stats:
-            self._stats[device] = (torch.tensor(self.mean, device=device).view(-1, 1, 1),
-                                   torch.tensor(self.std, device=device).view(-1, 1, 1))
-        return self._stats[device]
+    def _on(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if (device, dtype) not in self._stats:
+            self._stats[device, dtype] = (torch.tensor(self.mean, device=device, dtype=dtype).view(-1, 1, 1),
+                                          torch.tensor(self.std, device=device, dtype=dtype).view(-1, 1, 1))
+        return self._stats[device, dtype]
 
     def __call__(self, batch: Tensor) -> Tensor:
-        mean, std = self._on(batch.device)
-        return batch.to(torch.float32).div_(self.scale).sub_(mean).div_(std)
+        dtype = torch.get_default_dtype()
+        mean, std = self._on(batch.device, dtype)
+        return batch.to(dtype).div_(self.scale).sub_(mean).div_(std)
 
 
 def view_pipeline_names(augment: str, view_augments: Sequence[str], num_views: int) -> list[str]:
