@@ -168,7 +168,8 @@ def sweep_parser() -> argparse.ArgumentParser:
                 description="Sweep a distillation method's knobs with Ray Tune (Optuna TPE + ASHA), logged to MLflow.")
     _common(p)
     p.add_argument("--samples", type=_positive_int, help="trials to run (default: the space file's)")
-    p.add_argument("--max-concurrent", type=_positive_int, help="trials at once (default: CPUs / CPUs per trial)")
+    p.add_argument("--max-concurrent", type=_positive_int,
+                   help="trials at once (default: as many as the Ray cluster's CPUs and GPUs fit)")
     p.add_argument("--name", help="sweep name (default METHOD-YYYYmmdd-HHMMSS)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="SWEEP_DIR",
                    help="finish an interrupted sweep (default: the newest one of METHOD in --out)")
@@ -217,13 +218,11 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
     samples = ablation.trials if ablation else (args.samples or space.samples)
     epochs = _epochs(args, space)
     launch = _launch(args)
-    cpus = os.cpu_count() or 1
-    per_trial = launch.cpus * launch.workers
-    max_concurrent = args.max_concurrent or max(1, min(samples, int(cpus // per_trial) or 1))
     name = args.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (args.out / name).exists():
         raise UsageError(f"sweep directory '{args.out / name}' already exists (use --resume or another --name)")
-    return SweepSettings(args.method, space, samples, epochs, max_concurrent, args.seed, uri,
+    # No --max-concurrent: run_sweep fits as many trials as the Ray cluster's CPUs and GPUs hold.
+    return SweepSettings(args.method, space, samples, epochs, args.max_concurrent, args.seed, uri,
                          args.experiment or args.method, args.out.resolve(), name, launch, address=args.address,
                          verbose=0 if args.quiet else 1, ablation=ablation)
 

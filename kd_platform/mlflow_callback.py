@@ -17,7 +17,9 @@ from .engine import RunSpec
 from .teachers import record_teacher
 
 TRIAL_TAG = "ray.trial_id"
-PLACEMENT_KEYS = ("node_id", "train_worker_nodes")  # strings a trial reports about where it trains
+# Strings a trial reports about where it trains (trial.py); gpu_ids is "" on a CPU trial.
+PLACEMENT_KEYS = ("node_id", "gpu_ids", "train_worker_nodes", "train_worker_gpus")
+GPU_KEYS = ("gpu_ids", "train_worker_gpus")  # tagged even when empty: the run had no GPU
 REPLAYED_TAG = "epochs_replayed"
 
 
@@ -93,9 +95,10 @@ class MlflowTrialLogger(Callback):
         self.tag_placement(trial, run_id, result)
 
     def tag_placement(self, trial: Any, run_id: str, result: dict) -> None:
-        """Tags the run with the node(s) it trains on; written on the first result and again
-        only if a restarted trial reports another placement, not once per epoch."""
-        placement = {k: str(result[k]) for k in PLACEMENT_KEYS if result.get(k)}
+        """Tags the run with the node(s) and GPU(s) it trains on; written on the first result
+        and again only if a restarted trial reports another placement, not once per epoch."""
+        placement = {k: str(result[k]) for k in PLACEMENT_KEYS
+                     if result.get(k) or (k in result and k in GPU_KEYS)}
         if placement and placement != self.placement.get(trial.trial_id):
             tracking.set_tags(self.client, run_id, placement)
             self.placement[trial.trial_id] = placement

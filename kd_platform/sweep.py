@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ class SweepSettings:
     space: SearchSpace
     samples: int
     epochs: int
-    max_concurrent: int
+    max_concurrent: int | None  # None: as many trials as the Ray cluster fits, resolved by run_sweep
     seed: int
     tracking_uri: str
     experiment: str
@@ -114,6 +115,88 @@ def _init_ray(address: str | None, dashboard: bool) -> None:
         ray.init(include_dashboard=dashboard, logging_level=logging.WARNING, configure_logging=True)
 
 
+@dataclass(frozen=True)
+class Packing:
+    """How many trials run at once, and how they share the cluster's GPUs."""
+    max_concurrent: int
+    trials_per_gpu: float | None  # None when trials take no GPU
+    line: str                     # one line for the console; empty when trials take no GPU
+
+
+def _count(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _plural(x: float, word: str) -> str:
+    return f"{_count(x)} {word}{'' if 0 < x <= 1 else 's'}"
+
+
+def _max_resources() -> dict[str, float] | None:
+    """The most an autoscaling cluster can grow to (what Ray Train itself checks), or None
+    where the cluster publishes no autoscaler config (a fixed or local cluster)."""
+    try:
+        from ray._private.state import state
+        found = state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API: any failure only means "not known"
+        return None
+    return {k: float(v) for k, v in found.items()} if found else None
+
+
+def plan_packing(launch: Launch, samples: int, resources: dict[str, float], max_concurrent: int | None = None,
+                 max_resources: dict[str, float] | None = None, resumed: bool = False) -> Packing:
+    """Trials at once: ``max_concurrent`` when given, else as many as the cluster's CPUs and
+    (when trials take GPUs) GPUs fit, at most ``samples`` and at least one.
+
+    A trial needs ``launch.cpus`` CPUs and ``launch.gpus`` GPUs per worker; a TorchTrainer
+    trial also holds 0.01 CPU for its driver (see ``_trainable``). Ray never splits one
+    fractional GPU request across GPUs, so a GPU takes ``floor(1 / gpus)`` workers."""
+    workers = 1 if launch.in_process() else launch.workers
+    cpu_need = launch.cpus * workers + (0 if launch.in_process() else 0.01)
+    totals = {k: float(resources.get(k, 0.0)) for k in ("CPU", "GPU")}
+    grows = {k: v for k, v in (max_resources or {}).items() if k in totals and v > totals[k]}
+    usable = {**totals, **grows}
+    eps = 1e-9
+    fits = {"CPU": math.floor(usable["CPU"] / cpu_need + eps)}
+    per_gpu: float | None = None
+    if launch.gpus > 0:
+        whole = math.floor(usable["GPU"] + eps)
+        if launch.gpus < 1:
+            slots = math.floor(1 / launch.gpus + eps)  # workers one GPU takes
+            per_gpu = slots / workers
+            worker_slots = whole * slots
+        else:
+            per_gpu = 1 / (launch.gpus * workers)
+            worker_slots = math.floor(whole / launch.gpus + eps)
+        if whole > 0:
+            fits["GPU"] = worker_slots // workers
+    fit = max(1, min(samples, *fits.values()))
+    chosen = max_concurrent if max_concurrent is not None else fit
+    if launch.gpus <= 0:
+        return Packing(chosen, None, "")
+    each = f"{_plural(launch.gpus, 'GPU')} and {_plural(launch.cpus, 'CPU')} each"
+    if workers == 1:
+        head = f"Packing: {_plural(per_gpu, 'trial')} per GPU ({each})" if per_gpu >= 1 else \
+            f"Packing: 1 trial per {_plural(1 / per_gpu, 'GPU')} ({each})"
+    else:
+        head = (f"Packing: {workers} Ray Train workers per trial ({each}), "
+                f"{_plural(per_gpu, 'trial')} per GPU")
+    cluster = f"{_plural(totals['GPU'], 'GPU')} and {_plural(totals['CPU'], 'CPU')} in the cluster"
+    if grows:
+        cluster += (" now, up to " + " and ".join(_plural(usable[k], k) for k in ("GPU", "CPU") if k in grows)
+                    + " as the autoscaler adds nodes")
+    if "GPU" not in fits:
+        cluster += " (no GPU yet: trials wait for GPU nodes to join)"
+    if resumed:
+        tail = f"up to {chosen} trials at once, as when the sweep started"
+    elif max_concurrent is not None:
+        tail = f"{fit} fit at once, --max-concurrent runs up to {chosen}"
+    else:
+        tail = f"up to {chosen} trials at once"
+        if "GPU" in fits and fits["CPU"] < fits["GPU"] and fit == fits["CPU"] < samples:
+            tail += " (the CPUs are the limit)"
+    return Packing(chosen, round(per_gpu, 4), f"{head}; {cluster}: {tail}")
+
+
 def _trainable(s: SweepSettings) -> Any:
     from ray import tune
     fn = tune.with_parameters(run_trial, method=s.method, fixed=s.trial_fixed,
@@ -128,7 +211,7 @@ def _trainable(s: SweepSettings) -> Any:
     return tune.with_resources(fn, resources)
 
 
-def _parent_run(s: SweepSettings, c: Any, experiment_id: str) -> str:
+def _parent_run(s: SweepSettings, c: Any, experiment_id: str, trials_per_gpu: float | None) -> str:
     if s.parent_run_id:
         c.update_run(s.parent_run_id, status="RUNNING")
         return s.parent_run_id
@@ -141,6 +224,7 @@ def _parent_run(s: SweepSettings, c: Any, experiment_id: str) -> str:
               "metric": s.space.metric, "mode": s.space.mode, "space_file": s.space.source,
               "workers_per_trial": s.launch.workers, "cpus_per_trial": s.launch.cpus,
               "gpus_per_trial": s.launch.gpus,
+              **({"trials_per_gpu": _count(trials_per_gpu)} if trials_per_gpu is not None else {}),
               **{f"fixed.{k}": v for k, v in s.space.fixed.items()},
               **{f"swept.{k}": json.dumps(v) for k, v in s.space.swept.items()}}
     if s.ablation:
@@ -148,7 +232,11 @@ def _parent_run(s: SweepSettings, c: Any, experiment_id: str) -> str:
         params.update({"ablate": ",".join(a.knobs), "seeds": len(a.seeds), "from_sweep": a.from_sweep or "",
                        **{f"default.{k}": v for k, v in a.defaults.items()},
                        **{f"pinned.{k}": v for k, v in a.pinned.items()}})
-    tracking.log_params(c, run.info.run_id, params)
+    try:
+        tracking.log_params(c, run.info.run_id, params)
+    except BaseException:
+        c.set_terminated(run.info.run_id, status="FAILED")
+        raise
     return run.info.run_id
 
 
@@ -162,17 +250,25 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
     from .mlflow_callback import MlflowTrialLogger
 
     t0 = time.perf_counter()
+    # Ray first: the default concurrency comes from the cluster's resources, and it is what
+    # the parent run logs. A failure here leaves nothing in MLflow.
+    _init_ray(s.address, dashboard=not s.launch.in_process())
+    import ray
+    packing = plan_packing(s.launch, s.samples, ray.cluster_resources(), s.max_concurrent, _max_resources(),
+                           resumed=s.resume)
+    s.max_concurrent = packing.max_concurrent
+    if packing.line:
+        print(packing.line, flush=True)
     c = tracking.client(s.tracking_uri)
     experiment_id = tracking.ensure_experiment(s.tracking_uri, s.experiment)
     s.sweep_dir.mkdir(parents=True, exist_ok=True)
-    s.parent_run_id = _parent_run(s, c, experiment_id)
-    (s.sweep_dir / STATE_FILE).write_text(json.dumps(s.to_json(), indent=2, default=str))
-    logger = MlflowTrialLogger(s.tracking_uri, experiment_id, s.parent_run_id, s.method, s.trial_fixed,
-                               s.seed, s.epochs, tags={"method": s.method, "seed": s.seed,
-                                                       "git_commit": tracking.git_commit(),
-                                                       "sweep": s.name, "kind": "trial"})
+    s.parent_run_id = _parent_run(s, c, experiment_id, packing.trials_per_gpu)
     try:
-        _init_ray(s.address, dashboard=not s.launch.in_process())
+        (s.sweep_dir / STATE_FILE).write_text(json.dumps(s.to_json(), indent=2, default=str))
+        logger = MlflowTrialLogger(s.tracking_uri, experiment_id, s.parent_run_id, s.method, s.trial_fixed,
+                                   s.seed, s.epochs, tags={"method": s.method, "seed": s.seed,
+                                                           "git_commit": tracking.git_commit(),
+                                                           "sweep": s.name, "kind": "trial"})
         trainable = _trainable(s)
         if s.resume and tune.Tuner.can_restore(s.experiment_path):
             tuner = tune.Tuner.restore(s.experiment_path, trainable=trainable, resume_errored=True,

@@ -66,6 +66,15 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
+def gpu_ids() -> str:
+    """The GPUs Ray gave this process (comma-joined ids as Ray numbers them; with a fractional
+    ``--gpus-per-trial`` several trials share one id), or "" when none."""
+    import ray
+    if not ray.is_initialized():
+        return ""
+    return ",".join(str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU") or [])
+
+
 def _with_placement(reporter: engine.Reporter, placement: dict[str, str]) -> engine.Reporter:
     """Adds where the run trains to every report: MLflow tags need it, and the driver's
     callback only ever sees reported results (a retried trial may land on another node)."""
@@ -74,14 +83,17 @@ def _with_placement(reporter: engine.Reporter, placement: dict[str, str]) -> eng
     return report
 
 
-def _worker_nodes(world: int) -> str:
-    """Comma-joined sorted node ids of every rank (one collective call: all ranks must make it)."""
-    if world <= 1:
-        return node_id()
-    import torch.distributed as dist
-    ids: list[Any] = [None] * world
-    dist.all_gather_object(ids, node_id())
-    return ",".join(sorted(str(i) for i in ids))
+def _worker_placement(world: int) -> dict[str, str]:
+    """Where every rank trains (one collective call: all ranks must make it): comma-joined
+    sorted node ids, and each rank's GPU ids in rank order, ';'-separated."""
+    here = (node_id(), gpu_ids())
+    ranks: list[Any] = [here]
+    if world > 1:
+        import torch.distributed as dist
+        ranks = [None] * world
+        dist.all_gather_object(ranks, here)
+    return {"train_worker_nodes": ",".join(sorted(str(n) for n, _ in ranks)),
+            "train_worker_gpus": ";".join(str(g) for _, g in ranks)}
 
 
 def _train_from(checkpoint: Any, run: Callable[[Path | None], None]) -> None:
@@ -102,7 +114,8 @@ def run_trial(config: dict[str, Any], *, method: str, fixed: dict[str, Any], see
     faults.bind(spec.all_knobs())
     if launch.in_process():
         _threads(launch.cpus)
-        reporter = _with_placement(_checkpoint_reporter(tune.report, attach=True), {"node_id": node_id()})
+        reporter = _with_placement(_checkpoint_reporter(tune.report, attach=True),
+                                   {"node_id": node_id(), "gpu_ids": gpu_ids()})
         _train_from(tune.get_checkpoint(),
                     lambda resume: engine.train(spec, reporter, device=_device(launch.gpus), resume_from=resume))
     else:
@@ -159,7 +172,7 @@ def train_worker(config: dict[str, Any]) -> None:
     spec = RunSpec(**config["spec"])
     faults.bind(spec.all_knobs())
     # Every rank must call report (it is a barrier); only rank 0 attaches the checkpoint.
-    placement = {"node_id": node_id(), "train_worker_nodes": _worker_nodes(world)}
+    placement = {"node_id": node_id(), "gpu_ids": gpu_ids(), **_worker_placement(world)}
     reporter = _with_placement(_checkpoint_reporter(_report_committed, attach=rank == 0), placement)
     if config.get("mlflow") and rank == 0:  # a plain run (no Tune): rank 0 logs straight to MLflow
         from .single import mlflow_reporter
