@@ -22,7 +22,7 @@ from torch import nn
 
 from . import faults
 from .checkpoint import STATE_FILE, load_checked, save_atomic
-from .data import build_data, dataset_names
+from .data import build_data, check_recipe, dataset_names
 from .errors import UsageError
 from .knobs import build_config, knob_specs
 from .methods import get_method
@@ -67,7 +67,7 @@ class RunSpec:
         if unknown:
             raise UsageError(f"unknown knob '{sorted(unknown)[0]}' for method '{method}'")
         _check_names(*spec.resolved())
-        data_recipe(spec).check_data_path()
+        check_recipe(data_recipe(spec))
         _check_fused(spec)
         return spec
 

@@ -45,8 +45,8 @@ class Recipe:
                         help="training augmentation; 'shift' = random translation by up to 1/8 of the image, "
                              "'standard' = shift + horizontal flip, 'rotate' = standard + rotation up to 15 "
                              "degrees, 'cutout' = standard + a zeroed square of half the image side, "
-                             "'randaugment' / 'autoaugment' = standard + that policy (the digits dataset "
-                             "knows only none and shift)")
+                             "'randaugment' / 'autoaugment' = standard + that policy (loader path only, so "
+                             "not for digits)")
     view_augments: str = knob("", help="comma-separated augmentations, one per network view, cycling, used "
                                        "only when a method asks for per-network views; empty: every view "
                                        "uses 'augment'")
