@@ -1,0 +1,714 @@
+"""One prepared benchmark of the platform's GPU training paths; every figure and ratio it
+prints is measured in the same run, on the same machine:
+
+    PYTHONPATH=. python3 bench/gpu.py [--json results.json] [--budget 330] [--quick]
+
+It needs only torch, torchvision, numpy and pyyaml (no Ray, MLflow or Optuna), writes its
+CIFAR-100-shaped data in the real on-disk format to a temporary directory (no download),
+and builds every run through the platform's own code (``RunSpec``, ``build_method``,
+``build_data``, ``train``). Sections, in order, each skipped with a note once the time
+budget (default 330 s) is spent:
+
+1. data path: training images/s of the loader (default workers, and one process) against
+   the device-resident path, ``standard`` augmentation, batch 128;
+2. OKDPH resnet32 with 2 and 4 students on synthetic device batches: step time and
+   images/s, fused against sequential peers, bf16 against fp32, channels-last on and off;
+3. one full epoch of the ``cifar100-resnet32`` OKDPH preset through ``engine.train`` on
+   50,000 written training images, and the time 300 epochs imply;
+4. 1 against 4 trainings at once on one GPU (separate processes): aggregate images/s;
+5. ``compile=on`` against off, if time remains.
+
+Without CUDA it runs the same sections at CPU sizes (resnet8, fewer images, 1 against 2
+processes; no compile section); ``--quick`` shrinks them further (a smoke test, well under
+a minute). Images/s count training images: each one goes through every student (and
+OKDPH's hybrid-weight model), so student-img/s = img/s x students.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+try:
+    import kd_platform  # noqa: F401 - with PYTHONPATH=. as documented
+except ImportError:  # run from elsewhere: the checkout this file lives in
+    sys.path.append(str(REPO))
+
+from kd_platform.data import build_data  # noqa: E402
+from kd_platform.engine import RunSpec, build_method, data_recipe, evaluate, train  # noqa: E402
+from kd_platform.methods.base import Batch, StepContext  # noqa: E402
+
+METHOD = "okdph"
+PRESET = "cifar100-resnet32"
+NUM_CLASSES, IMAGE = 100, 32
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything that differs between the GPU run, the CPU run and the quick CPU run."""
+    name: str
+    budget_s: float
+    data_train: int          # section 1: training images written
+    data_seconds: float      # section 1: least time each data path is measured
+    step_arch: str           # section 2, 4, 5
+    step_batch: int
+    students: tuple[int, ...]
+    amps: tuple[str, ...]
+    layouts: tuple[str, ...]  # channels_last values
+    warmup_steps: int
+    step_seconds: float      # section 2: least time each configuration is measured
+    min_steps: int
+    epoch_train: int         # section 3: training images written (before the validation split)
+    epoch_test: int          # section 3: test images written (evaluated once, after the epoch)
+    epoch_arch: str | None   # None: the preset's own
+    epoch_batch: int | None
+    epoch_fused: bool        # section 3: also an epoch with fused=true
+    procs: int               # section 4: concurrent trainings against one
+    proc_seconds: float
+    compile_section: bool
+
+
+GPU = Sizes("gpu", 330, 10_000, 3.0, "resnet32", 128, (2, 4), ("off", "bf16"), ("false", "true"),
+            5, 1.5, 20, 50_000, 10_000, None, None, True, 4, 10.0, True)
+CPU = Sizes("cpu", 330, 3_000, 2.0, "resnet8", 128, (2, 4), ("off",), ("false",),
+            2, 2.0, 5, 1_280, 500, None, None, False, 2, 5.0, False)
+QUICK = Sizes("cpu-quick", 120, 1_000, 0.5, "resnet8", 32, (2,), ("off",), ("false",),
+              1, 0.3, 3, 640, 200, "resnet8", 64, False, 2, 1.5, False)
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.t0 = seconds, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+
+# --------------------------------------------------------------------------- output
+
+
+@dataclass
+class Report:
+    """Prints labelled lines and keeps the same figures for ``--json``."""
+    data: dict[str, Any] = field(default_factory=lambda: {"sections": {}, "ratios": {}, "notes": []})
+
+    def line(self, text: str = "") -> None:
+        print(text, flush=True)
+
+    def section(self, key: str, title: str) -> dict[str, Any]:
+        self.line()
+        self.line(f"[{key}] {title}")
+        return self.data["sections"].setdefault(key, {"title": title})
+
+    def ratio(self, key: str, label: str, value: float, meaning: str = "") -> None:
+        self.data["ratios"][key] = value
+        self.line(f"  ratio {label}: {value:.2f}" + (f"  ({meaning})" if meaning else ""))
+
+    def note(self, text: str) -> None:
+        self.data["notes"].append(text)
+        self.line(f"  note: {text}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def write_cifar100(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
+    """``cifar-100-python/{train,test,meta}`` as the official archive extracts, random images."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, n in (("train", n_train), ("test", n_test)):
+        y = rng.permutation(np.arange(n) % NUM_CLASSES)
+        with open(folder / name, "wb") as fh:
+            pickle.dump({"filenames": [f"{name}_{i}.png" for i in range(n)], "batch_label": name,
+                         "fine_labels": y.tolist(), "coarse_labels": (y // 5).tolist(),
+                         "data": rng.integers(0, 256, (n, 3 * IMAGE * IMAGE), dtype=np.uint8)}, fh, protocol=4)
+    with open(folder / "meta", "wb") as fh:
+        pickle.dump({"fine_label_names": [f"fine{c}" for c in range(NUM_CLASSES)],
+                     "coarse_label_names": [f"coarse{c}" for c in range(20)]}, fh)
+
+
+def data_rate(data: Any, device: torch.device, views: int, warmup: int, seconds: float, budget: Budget) -> float:
+    """Training images/s the data module delivers, after ``warmup`` batches (worker start-up)."""
+    n, seen, t0, epoch = 0, 0, 0.0, 0
+    while True:
+        for batch in data.train_batches(epoch, views):
+            n += 1
+            if n == warmup:
+                _sync(device)
+                t0 = time.perf_counter()
+            elif n > warmup:
+                seen += len(batch.y)
+                if time.perf_counter() - t0 >= min(seconds, max(budget.left(), 0.1)):
+                    _sync(device)
+                    return seen / (time.perf_counter() - t0)
+        epoch += 1
+
+
+def section_data(out: Report, sz: Sizes, device: torch.device, root: Path, budget: Budget) -> None:
+    s = out.section("1", f"data path: CIFAR-100 files ({sz.data_train} training images written), augment "
+                         f"standard, batch 128, on {device.type}")
+    from kd_platform.methods import get_method
+    # The loader with worker processes last: its workers outlive the measurement for a while.
+    rows = [("device", {"data_path": "device"}, None), ("device_1thread", {"data_path": "device"}, 1),
+            ("loader_1proc", {"data_path": "loader", "loader_workers": 0}, 1),
+            ("loader", {"data_path": "loader"}, None)]
+    if device.type == "cuda":  # the device path's work is on the GPU: one host thread changes nothing
+        rows = [r for r in rows if r[0] != "device_1thread"]
+    rates: dict[str, float] = {}
+    threads = torch.get_num_threads()
+    for key, knobs, nthreads in rows:
+        if budget.left() < 5:
+            out.note(f"time budget spent: data path '{key}' skipped")
+            continue
+        try:
+            spec = RunSpec.from_flat(METHOD, {"dataset": "cifar100", "data_dir": str(root), "augment": "standard",
+                                              "batch_size": 128, **knobs}, 0)
+            recipe = data_recipe(spec)
+            views = get_method(METHOD).views_for(spec.resolved()[1])
+            if nthreads:
+                torch.set_num_threads(nthreads)
+            data = build_data(recipe, 0, device)
+            workers = getattr(data, "workers", 0) if getattr(data, "path", "") == "loader" else 0
+            rate = data_rate(data, device, views, max(2, workers + 1), sz.data_seconds, budget)
+            del data
+            gc.collect()
+        except Exception as exc:  # noqa: BLE001 - a path that cannot run is a finding, not a crash
+            out.line(f"  {key:<16} not available ({_first_line(exc)})")
+            continue
+        finally:
+            torch.set_num_threads(threads)
+        rates[key] = rate
+        how = {"loader": f"loader, {workers} worker process{'es' if workers != 1 else ''} (loader_workers default)",
+               "loader_1proc": "loader, no worker process, 1 thread (per CPU thread)",
+               "device": f"device-resident, {threads} threads" if device.type == "cpu" else "device-resident (GPU)",
+               "device_1thread": "device-resident, 1 thread"}[key]
+        s[key] = {"img_s": rate, "how": how}
+        out.line(f"  {how:<58} {rate:>10.0f} img/s")
+    if "device" in rates and "loader" in rates:
+        out.ratio("data.device_over_loader", "device / loader img/s", rates["device"] / rates["loader"])
+    if "device" in rates and "loader_1proc" in rates and device.type == "cuda":
+        out.ratio("data.device_over_loader_per_process", "device / loader img/s, one loader process",
+                  rates["device"] / rates["loader_1proc"], "loader processes the device path replaces")
+    if "device_1thread" in rates and "loader_1proc" in rates:
+        out.ratio("data.device_over_loader_per_thread", "device / loader img/s per CPU thread",
+                  rates["device_1thread"] / rates["loader_1proc"], "loader workers one device-path thread replaces")
+
+
+# --------------------------------------------------------------------------- training steps
+
+
+class Shape:
+    """What ``build_method`` reads of a data module: CIFAR-100's shapes."""
+    num_classes, in_channels, image_size = NUM_CLASSES, 3, IMAGE
+
+
+def _channels_last(method: torch.nn.Module) -> None:
+    """As the engine lays out a method for channels-last: every 4-D weight."""
+    from kd_platform import engine
+    own = getattr(engine, "_to_channels_last", None)
+    if own is not None:
+        own(method)
+        return
+    with torch.no_grad():
+        for p in method.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+
+
+def _fused(spec: RunSpec, device: torch.device) -> bool | str:
+    """Whether the run trains its peers fused, as the engine resolves it (the knob where the
+    engine has no resolver)."""
+    from kd_platform import engine
+    resolve = getattr(engine, "resolve_fused", None)
+    return resolve(spec, device) if resolve else spec.resolved()[0].fused
+
+
+def make_stepper(cfg: dict[str, Any], device: torch.device) -> tuple[Callable[[int], None], int, dict[str, Any]]:
+    """One training step of the engine (autocast, forward, backward, SGD, ``after_step``) on a
+    fixed synthetic batch already on the device; returns ``(step(i), batch size, resolved)``."""
+    knobs = {"dataset": "cifar100", "arch": cfg["arch"], "batch_size": cfg["batch"], "n_students": cfg["n"],
+             "amp": cfg.get("amp", "auto"), "channels_last": cfg.get("channels_last", "auto"),
+             "fused": cfg.get("fused", "auto"), "compile": cfg.get("compile", "off"), "epochs": 300}
+    spec = RunSpec.from_flat(METHOD, knobs, 0)
+    recipe, _ = spec.resolved()
+    torch.manual_seed(0)
+    method = build_method(spec, Shape(), device)
+    layout = recipe.use_channels_last(device)
+    if layout:
+        _channels_last(method)
+    model: torch.nn.Module = method
+    if recipe.compile == "on":
+        model.compile()
+    opt = torch.optim.SGD(list(method.trainable_parameters()), lr=recipe.lr, momentum=recipe.momentum,
+                          nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
+    amp_dtype = recipe.autocast_dtype(device)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    views = [torch.randn(cfg["batch"], 3, IMAGE, IMAGE, generator=g).to(device) for _ in range(method.num_views())]
+    y = torch.randint(0, NUM_CLASSES, (cfg["batch"],), generator=g).to(device)
+    sums: dict[str, torch.Tensor] = {}
+    steps_per_epoch = 50_000 // cfg["batch"]
+
+    def step(i: int) -> None:
+        ctx = StepContext(0, recipe.epochs, i % steps_per_epoch, steps_per_epoch, i)
+        batch = Batch(views=[v.contiguous(memory_format=torch.channels_last) if layout else v for v in views], y=y)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            terms = model(batch, ctx)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt.step()
+        method.after_step(ctx)
+        for k, v in terms.items():  # the engine's running loss sums, per step
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+
+    resolved = {"fused": _fused(spec, device),
+                "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+                "channels_last": layout, "compile": recipe.compile}
+    return step, cfg["batch"], resolved
+
+
+def time_steps(step: Callable[[int], None], device: torch.device, warmup: int, min_steps: int,
+               seconds: float, budget: Budget) -> tuple[float, int, float]:
+    """``(seconds per step, timed steps, warm-up seconds)``: at least ``min_steps`` steps and
+    ``seconds`` (the budget permitting), after ``warmup`` untimed steps."""
+    t_warm = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    _sync(device)
+    t0 = time.perf_counter()
+    warm = t0 - t_warm
+    n = 0
+    while True:
+        for _ in range(min_steps):
+            step(warmup + n)
+            n += 1
+        _sync(device)
+        took = time.perf_counter() - t0
+        if took >= seconds or budget.left() < 2:
+            return took / n, n, warm
+
+
+def _label(n: int, fused: str, amp: str, layout: str) -> str:
+    return (f"{n} students, {'fused' if fused == 'true' else 'sequential'}, "
+            f"{'bf16' if amp == 'bf16' else 'fp32'}, {'channels-last' if layout == 'true' else 'NCHW'}")
+
+
+def section_steps(out: Report, sz: Sizes, device: torch.device, budget: Budget) -> None:
+    s = out.section("2", f"OKDPH {sz.step_arch} training steps, synthetic batches on {device.type}, "
+                         f"batch {sz.step_batch} (warm-up excluded)")
+    cuda = device.type == "cuda"
+    out.line(f"  {'configuration':<50} {'step ms':>9} {'img/s':>9} {'student-img/s':>14}"
+             + (f" {'peak MiB':>9}" if cuda else ""))
+    times: dict[tuple, float] = {}
+    rows = []
+    for n in sz.students:
+        for amp in sz.amps:
+            for layout in sz.layouts:
+                for fused in ("false", "true"):
+                    key = (n, fused, amp, layout)
+                    label = _label(*key)
+                    if budget.left() < 10:
+                        out.note(f"time budget spent: '{label}' skipped")
+                        continue
+                    try:
+                        gc.collect()
+                        if cuda:
+                            torch.cuda.empty_cache()
+                            torch.cuda.reset_peak_memory_stats(device)
+                        step, bs, resolved = make_stepper({"arch": sz.step_arch, "batch": sz.step_batch, "n": n,
+                                                          "amp": amp, "channels_last": layout, "fused": fused}, device)
+                        sec, steps, _ = time_steps(step, device, sz.warmup_steps, sz.min_steps, sz.step_seconds,
+                                                   budget)
+                        del step
+                    except Exception as exc:  # noqa: BLE001
+                        what = "fused" if fused == "true" else label
+                        out.line(f"  {label:<50} {what}: not available ({_first_line(exc)})")
+                        rows.append({"config": label, "error": _first_line(exc)})
+                        continue
+                    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None
+                    times[key] = sec
+                    rows.append({"config": label, "students": n, "fused": fused == "true", "amp": amp,
+                                 "channels_last": layout == "true", "step_ms": sec * 1e3, "img_s": bs / sec,
+                                 "student_img_s": bs * n / sec, "steps": steps, "peak_mib": peak,
+                                 "resolved": resolved})
+                    out.line(f"  {label:<50} {sec * 1e3:>9.1f} {bs / sec:>9.0f} {bs * n / sec:>14.0f}"
+                             + (f" {peak:>9.0f}" if cuda else ""))
+    s["rows"] = rows
+    def named(amp: str, layout: str) -> tuple[str, str]:
+        return "bf16" if amp == "bf16" else "fp32", "channels-last" if layout == "true" else "NCHW"
+
+    for (n, fused, amp, layout), sec in times.items():
+        base = (n, "false", amp, layout)
+        if fused == "true" and base in times:
+            prec, form = named(amp, layout)
+            out.ratio(f"steps.fused_over_sequential.n{n}.{prec}.{form}",
+                      f"fused / sequential step time, {n} students, {prec}, {form}", sec / times[base],
+                      "< 1: fused is faster")
+    for (n, fused, amp, layout), sec in times.items():
+        base = (n, fused, "off", layout)
+        if amp == "bf16" and base in times:
+            mode, form = "fused" if fused == "true" else "sequential", named(amp, layout)[1]
+            out.ratio(f"steps.bf16_over_fp32.n{n}.{mode}.{form}",
+                      f"bf16 / fp32 step time, {n} students, {mode}, {form}", sec / times[base], "< 1: bf16 is faster")
+    for (n, fused, amp, layout), sec in times.items():
+        base = (n, fused, amp, "false")
+        if layout == "true" and base in times:
+            mode, prec = "fused" if fused == "true" else "sequential", named(amp, layout)[0]
+            out.ratio(f"steps.channels_last_over_nchw.n{n}.{mode}.{prec}",
+                      f"channels-last / NCHW step time, {n} students, {mode}, {prec}", sec / times[base],
+                      "< 1: channels-last is faster")
+    for n in sz.students:
+        mine = {k: v for k, v in times.items() if k[0] == n}
+        if mine:
+            best = min(mine, key=mine.get)
+            s[f"fastest_n{n}"] = _label(*best)
+            out.line(f"  fastest with {n} students: {_label(*best)} ({mine[best] * 1e3:.1f} ms/step)")
+
+
+# --------------------------------------------------------------------------- one epoch
+
+
+def _no_teacher(arch: str) -> Any:
+    raise RuntimeError("an online method needs no teacher")
+
+
+def _epoch_estimate(out: Report, sz: Sizes, knobs: dict[str, Any]) -> float:
+    """Seconds one epoch of section 3 may take, from section 2's slowest 2-student step when it
+    trained the same architecture and batch (generously: data build, evaluation, slower data)."""
+    rows = out.data["sections"].get("2", {}).get("rows", [])
+    steps = [r["step_ms"] / 1e3 for r in rows if r.get("students") == 2 and "step_ms" in r]
+    if not steps or knobs["arch"] != sz.step_arch or int(knobs["batch_size"]) != sz.step_batch:
+        return 30.0
+    per_epoch = sz.epoch_train * (1 - float(knobs.get("val_fraction", 0.1))) / int(knobs["batch_size"])
+    return 1.5 * per_epoch * max(steps) + 20
+
+
+def section_epoch(out: Report, sz: Sizes, device: torch.device, root: Path, budget: Budget) -> None:
+    from kd_platform.presets import preset_for_method
+    knobs = {**preset_for_method(PRESET, METHOD), "epochs": 1, "data_dir": str(root)}
+    if sz.epoch_arch:
+        knobs["arch"] = sz.epoch_arch
+    if sz.epoch_batch:
+        knobs["batch_size"] = sz.epoch_batch
+    s = out.section("3", f"one epoch of the {PRESET} preset, OKDPH {knobs['arch']} x2, through engine.train "
+                         f"({sz.epoch_train} training images written, val_fraction {knobs.get('val_fraction', 0.1)})")
+    variants = [("preset", {})]
+    if sz.epoch_fused:
+        variants.append(("preset+fused", {"fused": "true"}))
+    need = _epoch_estimate(out, sz, knobs)
+    for key, extra in variants:
+        if budget.left() < need:
+            out.note(f"time budget spent: epoch '{key}' skipped (needs about {need:.0f} s, {budget.left():.0f} s left)")
+            continue
+        try:
+            spec = RunSpec.from_flat(METHOD, {**knobs, **extra}, 0)
+            records: list[dict[str, Any]] = []
+            t0 = time.perf_counter()
+            train(spec, lambda metrics, save: records.append(dict(metrics)), device=device, get_teacher=_no_teacher)
+            wall = time.perf_counter() - t0
+            # One validation pass, timed on its own (train() reports it only inside the wall time).
+            recipe = data_recipe(spec)
+            data = build_data(recipe, 0, device)
+            method = build_method(spec, data, device, _no_teacher)
+            if recipe.use_channels_last(device):
+                _channels_last(method)
+            evaluate(method, data, "val", device, reduce=False)
+            _sync(device)
+            t1 = time.perf_counter()
+            evaluate(method, data, "val", device, reduce=False)
+            _sync(device)
+            val_s = time.perf_counter() - t1
+            fused = _fused(spec, device)
+            path = getattr(data, "path", "?")
+            amp = recipe.autocast_dtype(device)
+            layout = recipe.use_channels_last(device)
+            del data, method
+        except Exception as exc:  # noqa: BLE001
+            label = "fused: not available" if extra else "not available"
+            out.line(f"  {key}: {label} ({_first_line(exc)})")
+            continue
+        m = records[-1]
+        epoch_s, img_s = float(m["time/epoch_s"]), float(m["throughput/img_s"])
+        need = 1.3 * (wall + val_s) + 10  # the next variant: about as long as this one
+        n = int(spec.resolved()[1].n_students)
+        implied = 300 * (epoch_s + val_s)
+        how = (f"fused {'on' if fused else 'off'}, data path {path}, "
+               f"{'bf16' if amp is not None else 'fp32'}, {'channels-last' if layout else 'NCHW'}")
+        s[key] = {"epoch_s": epoch_s, "img_s": img_s, "student_img_s": img_s * n, "val_pass_s": val_s,
+                  "train_call_s": wall, "implied_300_epochs_h": implied / 3600, "resolved": how,
+                  "val_acc_students_mean": m.get("val/acc/students_mean")}
+        out.line(f"  {key} ({how})")
+        out.line(f"    epoch (training loop):        {epoch_s:8.1f} s")
+        out.line(f"    training img/s:               {img_s:8.0f}   student-img/s {img_s * n:8.0f}")
+        out.line(f"    validation pass:              {val_s:8.2f} s")
+        out.line(f"    train() call, all included:   {wall:8.1f} s (data build, epoch, validation, test)")
+        out.line(f"    implied 300 epochs:           {implied / 3600:8.2f} h (300 x (epoch + validation))")
+    if "preset" in s and "preset+fused" in s:
+        out.ratio("epoch.fused_over_preset", "fused / preset epoch time",
+                  s["preset+fused"]["epoch_s"] / s["preset"]["epoch_s"],
+                  "< 1: fused is faster end to end")
+
+
+# --------------------------------------------------------------------------- separate processes
+
+
+def worker(cfg: dict[str, Any]) -> None:
+    """One training process of sections 4 and 5: build, warm up, say ready, wait for the go
+    file, train for ``seconds``, print a JSON result line."""
+    logging.getLogger("kd_platform").setLevel(logging.ERROR)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    t0 = time.perf_counter()
+    step, bs, resolved = make_stepper(cfg, device)
+    for i in range(cfg["warmup"]):
+        step(i)
+    _sync(device)
+    warm = time.perf_counter() - t0
+    print("READY", flush=True)
+    go = Path(cfg["go"])
+    while not go.exists():
+        time.sleep(0.005)
+    n, t1 = 0, time.perf_counter()
+    while time.perf_counter() - t1 < cfg["seconds"]:
+        step(cfg["warmup"] + n)
+        n += 1
+    _sync(device)
+    took = time.perf_counter() - t1
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    print("RESULT " + json.dumps({"images": n * bs, "steps": n, "seconds": took, "img_s": n * bs / took,
+                                  "warmup_s": warm, "peak_mib": peak, "resolved": resolved}), flush=True)
+
+
+def run_workers(cfg: dict[str, Any], count: int, budget: Budget, tmp: Path,
+                ready_within: float = 180.0) -> list[dict[str, Any]]:
+    """``count`` worker processes training ``cfg`` at the same time (one shared start signal).
+    Every wait is bounded by the budget: a process that hangs is killed, never waited for."""
+    import queue
+    import threading
+    go = tmp / f"go-{time.monotonic_ns()}"
+    cfg = {**cfg, "go": str(go)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    lines: "queue.Queue[tuple[int, str]]" = queue.Queue()
+    procs, errs = [], []
+    for i in range(count):
+        err = open(tmp / f"worker-{go.name}-{i}.err", "w+")  # a file: a full stderr pipe would stall it
+        errs.append(err)
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(cfg)],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        procs.append(proc)
+        threading.Thread(target=lambda i=i, proc=proc: [lines.put((i, ln.strip())) for ln in proc.stdout]
+                         + [lines.put((i, ""))], daemon=True).start()
+
+    def wait_for(word: str, seconds: float) -> dict[int, str]:
+        got, deadline = {}, time.perf_counter() + seconds
+        while len(got) < count:
+            try:
+                i, ln = lines.get(timeout=max(0.01, deadline - time.perf_counter()))
+            except queue.Empty:
+                raise TimeoutError(f"{count - len(got)} of {count} processes not {word.lower()} "
+                                   f"within {seconds:.0f} s") from None
+            if ln.startswith(word):
+                got[i] = ln[len(word):].strip()
+            elif ln == "" and procs[i].poll() is not None and i not in got:
+                procs[i].wait()
+                errs[i].seek(0)
+                tail = [x for x in errs[i].read().splitlines() if x.strip()]
+                raise RuntimeError(tail[-1] if tail else f"worker exited with {procs[i].returncode}")
+        return got
+
+    try:
+        wait_for("READY", min(ready_within, budget.left() - cfg["seconds"] - 10))
+        go.touch()
+        done = wait_for("RESULT", min(cfg["seconds"] + 60, max(budget.left(), cfg["seconds"] + 5)))
+        return [json.loads(done[i]) for i in range(count)]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        for err in errs:
+            err.close()
+
+
+def _procs(count: int) -> str:
+    return f"{count} process{'es' if count != 1 else ''}"
+
+
+def section_concurrency(out: Report, sz: Sizes, device: torch.device, budget: Budget, tmp: Path) -> None:
+    k = sz.procs
+    s = out.section("4", f"1 against {k} trainings at once on one {'GPU' if device.type == 'cuda' else 'CPU'} "
+                         f"(separate processes): OKDPH {sz.step_arch} x2, batch {sz.step_batch}, "
+                         f"{sz.proc_seconds:.0f} s each")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    base = {"arch": sz.step_arch, "batch": sz.step_batch, "n": 2, "device": str(device), "warmup": sz.warmup_steps,
+            "seconds": sz.proc_seconds}
+    agg: dict[int, float] = {}
+    for count in (1, k):
+        if budget.left() < sz.proc_seconds + 30:
+            out.note(f"time budget spent: {_procs(count)} skipped")
+            continue
+        threads = max(1, cpus // count)  # as a trial's threads follow its CPUs (trial.py)
+        try:
+            results = run_workers({**base, "threads": threads}, count, budget, tmp)
+        except Exception as exc:  # noqa: BLE001
+            out.line(f"  {_procs(count)}: not available ({_first_line(exc)})")
+            continue
+        agg[count] = sum(r["img_s"] for r in results)
+        peak = max((r["peak_mib"] or 0) for r in results)
+        s[f"procs_{count}"] = {"aggregate_img_s": agg[count], "per_process_img_s": [r["img_s"] for r in results],
+                               "threads_each": threads, "peak_mib_each": peak, "resolved": results[0]["resolved"]}
+        each = ", ".join(f"{r['img_s']:.0f}" for r in results)
+        how = f" ({threads} thread{'s' if threads > 1 else ''} each)" if threads else ""
+        out.line(f"  {_procs(count) + how:<28} aggregate {agg[count]:8.0f} img/s (each: {each})"
+                 + (f", peak {peak:.0f} MiB each" if peak else ""))
+    if 1 in agg and k in agg:
+        out.ratio(f"procs.{k}_over_1", f"aggregate img/s, {k} processes / 1", agg[k] / agg[1],
+                  f"> 1: packing {k} trials per device gains throughput")
+
+
+def section_compile(out: Report, sz: Sizes, device: torch.device, budget: Budget, tmp: Path) -> None:
+    s = out.section("5", f"compile=on against off: OKDPH {sz.step_arch} x2, batch {sz.step_batch} "
+                         f"(one process each)")
+    rates: dict[str, dict[str, Any]] = {}
+    for mode in ("off", "on"):
+        if budget.left() < 45:
+            out.note(f"time budget spent: compile={mode} skipped")
+            continue
+        cfg = {"arch": sz.step_arch, "batch": sz.step_batch, "n": 2, "device": str(device),
+               "warmup": sz.warmup_steps + (5 if mode == "on" else 0), "seconds": sz.proc_seconds, "compile": mode}
+        try:
+            (r,) = run_workers(cfg, 1, budget, tmp)
+        except Exception as exc:  # noqa: BLE001
+            out.line(f"  compile={mode}: not available ({_first_line(exc)})")
+            continue
+        rates[mode] = r
+        s[f"compile_{mode}"] = r
+        out.line(f"  compile={mode:<3}  step {r['seconds'] / r['steps'] * 1e3:7.1f} ms  {r['img_s']:8.0f} img/s  "
+                 f"(build + warm-up {r['warmup_s']:.0f} s)")
+    if len(rates) == 2:
+        on, off = (rates[m]["seconds"] / rates[m]["steps"] for m in ("on", "off"))
+        out.ratio("compile.on_over_off", "compile on / off step time", on / off, "< 1: compile is faster")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import torchvision
+    env: dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__,
+                           "torchvision": torchvision.__version__, "numpy": np.__version__,
+                           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if hasattr(os, "sched_getaffinity"):
+        env["cpus_usable"] = len(os.sched_getaffinity(0))
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update({"device_name": props.name, "device_memory_gib": round(props.total_memory / 2 ** 30, 1),
+                    "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                    "bf16": torch.cuda.is_bf16_supported(), "gpus": torch.cuda.device_count()})
+    else:
+        name = ""
+        try:
+            name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                         if ln.startswith("model name")), "")
+        except OSError:
+            pass
+        env.update({"device_name": name or "CPU", "cuda": None})
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    p.add_argument("--budget", type=float, help="seconds for the whole run (default 330 on a GPU, 120 with --quick)")
+    p.add_argument("--quick", action="store_true", help="smallest CPU sizes (a smoke test); implies --cpu")
+    p.add_argument("--cpu", action="store_true", help="CPU sizes on the CPU even where CUDA is available")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._worker:
+        worker(json.loads(args._worker))
+        return 0
+    logging.getLogger("kd_platform").setLevel(logging.ERROR)  # e.g. "checksums differ": the files are ours
+    cuda = torch.cuda.is_available() and not (args.quick or args.cpu)
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    sz = QUICK if args.quick else (GPU if cuda else CPU)
+    budget = Budget(args.budget or sz.budget_s)
+    out = Report()
+    env = environment(device)
+    out.data["env"] = env
+    out.data["mode"] = sz.name
+    out.line(f"kd-platform benchmark ({sz.name} sizes), time budget {budget.seconds:.0f} s")
+    gpu_info = (f" ({env['device_memory_gib']} GiB, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
+                f"bf16 {'yes' if env['bf16'] else 'no'}, {env['gpus']} visible)" if cuda else "")
+    out.line(f"device: {env['device_name']}{gpu_info}")
+    out.line(f"python {env['python']}, torch {env['torch']}, torchvision {env['torchvision']}, numpy {env['numpy']}, "
+             f"{env['cpus']} CPUs ({env.get('cpus_usable', env['cpus'])} usable), {env['torch_threads']} torch threads")
+    with tempfile.TemporaryDirectory(prefix="kdbench") as tmp_name:
+        tmp = Path(tmp_name)
+        t = time.perf_counter()
+        write_cifar100(tmp / "small", sz.data_train, 200)
+        write_cifar100(tmp / "full", sz.epoch_train, sz.epoch_test)
+        out.line(f"wrote CIFAR-100 files ({sz.data_train} and {sz.epoch_train} training images) "
+                 f"in {time.perf_counter() - t:.1f} s")
+        sections: list[tuple[str, Callable[[], None]]] = [
+            ("1", lambda: section_data(out, sz, device, tmp / "small", budget)),
+            ("2", lambda: section_steps(out, sz, device, budget)),
+            ("3", lambda: section_epoch(out, sz, device, tmp / "full", budget)),
+            ("4", lambda: section_concurrency(out, sz, device, budget, tmp)),
+        ]
+        if sz.compile_section:
+            sections.append(("5", lambda: section_compile(out, sz, device, budget, tmp)))
+        else:
+            out.data["notes"].append("section 5 (compile) runs on a GPU only")
+        for key, run in sections:
+            if budget.left() <= 10:
+                out.line()
+                out.note(f"time budget spent: section {key} skipped")
+                continue
+            t = time.perf_counter()
+            try:
+                run()
+            except Exception as exc:  # noqa: BLE001 - one broken section must not hide the others
+                out.note(f"section {key} failed: {_first_line(exc)}")
+            out.data["sections"].setdefault(key, {})["seconds"] = time.perf_counter() - t
+    out.data["wall_s"] = budget.elapsed()
+    out.line()
+    out.line(f"done in {budget.elapsed():.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(out.data, indent=2, default=str))
+        out.line(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
