@@ -49,7 +49,8 @@ except ImportError:  # run from elsewhere: the checkout this file lives in
     sys.path.append(str(REPO))
 
 from kd_platform.data import build_data  # noqa: E402
-from kd_platform.engine import RunSpec, build_method, data_recipe, evaluate, train  # noqa: E402
+from kd_platform.engine import RunSpec, build_method, data_recipe, train  # noqa: E402
+from kd_platform.engine import make_stepper as make_engine_stepper, resolve_fused  # noqa: E402
 from kd_platform.methods.base import Batch, StepContext  # noqa: E402
 
 METHOD = "okdph"
@@ -233,27 +234,6 @@ class Shape:
     num_classes, in_channels, image_size = NUM_CLASSES, 3, IMAGE
 
 
-def _channels_last(method: torch.nn.Module) -> None:
-    """As the engine lays out a method for channels-last: every 4-D weight."""
-    from kd_platform import engine
-    own = getattr(engine, "_to_channels_last", None)
-    if own is not None:
-        own(method)
-        return
-    with torch.no_grad():
-        for p in method.parameters():
-            if p.dim() == 4:
-                p.data = p.data.contiguous(memory_format=torch.channels_last)
-
-
-def _fused(spec: RunSpec, device: torch.device) -> bool | str:
-    """Whether the run trains its peers fused, as the engine resolves it (the knob where the
-    engine has no resolver)."""
-    from kd_platform import engine
-    resolve = getattr(engine, "resolve_fused", None)
-    return resolve(spec, device) if resolve else spec.resolved()[0].fused
-
-
 def make_stepper(cfg: dict[str, Any], device: torch.device) -> tuple[Callable[[int], None], int, dict[str, Any]]:
     """One training step of the engine (autocast, forward, backward, SGD, ``after_step``) on a
     fixed synthetic batch already on the device; returns ``(step(i), batch size, resolved)``."""
@@ -264,15 +244,7 @@ def make_stepper(cfg: dict[str, Any], device: torch.device) -> tuple[Callable[[i
     recipe, _ = spec.resolved()
     torch.manual_seed(0)
     method = build_method(spec, Shape(), device)
-    layout = recipe.use_channels_last(device)
-    if layout:
-        _channels_last(method)
-    model: torch.nn.Module = method
-    if recipe.compile == "on":
-        model.compile()
-    opt = torch.optim.SGD(list(method.trainable_parameters()), lr=recipe.lr, momentum=recipe.momentum,
-                          nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
-    amp_dtype = recipe.autocast_dtype(device)
+    stepper = make_engine_stepper(spec, method, device)
     g = torch.Generator(device="cpu").manual_seed(1)
     views = [torch.randn(cfg["batch"], 3, IMAGE, IMAGE, generator=g).to(device) for _ in range(method.num_views())]
     y = torch.randint(0, NUM_CLASSES, (cfg["batch"],), generator=g).to(device)
@@ -281,17 +253,12 @@ def make_stepper(cfg: dict[str, Any], device: torch.device) -> tuple[Callable[[i
 
     def step(i: int) -> None:
         ctx = StepContext(0, recipe.epochs, i % steps_per_epoch, steps_per_epoch, i)
-        batch = Batch(views=[v.contiguous(memory_format=torch.channels_last) if layout else v for v in views], y=y)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            terms = model(batch, ctx)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        opt.step()
-        method.after_step(ctx)
+        terms = stepper(Batch(views=list(views), y=y), ctx)
         for k, v in terms.items():  # the engine's running loss sums, per step
             sums[k] = sums.get(k, 0.0) + v.detach().float()
 
-    resolved = {"fused": _fused(spec, device),
+    amp_dtype, layout = stepper.amp_dtype, stepper.channels_last
+    resolved = {"fused": resolve_fused(spec, device),
                 "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
                 "channels_last": layout, "compile": recipe.compile}
     return step, cfg["batch"], resolved
@@ -436,24 +403,15 @@ def section_epoch(out: Report, sz: Sizes, device: torch.device, root: Path, budg
             t0 = time.perf_counter()
             train(spec, lambda metrics, save: records.append(dict(metrics)), device=device, get_teacher=_no_teacher)
             wall = time.perf_counter() - t0
-            # One validation pass, timed on its own (train() reports it only inside the wall time).
+            val_s = float(records[-1]["time/val_s"])
             recipe = data_recipe(spec)
-            data = build_data(recipe, 0, device)
-            method = build_method(spec, data, device, _no_teacher)
-            if recipe.use_channels_last(device):
-                _channels_last(method)
-            evaluate(method, data, "val", device, reduce=False)
-            _sync(device)
-            t1 = time.perf_counter()
-            evaluate(method, data, "val", device, reduce=False)
-            _sync(device)
-            val_s = time.perf_counter() - t1
-            val_n = sum(len(y) for _, y in data.eval_batches("val"))
-            fused = _fused(spec, device)
+            data = build_data(recipe, 0, device)  # decodes nothing: for the split sizes and the path only
+            val_n = len(data.splits["val"])
+            fused = resolve_fused(spec, device)
             path = getattr(data, "path", "?")
             amp = recipe.autocast_dtype(device)
             layout = recipe.use_channels_last(device)
-            del data, method
+            del data
         except Exception as exc:  # noqa: BLE001
             label = "fused: not available" if extra else "not available"
             out.line(f"  {key}: {label} ({_first_line(exc)})")

@@ -26,7 +26,7 @@ from .data import build_data, check_recipe, dataset_names
 from .errors import UsageError
 from .knobs import build_config, knob_specs
 from .methods import get_method
-from .methods.base import BuildEnv, Method, StepContext
+from .methods.base import Batch, BuildEnv, Method, StepContext
 from .models import build_model, model_names
 from .models.stacked import is_stackable
 from .recipe import Recipe
@@ -221,6 +221,50 @@ def _to_channels_last(module: nn.Module) -> None:
                 p.data = p.data.contiguous(memory_format=torch.channels_last)
 
 
+@dataclass
+class Stepper:
+    """One optimiser step as every run takes it: channels-last views, autocast, the method's
+    loss terms, backward, the SGD step and the method's ``after_step``. Benchmarks time this
+    same object, so what they measure is what a run does."""
+    method: Method
+    model: nn.Module
+    """The method itself, or its DDP wrapper (whose forward synchronises gradients)."""
+    opt: torch.optim.Optimizer
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+    def __call__(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            batch.views = [v.contiguous(memory_format=torch.channels_last) for v in batch.views]
+        with torch.autocast(batch.y.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            terms = self.model(batch, ctx)
+        terms["loss"] = faults.corrupt_loss(ctx.epoch, terms["loss"])
+        self.opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        self.opt.step()
+        self.method.after_step(ctx)
+        return terms
+
+
+def make_stepper(spec: RunSpec, method: Method, device: torch.device, world: int = 1) -> Stepper:
+    """Lay ``method`` out for ``spec``'s recipe on ``device`` (channels-last, DDP over ``world``
+    workers, compilation) and give it its optimiser."""
+    recipe, _ = spec.resolved()
+    channels_last = recipe.use_channels_last(device)
+    if channels_last:  # before DDP, whose gradient buckets follow the parameters' layout
+        _to_channels_last(method)
+    model: nn.Module = method
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(method, device_ids=ids)
+    if recipe.compile == "on":  # the training step only: evaluation runs once an epoch, eagerly
+        model.compile()
+    opt = torch.optim.SGD(list(method.trainable_parameters()), lr=recipe.lr, momentum=recipe.momentum,
+                          nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
+    return Stepper(method, model, opt, recipe.autocast_dtype(device), channels_last)
+
+
 def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None,
           resume_from: Path | None = None, rank: int = 0, world: int = 1,
           get_teacher: Callable[[str], nn.Module] | None = None) -> dict[str, float]:
@@ -236,17 +280,8 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
     layout = _layout(spec, device, data)
     log.info("%s: fused peers %s, data path %s", spec.method, "on" if layout["fused"] else "off",
              layout["data_path"] or "in memory")
-    channels_last = recipe.use_channels_last(device)
-    if channels_last:  # before DDP, whose gradient buckets follow the parameters' layout
-        _to_channels_last(method)
-    model: nn.Module = method
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(method, device_ids=ids)
-    if recipe.compile == "on":  # the training step only: evaluation runs once an epoch, eagerly
-        model.compile()
-    opt = torch.optim.SGD(list(method.trainable_parameters()), lr=recipe.lr, momentum=recipe.momentum,
-                          nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
+    stepper = make_stepper(spec, method, device, world)
+    opt = stepper.opt
     sched = _scheduler(opt, recipe)
     start_epoch, best = 0, -math.inf
     if resume_from is not None:
@@ -261,7 +296,6 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
 
     steps = data.steps_per_epoch()
     metrics: dict[str, float] = {}
-    amp_dtype = recipe.autocast_dtype(device)
     for epoch in range(start_epoch, recipe.epochs):
         t0 = time.perf_counter()
         method.train()
@@ -270,15 +304,7 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
         faults.at_epoch_start(epoch)
         for step, batch in enumerate(data.train_batches(epoch, method.num_views())):
             ctx = StepContext(epoch, recipe.epochs, step, steps, epoch * steps + step)
-            if channels_last:
-                batch.views = [v.contiguous(memory_format=torch.channels_last) for v in batch.views]
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                terms = model(batch, ctx)
-            terms["loss"] = faults.corrupt_loss(epoch, terms["loss"])
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            method.after_step(ctx)
+            terms = stepper(batch, ctx)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
             seen += len(batch.y)
@@ -290,6 +316,7 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
                                 + ", ".join(f"{k}={v}" for k, v in means.items()))
         elapsed = time.perf_counter() - t0
         val = evaluate(method, data, "val", device, reduce=world > 1)
+        val_s = time.perf_counter() - t0 - elapsed
         best = max(best, val["students_mean"])
         # Key order matters: Ray Tune's live table shows the first few metrics.
         metrics = {"epoch": epoch + 1, "val/acc/students_mean": val["students_mean"],
@@ -297,7 +324,7 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
                    **{f"train/loss/{k}": v for k, v in means.items()},
                    **{f"val/acc/{k}": v for k, v in val.items()},
                    "val/acc_best_epoch/students_mean": best, "lr": opt.param_groups[0]["lr"],
-                   "time/epoch_s": elapsed, "throughput/img_s": seen * world / elapsed}
+                   "time/epoch_s": elapsed, "time/val_s": val_s, "throughput/img_s": seen * world / elapsed}
         if epoch + 1 == recipe.epochs:
             test = evaluate(method, data, "test", device, reduce=world > 1)
             metrics.update({f"test/acc/{k}": v for k, v in test.items()})
