@@ -17,13 +17,13 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from . import faults
 from .checkpoint import STATE_FILE, load_checked, save_atomic
 from .data import build_data, check_recipe, dataset_names
 from .errors import UsageError
+from .evaluation import evaluate
 from .knobs import build_config, knob_specs
 from .methods import get_method
 from .methods.base import Batch, BuildEnv, Method, StepContext
@@ -156,37 +156,6 @@ def _scheduler(opt: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_sch
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-@torch.no_grad()
-def evaluate(method: Method, data: Any, split: str, device: torch.device, reduce: bool = True) -> dict[str, float]:
-    """Top-1 accuracy (%) of every network the method names, plus the students' mean and the best.
-
-    ``reduce=False`` keeps the counts local: a teacher trained by one DDP rank while the
-    others wait for it must not enter a collective call they will never join."""
-    method.eval()
-    nets = method.eval_networks()
-    correct = torch.zeros(len(nets), dtype=torch.float64, device=device)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for x, y in data.eval_batches(split):
-        for i, fn in enumerate(nets.values()):
-            correct[i] += (fn(x).argmax(1) == y).sum()
-        total += len(y)
-    if reduce:
-        _all_reduce(correct), _all_reduce(total)
-    acc = {name: float(100.0 * c / max(float(total), 1.0)) for name, c in zip(nets, correct)}
-    for group, names in {"students": method.students, **method.groups}.items():
-        acc[f"{group}_mean"] = float(np.mean([acc[n] for n in names]))
-        acc[f"{group}_best"] = max(acc[n] for n in names)
-    acc["best_network"] = max(acc[n] for n in nets)
-    method.train()
-    return acc
-
-
 def build_method(spec: RunSpec, data: Any, device: torch.device,
                  get_teacher: Callable[[str], nn.Module] | None = None) -> Method:
     recipe, cfg = spec.resolved()
@@ -296,6 +265,7 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
 
     steps = data.steps_per_epoch()
     metrics: dict[str, float] = {}
+    warned_identical = False
     for epoch in range(start_epoch, recipe.epochs):
         t0 = time.perf_counter()
         method.train()
@@ -317,17 +287,21 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
         elapsed = time.perf_counter() - t0
         val = evaluate(method, data, "val", device, reduce=world > 1)
         val_s = time.perf_counter() - t0 - elapsed
-        best = max(best, val["students_mean"])
+        best = max(best, val["acc/students_mean"])
+        if val.get("diversity/identical") and not warned_identical:
+            log.warning("%s: the students are identical (parameter distance 0): the ensemble is one "
+                        "network; check same_init, views and hwm_grad", spec.method)
+            warned_identical = True
         # Key order matters: Ray Tune's live table shows the first few metrics.
-        metrics = {"epoch": epoch + 1, "val/acc/students_mean": val["students_mean"],
-                   "train/loss/loss": means["loss"], "val/acc/best_network": val["best_network"],
+        metrics = {"epoch": epoch + 1, "val/acc/students_mean": val["acc/students_mean"],
+                   "train/loss/loss": means["loss"], "val/acc/best_network": val["acc/best_network"],
                    **{f"train/loss/{k}": v for k, v in means.items()},
-                   **{f"val/acc/{k}": v for k, v in val.items()},
+                   **{f"val/{k}": v for k, v in val.items()},
                    "val/acc_best_epoch/students_mean": best, "lr": opt.param_groups[0]["lr"],
                    "time/epoch_s": elapsed, "time/val_s": val_s, "throughput/img_s": seen * world / elapsed}
         if epoch + 1 == recipe.epochs:
             test = evaluate(method, data, "test", device, reduce=world > 1)
-            metrics.update({f"test/acc/{k}": v for k, v in test.items()})
+            metrics.update({f"test/{k}": v for k, v in test.items()})
 
         def save(directory: Path, epoch: int = epoch) -> None:
             save_atomic({"method": method.state_dict(), "optimizer": opt.state_dict(),

@@ -109,6 +109,12 @@ class Method(nn.Module):
         """What to evaluate, by name: each callable maps images to logits."""
         raise NotImplementedError
 
+    def peer_parameters(self) -> dict[str, Tensor] | None:
+        """The parameters of homogeneous peers stacked along a leading peer dimension (their
+        relative distance is a diversity metric), or None for a method without such peers.
+        Methods with ``fusable_peers`` hold their peers as ``self.peers`` (``_peers.Peers``)."""
+        return self.peers.stacked() if self.fusable_peers else None
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 

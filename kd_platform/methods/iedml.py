@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -79,6 +80,10 @@ class IEDML(Method):
         loss = sum(c + k + cfg.l_inh * a - cfg.l_exp * b for c, k, a, b in zip(ce, kd, inh, exp)) + sum(recon)
         return {"loss": loss, "ce": detached_mean(ce), "kd": detached_mean(kd), "inherit": detached_mean(inh),
                 "explore": detached_mean(exp), "reconstruction": detached_mean(recon)}
+
+    def peer_parameters(self) -> dict[str, Tensor] | None:
+        named = [dict(net.named_parameters()) for net in self.nets]
+        return {k: torch.stack([p[k] for p in named]) for k in named[0]}
 
     def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:
         return peer_eval_networks(self.students, lambda x: [net(x) for net in self.nets])
