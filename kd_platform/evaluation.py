@@ -143,3 +143,9 @@ def _diversity(method: Method, disagreement: float, kl: float) -> dict[str, floa
         identical = disagreement == 0.0 and kl == 0.0
     out["diversity/identical"] = float(identical)
     return out
+
+
+def warning_tags(metrics: dict[str, Any]) -> dict[str, str]:
+    """Run tags for what an epoch's metrics warn about: ``identical_peers`` when the students
+    are one network (``val/diversity/identical``)."""
+    return {"identical_peers": "true"} if metrics.get("val/diversity/identical") == 1 else {}

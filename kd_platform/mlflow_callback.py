@@ -13,6 +13,7 @@ from typing import Any
 from ray.tune import Callback
 
 from . import tracking
+from .evaluation import warning_tags
 from .engine import RunSpec
 from .teachers import record_teacher
 
@@ -32,6 +33,7 @@ class MlflowTrialLogger(Callback):
         self.last_epoch: dict[str, int] = {}
         self.teachers_logged: set[str] = set()  # hashes of teachers already stored on the parent run
         self.placement: dict[str, dict[str, str]] = {}  # per trial, the placement tags last written
+        self.warned: set[str] = set()  # trials already tagged with what their metrics warn about
         self.logged_epoch: dict[str, int] = {}  # per trial, the last epoch its MLflow run holds
         self.replayed: dict[str, int] = {}  # per trial, epochs trained again after a restart
         self._client: Any = None
@@ -93,6 +95,10 @@ class MlflowTrialLogger(Callback):
             tracking.log_metrics(self.client, run_id, result, step=epoch)
             self.logged_epoch[trial.trial_id] = max(epoch, self.logged_epoch.get(trial.trial_id, 0))
         self.tag_placement(trial, run_id, result)
+        warnings = warning_tags(result)
+        if warnings and trial.trial_id not in self.warned:
+            tracking.set_tags(self.client, run_id, warnings)
+            self.warned.add(trial.trial_id)
 
     def tag_placement(self, trial: Any, run_id: str, result: dict) -> None:
         """Tags the run with the node(s) and GPU(s) it trains on; written on the first result

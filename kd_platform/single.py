@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import engine, tracking
+from .evaluation import warning_tags
 from .engine import RunSpec
 from .teachers import record_teacher
 from .trial import Launch, _device, _threads, fit_with_train
@@ -20,6 +21,9 @@ def mlflow_reporter(uri: str, run_id: str, checkpoint_dir: Path | None) -> engin
 
     def report(metrics: dict[str, float], save: Callable[[Path], None]) -> None:
         tracking.log_metrics(c, run_id, metrics, step=int(metrics["epoch"]))
+        warnings = warning_tags(metrics)
+        if warnings:
+            tracking.set_tags(c, run_id, warnings)
         if checkpoint_dir is not None:
             save(checkpoint_dir)
         acc = metrics.get("val/acc/students_mean", float("nan"))

@@ -87,3 +87,16 @@ def test_the_degenerate_okdph_corner_is_flagged(caplog):
     assert m["val/diversity/disagreement"] == 0.0
     assert sum("students are identical" in r.message for r in caplog.records) == 1
     assert np.isfinite(m["val/ece/student1"])
+
+
+def test_a_run_of_identical_students_is_tagged(tmp_path):
+    from conftest import sqlite_uri
+    from mlflow.tracking import MlflowClient
+    from kd_platform.single import run_single
+    from kd_platform.trial import Launch
+    uri = sqlite_uri(tmp_path / "m.db")
+    spec = RunSpec.from_flat("okdph", {"epochs": 1, "same_init": True, "views": "shared", "hwm_grad": "false"}, 0)
+    result = run_single(spec, Launch(), uri, "okdph", tmp_path / "res")
+    run = MlflowClient(tracking_uri=uri).get_run(result["run_id"])
+    assert run.data.tags.get("identical_peers") == "true"
+    assert run.data.metrics["val/diversity/param_dist"] == 0.0 and "val/ece/student1" in run.data.metrics
