@@ -24,6 +24,29 @@ def mean_std(mean: float, std: float) -> str:
     return f"{mean:.4g} ± {std:.2g}"
 
 
+def _missing(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and math.isnan(value))
+
+
+def mean_ci(mean: float, low: float, high: float, signed: bool = False) -> str:
+    """``90.8 [90.5, 91.2]``: a mean (or difference, ``signed``) and its interval; the bare
+    value when the interval is missing."""
+    if _missing(mean):
+        return ""
+    value = f"{mean:+.4g}" if signed else f"{mean:.4g}"
+    if _missing(low) or _missing(high):
+        return value
+    return f"{value} [{low:.4g}, {high:.4g}]"
+
+
+def p_value(p: float) -> str:
+    """A p-value to three significant digits (so that 0.0504 does not read as 0.050), small
+    ones in scientific notation."""
+    if _missing(p):
+        return ""
+    return f"{p:.1e}" if p < 0.001 else f"{p:.3g}"
+
+
 def table(df: pd.DataFrame, index: bool = False) -> str:
     """``df`` as a GitHub Markdown table (``|`` inside cells escaped)."""
     if index:

@@ -25,28 +25,55 @@ def _jitter(n: int, width: float = 0.08, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-width, width, n)
 
 
-def ablation_plot(table: pd.DataFrame, runs: pd.DataFrame, knob: str, metric: str, path: Path) -> Path:
-    """Mean ± std per value with every run as a dot; the default value in another colour."""
+def _interval(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, str]:
+    """Each row's interval around its mean: the bootstrap CI where the table has one (no bar
+    where it is missing), else ± std."""
+    mean = table["mean"].to_numpy(dtype=float)
+    if {"ci95_low", "ci95_high"} <= set(table.columns):
+        low = table["ci95_low"].to_numpy(dtype=float)
+        high = table["ci95_high"].to_numpy(dtype=float)
+        return np.where(np.isnan(low), mean, low), np.where(np.isnan(high), mean, high), "95% bootstrap CI"
+    std = table["std"].fillna(0).to_numpy(dtype=float)
+    return mean - std, mean + std, "± std"
+
+
+def ablation_plot(table: pd.DataFrame, runs: pd.DataFrame, knob: str, metric: str, path: Path,
+                  alpha: float = 0.05) -> Path:
+    """Mean per value with its 95% bootstrap interval as error bars and every run as a dot;
+    the default value in another colour, and a star over each value whose difference to the
+    default survives the Holm correction (``p_holm`` at most ``alpha``)."""
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     labels = [str(v) for v in table[knob]]
     x = np.arange(len(table))
+    mean = table["mean"].to_numpy(dtype=float)
+    low, high, what = _interval(table)
     colours = [DEFAULT_COLOUR if d else OTHER_COLOUR for d in table["default"]]
-    ax.bar(x, table["mean"], color=colours, alpha=0.35, width=0.6)
-    ax.errorbar(x, table["mean"], yerr=table["std"].fillna(0), fmt="none", ecolor="black", capsize=5)
+    ax.bar(x, mean, color=colours, alpha=0.35, width=0.6)
+    ax.errorbar(x, mean, yerr=np.vstack([mean - low, high - mean]), fmt="none", ecolor="black", capsize=5)
     for i, value in enumerate(table[knob]):
-        ys = runs.loc[runs[knob] == value, metric].to_numpy()
+        ys = runs.loc[(runs[knob] == value).fillna(False).astype(bool), metric].dropna().to_numpy()
         ax.scatter(i + _jitter(len(ys), seed=i), ys, s=14, color=POINT_COLOUR, zorder=3)
     base = table.loc[table["default"], "mean"]
     if len(base):
         ax.axhline(base.iloc[0], color=DEFAULT_COLOUR, linestyle="--", linewidth=1, label="default mean")
+    starred = False
+    if "p_holm" in table.columns:
+        top = np.fmax(high, mean)
+        for i, p in enumerate(table["p_holm"].to_numpy(dtype=float)):
+            if p <= alpha:
+                ax.annotate("*", (i, top[i]), xytext=(0, 2), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=14)
+                starred = True
+        if starred:
+            ax.plot([], [], " ", label=f"* differs from the default (Holm p ≤ {alpha:g})")
+    if len(base) or starred:
         ax.legend(loc="best", fontsize=8)
     ax.set_xticks(x, labels)
-    _tight_ylim(ax, pd.concat([runs[metric], table["mean"] - table["std"].fillna(0),
-                               table["mean"] + table["std"].fillna(0)]))
+    _tight_ylim(ax, pd.concat([runs[metric], pd.Series(low), pd.Series(high)]), top_pad=0.2 if starred else 0.1)
     ax.set_xlabel(knob)
     ax.set_ylabel(metric)
-    ax.set_title(f"Ablation of {knob}: mean ± std over seeds")
+    ax.set_title(f"Ablation of {knob}: mean and {what} over seeds", fontsize=10)
     return _save(fig, path)
 
 
@@ -119,10 +146,13 @@ def curves_plot(curves: Mapping[str, pd.Series], metric: str, title: str, path: 
     return _save(fig, path)
 
 
-def _tight_ylim(ax: Any, values: pd.Series) -> None:
+def _tight_ylim(ax: Any, values: pd.Series, top_pad: float = 0.1) -> None:
     values = values.dropna()
     if values.empty:
         return
     lo, hi = float(values.min()), float(values.max())
-    pad = (hi - lo) * 0.1 or max(abs(hi) * 0.01, 0.5)
-    ax.set_ylim(lo - pad, hi + pad)
+    if hi > lo:
+        ax.set_ylim(lo - (hi - lo) * 0.1, hi + (hi - lo) * top_pad)
+    else:
+        pad = max(abs(hi) * 0.01, 0.5)
+        ax.set_ylim(lo - pad, hi + pad)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pandas as pd
 
 from ..errors import UsageError
 from . import markdown as md
-from . import plots
+from . import plots, stats
 from .importance import fanova_importance
 from .load import Sweep, history
 from .tables import (
@@ -20,9 +21,11 @@ from .tables import (
     ablation_defaults,
     ablation_table,
     best_trials,
+    extra_metric_columns,
     grid_table,
     is_categorical,
     marginal_effect,
+    significant,
     usable_runs,
 )
 
@@ -66,8 +69,13 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
 
 
-def analyse(c: Any, sweep: Sweep, folder: Path, log_artifacts: bool = True) -> Report:
-    """Write the report of ``sweep`` into ``folder`` and, unless told not to, log it to the parent run."""
+def analyse(c: Any, sweep: Sweep, folder: Path, log_artifacts: bool = True,
+            extra_metrics: Sequence[str] | None = None) -> Report:
+    """Write the report of ``sweep`` into ``folder`` and, unless told not to, log it to the parent run.
+
+    An ablation gets a set of tables per metric: ``sweep.metric`` first, then each of
+    ``extra_metrics`` that some completed run logged (``None``: every flatness ``flat/...``
+    and calibration ``val/ece/...``, ``val/nll/...`` metric the runs have)."""
     folder.mkdir(parents=True, exist_ok=True)
     rep = Report(folder)
     usable = usable_runs(sweep)
@@ -75,7 +83,7 @@ def analyse(c: Any, sweep: Sweep, folder: Path, log_artifacts: bool = True) -> R
     if usable.runs.empty:
         rep.text("No completed run logged the metric, so there is nothing to tabulate or plot.")
     elif sweep.is_ablation:
-        _ablation(rep, sweep, usable.runs)
+        _ablation(rep, sweep, usable.runs, extra_metrics)
     else:
         _tpe(rep, sweep, usable.runs)
     if not usable.runs.empty:
@@ -116,7 +124,20 @@ def _header(rep: Report, sweep: Sweep, usable: Usable) -> None:
                            f"was interrupted; this report covers the runs logged so far.")
 
 
-def _ablation(rep: Report, sweep: Sweep, runs: pd.DataFrame) -> None:
+STATS_TEXT = (
+    "Each cell holds, over its seeds, the mean with a {conf:.0%} percentile bootstrap interval "
+    "({resamples:,} resamples, seeded, so the same runs give the same intervals), and against the "
+    "default value (the row marked `yes`) the difference of means with its own bootstrap interval "
+    "(both cells resampled independently), the two-sided Welch t-test p-value and `p_holm`, that "
+    "p-value Holm-corrected across the table's non-default cells. A difference is significant "
+    "when `p_holm` ≤ {alpha:g}: then the chance that any difference the table calls significant "
+    "is a fluke stays below {alpha:g}. A cell (or a default) with fewer than {min_seeds} seeds gets "
+    "no interval and no p-value: too few seeds for a conclusion. With few seeds a bootstrap interval "
+    "is also too narrow (it never reaches beyond the values observed), so judge a difference by "
+    "`p_holm` rather than by whether the intervals overlap.")
+
+
+def _ablation(rep: Report, sweep: Sweep, runs: pd.DataFrame, extra_metrics: Sequence[str] | None = None) -> None:
     missing = [k for k in sweep.ablate if k not in runs.columns]
     if missing:
         sweep.notes.append(f"Ablated knob(s) {', '.join(missing)} are not params of the child runs; skipped.")
@@ -127,37 +148,22 @@ def _ablation(rep: Report, sweep: Sweep, runs: pd.DataFrame) -> None:
              f"Ablated knobs: {', '.join(f'`{k}`' for k in sweep.ablate)}. A knob's table compares its values "
              f"with the other ablated knobs held at their defaults (or, for a knob whose default is not among "
              f"its ablated values, averaged over them). Runs of one value that share a seed are averaged "
-             f"first, so mean ± std is over seeds. `diff_vs_default` is the value's mean minus the "
-             f"default's mean.")
-    spreads = {}
-    for knob in knobs:
-        ab = ablation_table(runs, knob, defaults, sweep.metric)
-        table = ab.table
-        if table.empty:
-            sweep.notes.append(f"No completed run is left for `{knob}` with the other knobs at their defaults.")
-            continue
-        rep.text(f"### `{knob}` (default `{defaults[knob]}`)", _held_text(ab.held, ab.free, defaults))
-        if not table["default"].any():
-            rep.text(f"The default `{defaults[knob]}` is not among the values of `{knob}` that were run, "
-                     f"so there are no differences to it.")
-        shown = pd.DataFrame({knob: table[knob], "default": ["yes" if d else "" for d in table["default"]],
-                              "runs": table["n_runs"],
-                              "seeds": table["n_seeds"],
-                              sweep.metric: [md.mean_std(m, s) for m, s in zip(table["mean"], table["std"])],
-                              "diff_vs_default": table["diff_vs_default"]})
-        rep.table(f"Ablation of {knob} (default {defaults[knob]}): {sweep.metric}", table,
-                  f"ablation_{safe_name(knob)}.csv", shown)
-        rep.image(f"{sweep.metric} per value of {knob}",
-                  plots.ablation_plot(table, ab.runs, knob, sweep.metric,
-                                      rep.folder / f"ablation_{safe_name(knob)}.png"))
-        spreads[knob] = float(table["mean"].max() - table["mean"].min())
+             f"first, so every statistic is over seeds. `diff_vs_default` is the value's mean minus the "
+             f"default's mean.",
+             STATS_TEXT.format(conf=stats.CONFIDENCE, resamples=stats.N_RESAMPLES, alpha=stats.ALPHA,
+                               min_seeds=stats.MIN_SEEDS))
+    spreads = _metric_tables(rep, sweep, runs, knobs, defaults, sweep.metric)
     if len(knobs) > 1:
-        grid = grid_table(runs, knobs, sweep.metric, sweep.mode)
-        shown = grid[knobs].assign(runs=grid["n_runs"], seeds=grid["n_seeds"], **{
-            sweep.metric: [md.mean_std(m, s) for m, s in zip(grid["mean"], grid["std"])]})
-        rep.text("## Grid cells", "Every combination of the ablated knobs' values that was run, best first "
-                                  "(mean ± std over seeds): interactions between knobs show here.")
+        grid = grid_table(runs, knobs, sweep.metric, sweep.mode, defaults)
+        shown = grid[knobs].assign(
+            default=["yes" if d else "" for d in grid["default"]], runs=grid["n_runs"], seeds=grid["n_seeds"],
+            **_shown_stats(grid, sweep.metric))
+        rep.text("## Grid cells", "Every combination of the ablated knobs' values that was run, best first, "
+                                  "with the statistics of the tables above; the reference is the cell with "
+                                  "every ablated knob at its default, and the Holm correction runs over all "
+                                  "other cells. Interactions between knobs show here.")
         rep.table("Grid cells (best first)", grid, "ablation_grid.csv", shown)
+        rep.text(_verdict(grid, knobs, sweep.metric))
     if spreads:
         rep.text("## Effect sizes",
                  "How far apart each knob's value means lie (largest minus smallest mean in its table): "
@@ -165,6 +171,115 @@ def _ablation(rep: Report, sweep: Sweep, runs: pd.DataFrame) -> None:
         rep.image("effect size per knob", plots.importance_plot(
             pd.Series(spreads, dtype="float64"), "Spread of the value means per ablated knob",
             f"max − min of mean {sweep.metric}", rep.folder / "effects.png"))
+    extras, absent = extra_metric_columns(runs, extra_metrics, sweep.metric)
+    if absent:
+        sweep.notes.append(f"No completed run logged the extra metric(s) {', '.join(f'`{m}`' for m in absent)}; "
+                           f"they have no tables.")
+    for metric in extras:
+        rep.text(f"## Ablation tables of `{metric}`",
+                 f"The same tables for `{metric}`, over the completed runs that logged it; each value is the "
+                 f"run's last logged one.")
+        _metric_tables(rep, sweep, runs, knobs, defaults, metric)
+
+
+def _metric_tables(rep: Report, sweep: Sweep, runs: pd.DataFrame, knobs: list[str], defaults: dict[str, Any],
+                   metric: str) -> dict[str, float]:
+    """One table, verdict and plot per ablated knob for ``metric``; returns each knob's spread of means."""
+    primary = metric == sweep.metric
+    suffix = "" if primary else f"__{safe_name(metric)}"
+    spreads = {}
+    for knob in knobs:
+        ab = ablation_table(runs, knob, defaults, metric)
+        table = ab.table
+        if table.empty:
+            sweep.notes.append(f"No completed run with `{metric}` is left for `{knob}` with the other knobs at "
+                               f"their defaults.")
+            continue
+        heading = f"### `{knob}` (default `{defaults[knob]}`)" + ("" if primary else f": `{metric}`")
+        rep.text(heading, _held_text(ab.held, ab.free, defaults))
+        if not table["default"].any():
+            rep.text(f"The default `{defaults[knob]}` is not among the values of `{knob}` that were run, "
+                     f"so there are no differences to it.")
+        shown = pd.DataFrame({knob: table[knob], "default": ["yes" if d else "" for d in table["default"]],
+                              "runs": table["n_runs"], "seeds": table["n_seeds"], **_shown_stats(table, metric)})
+        rep.table(f"Ablation of {knob} (default {defaults[knob]}): {metric}", table,
+                  f"ablation_{safe_name(knob)}{suffix}.csv", shown)
+        rep.text(_verdict(table, [knob], metric))
+        rep.image(f"{metric} per value of {knob}",
+                  plots.ablation_plot(table, ab.runs, knob, metric,
+                                      rep.folder / f"ablation_{safe_name(knob)}{suffix}.png"))
+        spreads[knob] = float(table["mean"].max() - table["mean"].min())
+    return spreads
+
+
+def _shown_stats(table: pd.DataFrame, metric: str) -> dict[str, list[str]]:
+    """The statistics columns of a table as the report prints them."""
+    ci = f"{stats.CONFIDENCE:.0%} CI"
+    return {
+        f"{metric} mean [{ci}]": [md.mean_ci(m, lo, hi) for m, lo, hi in
+                                  zip(table["mean"], table["ci95_low"], table["ci95_high"])],
+        "std": [md.fmt(float(v)) for v in table["std"]],
+        f"diff_vs_default [{ci}]": ["0" if default else md.mean_ci(d, lo, hi, signed=True)
+                                    for default, d, lo, hi in zip(table["default"], table["diff_vs_default"],
+                                                                  table["diff_ci95_low"], table["diff_ci95_high"])],
+        "p_vs_default": [md.p_value(p) for p in table["p_vs_default"]],
+        "p_holm": [md.p_value(p) for p in table["p_holm"]],
+        "conclusion": _conclusions(table),
+    }
+
+
+def _conclusions(table: pd.DataFrame, alpha: float = stats.ALPHA, min_seeds: int = stats.MIN_SEEDS) -> list[str]:
+    base = table.loc[table["default"], "n_seeds"]
+    base_seeds = int(base.iloc[0]) if len(base) else None
+    out = []
+    for _, row in table.iterrows():
+        if row["n_seeds"] < min_seeds or (base_seeds is not None and base_seeds < min_seeds):
+            out.append("too few seeds for a conclusion")
+        elif row["default"] or base_seeds is None:
+            out.append("")
+        elif pd.isna(row["p_holm"]):
+            out.append("no test (no spread over seeds)")
+        elif row["p_holm"] <= alpha:
+            out.append(f"{'higher' if row['diff_vs_default'] > 0 else 'lower'} than the default "
+                       f"(p_holm ≤ {alpha:g})")
+        else:
+            out.append("no significant difference")
+    return out
+
+
+def _cell_name(row: pd.Series, keys: list[str]) -> str:
+    return ", ".join(f"`{k}={md.fmt(row[k])}`" for k in keys)
+
+
+def _verdict(table: pd.DataFrame, keys: list[str], metric: str, alpha: float = stats.ALPHA,
+             min_seeds: int = stats.MIN_SEEDS) -> str:
+    """In words: which cells have too few seeds, and which differences survive the Holm correction."""
+    parts = []
+    few = table[table["n_seeds"] < min_seeds]
+    base = table[table["default"]]
+    if len(few) == len(table):
+        parts.append(f"**Too few seeds for a conclusion**: every cell of this table has fewer than {min_seeds} "
+                     f"seeds, so it gives means only, without intervals or p-values.")
+    elif len(few):
+        cells = "; ".join(f"{_cell_name(r, keys)} ({int(r['n_seeds'])} seed{'s' if r['n_seeds'] != 1 else ''})"
+                          for _, r in few.iterrows())
+        parts.append(f"**Too few seeds for a conclusion** (fewer than {min_seeds}) for {cells}: "
+                     f"{'their' if len(few) > 1 else 'its'} interval and p-value are left empty.")
+        if len(base) and (base["n_seeds"] < min_seeds).any():
+            parts.append("That includes the default, so no difference in this table is tested.")
+    tested = table["p_vs_default"].notna()
+    if tested.any():
+        sig = significant(table, alpha)
+        if len(sig):
+            cells = "; ".join(
+                f"{_cell_name(r, keys)}: {md.mean_ci(r['diff_vs_default'], r['diff_ci95_low'], r['diff_ci95_high'], True)}"
+                f" (p_holm = {md.p_value(r['p_holm'])})" for _, r in sig.iterrows())
+            parts.append(f"Differences in `{metric}` to the default that survive the Holm correction at "
+                         f"α = {alpha:g} ({int(tested.sum())} tests): {cells}.")
+        else:
+            parts.append(f"No difference in `{metric}` to the default survives the Holm correction at "
+                         f"α = {alpha:g} ({int(tested.sum())} tests).")
+    return " ".join(parts) or "No cell could be compared with the default."
 
 
 def _held_text(held: dict[str, Any], free: list[str], defaults: dict[str, Any]) -> str:

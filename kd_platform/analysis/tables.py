@@ -1,5 +1,7 @@
-"""Tables of a sweep: ablation tables (mean ± std over seeds per knob value, difference to
-the default), the best trials, and each swept knob's marginal effect.
+"""Tables of a sweep: ablation tables (per knob value, over seeds: mean, std, a bootstrap
+interval of the mean, and the difference to the default value with its interval, Welch's
+p-value and the Holm-corrected one; see ``stats``), the best trials, and each swept knob's
+marginal effect.
 
 Only runs that trained every epoch (``trial_outcome == completed``) enter: the final value
 of a run that ASHA stopped or that failed comes from an earlier epoch and is not
@@ -7,16 +9,20 @@ comparable with the others.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from . import stats
 from .load import Sweep, coerce_like
 
 MAX_BINS = 4
 CATEGORICAL_MAX_VALUES = 6  # an int knob with few distinct values reads better per value than binned
+# Metrics tabulated besides the primary one when runs logged them: flatness and calibration.
+EXTRA_METRIC_PREFIXES = ("flat/", "val/ece/", "val/nll/")
 
 
 @dataclass
@@ -98,40 +104,125 @@ def ablation_defaults(sweep: Sweep, runs: pd.DataFrame) -> tuple[dict[str, Any],
 
 @dataclass
 class AblationTable:
-    table: pd.DataFrame       # one row per value: n_runs, mean, std, n_seeds, diff_vs_default
-    runs: pd.DataFrame        # the runs behind it
+    table: pd.DataFrame       # one row per value: n_runs, mean, std, n_seeds, intervals, tests (STAT_COLUMNS)
+    runs: pd.DataFrame        # the runs behind it (those with the metric)
     held: dict[str, Any]      # other ablated knobs held at their defaults
     free: list[str]           # other ablated knobs averaged over (their default is not in the grid)
+    metric: str = ""          # the metric the table is about
+
+    def too_few_seeds(self, min_seeds: int = stats.MIN_SEEDS) -> pd.Series:
+        """Which cells have fewer seeds than a conclusion needs."""
+        return self.table["n_seeds"] < min_seeds
+
+    def significant(self, alpha: float = stats.ALPHA) -> pd.DataFrame:
+        """The non-default cells whose difference to the default survives the Holm correction."""
+        return significant(self.table, alpha)
+
+
+def significant(table: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
+    return table[(table["p_holm"] <= alpha).fillna(False).astype(bool)]
+
+
+def _seed_values(runs: pd.DataFrame, keys: list[str], metric: str) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """Mean, std and count over seeds per ``keys`` group, and each group's per-seed values.
+    Runs of one group that share a seed (cells of a knob left free, or the default
+    configuration run once per ablated knob) are averaged first, so the statistics are over
+    seeds, not over repeats within a seed. Runs without the metric do not count."""
+    runs = runs[runs[metric].notna()]
+    per_seed = runs.groupby([*keys, "seed"], dropna=False)[metric].mean().reset_index()
+    grouped = per_seed.groupby(keys, sort=True)
+    table = grouped[metric].agg(mean="mean", std="std", n_seeds="count")
+    table.insert(0, "n_runs", runs.groupby(keys)[metric].count())
+    values = [group[metric].to_numpy(dtype=float) for _, group in grouped]
+    return table.reset_index(), values
 
 
 def _seed_stats(runs: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
-    """Mean, std and count over seeds per ``keys`` group. Runs of one group that share a seed
-    (cells of a knob left free, or the default configuration run once per ablated knob) are
-    averaged first, so the std is over seeds, not over repeats within a seed."""
-    per_seed = runs.groupby([*keys, "seed"], dropna=False)[metric].mean().reset_index()
-    stats = per_seed.groupby(keys)[metric].agg(mean="mean", std="std", n_seeds="count")
-    stats.insert(0, "n_runs", runs.groupby(keys)[metric].count())
-    return stats.reset_index()
+    return _seed_values(runs, keys, metric)[0]
 
 
-def ablation_table(runs: pd.DataFrame, knob: str, defaults: dict[str, Any], metric: str) -> AblationTable:
-    """The table of one ablated knob: its values compared with the other ablated knobs held at
-    their defaults (see ``hold_at_defaults``), each value's difference to the default's mean."""
+def compare_cells(table: pd.DataFrame, values: list[np.ndarray], is_default: pd.Series, *,
+                  confidence: float = stats.CONFIDENCE, n_resamples: int = stats.N_RESAMPLES,
+                  seed: int = stats.SEED, min_seeds: int = stats.MIN_SEEDS) -> pd.DataFrame:
+    """``table`` (one row per cell, ``values`` its per-seed values) with each cell's bootstrap
+    interval of the mean and, against the cell where ``is_default`` holds, the difference of
+    means with its bootstrap interval, Welch's two-sided p-value and the Holm-adjusted p-value
+    across the table's non-default cells. Cells (or a default) with fewer than ``min_seeds``
+    seeds get NaN intervals and p-values; the default's own comparison is NaN but its
+    difference is 0. Every cell's bootstrap uses the same ``seed``, so a cell's interval does
+    not depend on which other cells the table holds."""
+    opts = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed, "min_n": min_seeds}
+    out = table.copy()
+    cis = [stats.bootstrap_mean_ci(v, **opts) for v in values]
+    out["ci95_low"] = [lo for lo, _ in cis]
+    out["ci95_high"] = [hi for _, hi in cis]
+    flags = np.asarray(is_default, dtype=bool)
+    base = int(np.flatnonzero(flags)[0]) if flags.any() else None
+    n = len(out)
+    diff, dlo, dhi, p = (np.full(n, np.nan) for _ in range(4))
+    if base is not None:
+        diff = out["mean"].to_numpy(dtype=float) - float(out["mean"].iloc[base])
+        for i, v in enumerate(values):
+            if flags[i]:
+                continue
+            dlo[i], dhi[i] = stats.bootstrap_diff_ci(v, values[base], **opts)
+            p[i] = stats.welch_p(v, values[base], min_n=min_seeds)
+    out["diff_vs_default"] = diff
+    out["diff_ci95_low"] = dlo
+    out["diff_ci95_high"] = dhi
+    out["p_vs_default"] = p
+    out["p_holm"] = stats.holm(p)
+    return out
+
+
+STAT_COLUMNS = ["n_runs", "mean", "std", "n_seeds", "ci95_low", "ci95_high", "diff_vs_default",
+                "diff_ci95_low", "diff_ci95_high", "p_vs_default", "p_holm"]
+
+
+def ablation_table(runs: pd.DataFrame, knob: str, defaults: dict[str, Any], metric: str,
+                   **options: Any) -> AblationTable:
+    """The table of one ablated knob for one metric: its values compared with the other
+    ablated knobs held at their defaults (see ``hold_at_defaults``), each value's mean with
+    its bootstrap interval and its difference to the default value (see ``compare_cells``;
+    ``options`` are that function's: confidence, n_resamples, seed, min_seeds)."""
     mask, held, free = hold_at_defaults(runs, {k: v for k, v in defaults.items() if k != knob})
-    sub = runs[mask]
-    table = _seed_stats(sub, [knob], metric)
+    sub = runs[mask & runs[metric].notna()]
+    table, values = _seed_values(sub, [knob], metric)
     default = defaults.get(knob)
     is_default = matches(table[knob], default) if default is not None else pd.Series(False, index=table.index)
     table.insert(1, "default", is_default.to_numpy())
-    base = table.loc[table["default"], "mean"]
-    table["diff_vs_default"] = table["mean"] - (base.iloc[0] if len(base) else np.nan)
-    return AblationTable(table, sub, held, free)
+    table = compare_cells(table, values, table["default"], **options)
+    return AblationTable(table, sub, held, free, metric)
 
 
-def grid_table(runs: pd.DataFrame, knobs: list[str], metric: str, mode: str) -> pd.DataFrame:
+def grid_table(runs: pd.DataFrame, knobs: list[str], metric: str, mode: str,
+               defaults: dict[str, Any] | None = None, **options: Any) -> pd.DataFrame:
     """Every cell of the ablation grid (one combination of the ablated knobs' values), best first:
-    where two knobs interact, the per-knob tables cannot show it."""
-    return _seed_stats(runs, knobs, metric).sort_values("mean", ascending=mode == "min", ignore_index=True)
+    where two knobs interact, the per-knob tables cannot show it. With ``defaults``, the cell
+    with every knob at its default is the one the others are compared with (``compare_cells``)."""
+    runs = runs[runs[metric].notna()]
+    table, values = _seed_values(runs, knobs, metric)
+    is_default = pd.Series(bool(defaults) and all(k in defaults for k in knobs), index=table.index)
+    for knob in knobs:
+        if defaults and knob in defaults:
+            is_default &= matches(table[knob], defaults[knob])
+    table.insert(len(knobs), "default", is_default.to_numpy())
+    table = compare_cells(table, values, table["default"], **options)
+    return table.sort_values("mean", ascending=mode == "min", ignore_index=True, kind="stable")
+
+
+def extra_metric_columns(runs: pd.DataFrame, extra_metrics: Sequence[str] | None = None,
+                         primary: str | None = None) -> tuple[list[str], list[str]]:
+    """The extra metrics to tabulate besides the primary one, and those asked for that no run
+    has. ``None`` picks every column of ``runs`` named like a flatness (``flat/...``) or
+    calibration (``val/ece/...``, ``val/nll/...``) metric that some run logged."""
+    if extra_metrics is None:
+        found = [c for c in runs.columns if isinstance(c, str) and c.startswith(EXTRA_METRIC_PREFIXES)
+                 and c != primary and runs[c].notna().any()]
+        return sorted(found), []
+    present = [m for m in dict.fromkeys(extra_metrics)
+               if m != primary and m in runs.columns and runs[m].notna().any()]
+    return present, [m for m in dict.fromkeys(extra_metrics) if m != primary and m not in present]
 
 
 def best_trials(runs: pd.DataFrame, metric: str, mode: str, knobs: list[str], n: int = 5) -> pd.DataFrame:
