@@ -267,18 +267,21 @@ def _verdict(table: pd.DataFrame, keys: list[str], metric: str, alpha: float = s
                      f"{'their' if len(few) > 1 else 'its'} interval and p-value are left empty.")
         if len(base) and (base["n_seeds"] < min_seeds).any():
             parts.append("That includes the default, so no difference in this table is tested.")
-    tested = table["p_vs_default"].notna()
-    if tested.any():
+    tested = int(table["p_vs_default"].notna().sum())
+    tests = f"{tested} test{'s' if tested != 1 else ''}"
+    if tested:
         sig = significant(table, alpha)
         if len(sig):
             cells = "; ".join(
                 f"{_cell_name(r, keys)}: {md.mean_ci(r['diff_vs_default'], r['diff_ci95_low'], r['diff_ci95_high'], True)}"
                 f" (p_holm = {md.p_value(r['p_holm'])})" for _, r in sig.iterrows())
             parts.append(f"Differences in `{metric}` to the default that survive the Holm correction at "
-                         f"α = {alpha:g} ({int(tested.sum())} tests): {cells}.")
+                         f"α = {alpha:g} ({tests}): {cells}.")
         else:
             parts.append(f"No difference in `{metric}` to the default survives the Holm correction at "
-                         f"α = {alpha:g} ({int(tested.sum())} tests).")
+                         f"α = {alpha:g} ({tests}).")
+    elif len(base) and len(table) > 1:
+        parts.append("No difference to the default could be tested.")
     return " ".join(parts) or "No cell could be compared with the default."
 
 
