@@ -242,7 +242,6 @@ def _ablation(args: argparse.Namespace, space: Any, uri: str) -> Any:
 
 def _sweep(argv: Sequence[str] | None) -> int:
     from .sweep import run_sweep
-    from .tracking import ui_command
     s = sweep_settings(argv)
     outcome = run_sweep(s)
     print()
@@ -258,10 +257,19 @@ def _sweep(argv: Sequence[str] | None) -> int:
     for key, value in sorted(outcome.best_config.items()):
         print(f"  {key} = {value}")
     print("Open the MLflow UI on it:")
-    print(f"  {ui_command(s.tracking_uri)}")
-    if s.tracking_uri.startswith("sqlite:"):
-        print(f"  then browse http://127.0.0.1:5000/#/experiments/{outcome.experiment_id}/runs/{outcome.parent_run_id}")
+    _print_ui(s.tracking_uri, outcome.experiment_id, outcome.parent_run_id, "ablation" if s.ablation else "sweep")
     return 0
+
+
+def _print_ui(uri: str, experiment_id: str, run_id: str, what: str) -> None:
+    """How to open the UI on the store (a sqlite store needs ``mlflow ui``), then the URLs of the
+    experiment's runs and of the run itself, both in MLflow's model-training view."""
+    from .tracking import ui_command, ui_url
+    if uri.startswith("sqlite:") or not ui_url(uri, experiment_id):
+        print(f"  {ui_command(uri)}")
+    if ui_url(uri, experiment_id):
+        print(f"  {'experiment':<11} {ui_url(uri, experiment_id)}")
+        print(f"  {what + ' run':<11} {ui_url(uri, experiment_id, run_id)}")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -274,7 +282,6 @@ def train_parser() -> argparse.ArgumentParser:
 def _train(argv: Sequence[str] | None) -> int:
     from .engine import RunSpec
     from .single import run_single
-    from .tracking import ui_command
     args = train_parser().parse_args(argv)
     space = _load_space(args)
     flat = {**space.fixed, "epochs": _epochs(args, space)}
@@ -287,7 +294,8 @@ def _train(argv: Sequence[str] | None) -> int:
     m = result["metrics"]
     print(f"val/acc/students_mean = {m.get('val/acc/students_mean', float('nan')):.2f}   "
           f"test/acc/students_mean = {m.get('test/acc/students_mean', float('nan')):.2f}")
-    print(f"MLflow run {result['run_id']}; open the UI with: {ui_command(uri)}")
+    print(f"MLflow run {result['run_id']}; open the UI on it:")
+    _print_ui(uri, result["experiment_id"], result["run_id"], "train")
     return 0
 
 

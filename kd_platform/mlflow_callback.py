@@ -7,6 +7,7 @@ instead of opening a duplicate.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from ray.tune import Callback
 
 from . import tracking
 from .evaluation import warning_tags
-from .engine import RunSpec
+from .engine import RunSpec, data_recipe
 from .teachers import record_teacher
 
 TRIAL_TAG = "ray.trial_id"
@@ -22,6 +23,7 @@ TRIAL_TAG = "ray.trial_id"
 PLACEMENT_KEYS = ("node_id", "gpu_ids", "train_worker_nodes", "train_worker_gpus")
 GPU_KEYS = ("gpu_ids", "train_worker_gpus")  # tagged even when empty: the run had no GPU
 REPLAYED_TAG = "epochs_replayed"
+log = logging.getLogger(__name__)
 
 
 class MlflowTrialLogger(Callback):
@@ -36,6 +38,7 @@ class MlflowTrialLogger(Callback):
         self.warned: set[str] = set()  # trials already tagged with what their metrics warn about
         self.logged_epoch: dict[str, int] = {}  # per trial, the last epoch its MLflow run holds
         self.replayed: dict[str, int] = {}  # per trial, epochs trained again after a restart
+        self.datasets: dict[tuple, Any] = {}  # per data recipe and seed, the dataset its runs log
         self._client: Any = None
 
     @property
@@ -65,6 +68,7 @@ class MlflowTrialLogger(Callback):
                 **self.tags, "seed": spec.seed, TRIAL_TAG: trial.trial_id, tracking.PARENT_TAG: self.parent_run_id})
             run_id = run.info.run_id
             tracking.log_params(self.client, run_id, spec.all_knobs())
+            self.log_dataset(run_id, spec)
             tracking.set_tags(self.client, run_id, {f"swept.{k}": v for k, v in trial.config.items()})
         self.runs[trial.trial_id] = run_id
         return run_id
@@ -73,6 +77,20 @@ class MlflowTrialLogger(Callback):
         config = dict(trial.config)
         seed = int(config.pop("seed", self.seed))  # ablations repeat each cell over seeds
         return RunSpec.from_flat(self.method, {**self.fixed, **config}, seed)
+
+    def log_dataset(self, run_id: str, spec: RunSpec) -> None:
+        """The trial's data as the run's dataset input; described once per data recipe and seed
+        (a TPE sweep: once; an ablation: once per seed), here in the driver."""
+        recipe = data_recipe(spec)
+        key = (recipe.dataset, recipe.data_dir, recipe.val_fraction, spec.seed)
+        if key not in self.datasets:
+            try:
+                self.datasets[key] = tracking.describe_data(recipe, spec.seed)
+            except Exception as exc:  # bookkeeping only: the trial reports its own data errors
+                log.warning("dataset of %s not recorded: %s", run_id, exc)
+                self.datasets[key] = None
+        if self.datasets[key] is not None:
+            tracking.log_dataset(self.client, run_id, self.datasets[key])
 
     def record_teacher(self, trial: Any, run_id: str) -> None:
         """Tag an offline trial with its teacher; the file itself goes to the parent run once."""

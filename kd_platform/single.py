@@ -44,6 +44,7 @@ def run_single(spec: RunSpec, launch: Launch, uri: str, experiment: str, out: Pa
     run_id = run.info.run_id
     tracking.log_params(c, run_id, spec.all_knobs())
     try:
+        tracking.log_dataset(c, run_id, tracking.describe_data(engine.data_recipe(spec), spec.seed))
         if launch.in_process():
             _threads(launch.cpus)
             final = engine.train(spec, mlflow_reporter(uri, run_id, out / name / "checkpoint"),

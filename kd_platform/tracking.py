@@ -6,6 +6,9 @@ does not survive the hop from the sweep driver to Ray's processes.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import subprocess
 import time
@@ -16,6 +19,15 @@ from .errors import UsageError
 
 DEFAULT_DB = "mlruns.db"
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3 sorts experiments into GenAI and model-training ones by this tag.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# The UI (3.17) chooses its view from the route's query, not from the experiment's tag: a hash
+# route takes it after the route (``#/experiments/1/runs?workflowType=...``); without it the UI
+# opens the GenAI view (traces, token usage) it remembers or defaults to.
+UI_QUERY = "?workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"  # where ``ui_command`` serves a sqlite store
+DATASET_CONTEXT_TAG = "mlflow.data.context"
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -62,15 +74,19 @@ def client(uri: str) -> "MlflowClient":  # noqa: F821
 
 
 def ensure_experiment(uri: str, name: str) -> str:
-    """Id of experiment ``name``, created (with a local artifact root) if missing."""
+    """Id of experiment ``name``, created (with a local artifact root) if missing, and tagged
+    as a model-training experiment (an existing one too)."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     root = artifact_root(uri)
-    return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
+                               tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def git_commit() -> str:
@@ -119,3 +135,66 @@ def ui_command(uri: str) -> str:
     if uri.startswith("sqlite:"):
         return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
     return f"open {uri} in a browser"
+
+
+def ui_base(uri: str) -> str | None:
+    """Where the UI of this store is browsed: the server itself, or for a sqlite store the
+    ``mlflow ui`` that ``ui_command`` starts; None for a store without a UI."""
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    if uri.startswith("sqlite:"):
+        return LOCAL_UI
+    return None
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None, page: str = "") -> str | None:
+    """The UI's page of an experiment's runs table, or of one run (``page``: a tab of it such
+    as ``artifacts``), in the model-training view."""
+    base = ui_base(uri)
+    if base is None:
+        return None
+    route = f"#/experiments/{experiment_id}/runs"
+    if run_id:
+        route += f"/{run_id}" + (f"/{page}" if page else "")
+    return f"{base}/{route}{UI_QUERY}"
+
+
+def describe_data(recipe: Any, seed: int) -> Any:
+    """The data a run trains and evaluates on, as an MLflow dataset: named after the dataset,
+    its digest a hash of the dataset's name and of which samples (indices and labels) each split
+    holds, its profile the split sizes. Builds the data module on the CPU, which reads labels
+    (and, for file datasets, the files' index) but decodes no image."""
+    import torch
+    from mlflow.entities import Dataset
+
+    from .data import build_data
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the run itself logs the dataset's warnings
+    try:
+        data = build_data(recipe, seed, torch.device("cpu"))
+    finally:
+        root.setLevel(level)
+    splits = getattr(data, "splits", {})
+    h = hashlib.sha256(recipe.dataset.encode())
+    for name in sorted(splits):
+        split = splits[name]
+        h.update(name.encode())
+        h.update(split.indices.to(torch.int64).numpy().tobytes())
+        h.update(split.labels.to(torch.int64).numpy().tobytes())
+    sizes = {name: len(splits[name]) if name in splits else 0 for name in ("train", "val", "test")}
+    profile = {"num_rows": sum(sizes.values()), **{f"{k}_size": v for k, v in sizes.items()},
+               "num_classes": data.num_classes, "image_shape": [data.in_channels, data.image_size,
+                                                                data.image_size]}
+    if recipe.data_dir:
+        source_type, source = "local", {"uri": str(Path(recipe.data_dir).expanduser().resolve())}
+    else:  # shipped with a package (digits): the module that loads it is its source
+        source_type, source = "code", {"tags": {"mlflow.source.name": f"{__package__}.data.{recipe.dataset}"}}
+    return Dataset(name=recipe.dataset, digest=h.hexdigest()[:16], source_type=source_type,
+                   source=json.dumps(source), profile=json.dumps(profile))
+
+
+def log_dataset(c: Any, run_id: str, dataset: Any) -> None:
+    """Record ``dataset`` (from ``describe_data``) as the run's training input."""
+    from mlflow.entities import DatasetInput, InputTag
+    c.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, "training")])])

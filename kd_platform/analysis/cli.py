@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..console import OneLineParser, run_command
 from ..errors import UsageError
+from ..tracking import ui_url
 from . import markdown as md
 from .load import find_parent, load_sweep, open_client
 
@@ -53,6 +54,9 @@ def _main(argv: Sequence[str] | None) -> int:
         print(md.terminal(frame, index=index))
     print(f"\nReport: {rep.path} ({len(rep.files)} files)")
     print(f"Logged to MLflow run {sweep.run_id} under '{ARTIFACT_DIR}/' (experiment {sweep.experiment_name}).")
+    url = ui_url(uri, sweep.experiment_id, sweep.run_id, page=f"artifacts/{ARTIFACT_DIR}")
+    if url:
+        print(f"In the MLflow UI: {url}")
     return 0
 
 
