@@ -14,6 +14,7 @@ from typing import Any
 from ray.tune import Callback
 
 from . import tracking
+from .checkpoint import CHECKPOINT_TAG, checkpoint_location
 from .evaluation import warning_tags
 from .engine import RunSpec, data_recipe
 from .teachers import record_teacher
@@ -38,6 +39,7 @@ class MlflowTrialLogger(Callback):
         self.warned: set[str] = set()  # trials already tagged with what their metrics warn about
         self.logged_epoch: dict[str, int] = {}  # per trial, the last epoch its MLflow run holds
         self.replayed: dict[str, int] = {}  # per trial, epochs trained again after a restart
+        self.checkpoints: dict[str, str] = {}  # per trial, the checkpoint location last tagged
         self.datasets: dict[tuple, Any] = {}  # per data recipe and seed, the dataset its runs log
         self._client: Any = None
 
@@ -127,6 +129,16 @@ class MlflowTrialLogger(Callback):
             tracking.set_tags(self.client, run_id, placement)
             self.placement[trial.trial_id] = placement
 
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        self.tag_checkpoint(trial, checkpoint)
+
+    def tag_checkpoint(self, trial: Any, checkpoint: Any) -> None:
+        """Tags the run with where its latest checkpoint is (``analysis.flatness`` reads it)."""
+        location = checkpoint_location(checkpoint)
+        if location and location != self.checkpoints.get(trial.trial_id):
+            tracking.set_tags(self.client, self.run_id(trial), {CHECKPOINT_TAG: location})
+            self.checkpoints[trial.trial_id] = location
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.run_id(trial)
         last = self.last_epoch.get(trial.trial_id) or _last_epoch(self.client, run_id)
@@ -134,6 +146,7 @@ class MlflowTrialLogger(Callback):
         tracking.set_tags(self.client, run_id, {
             "trial_outcome": "asha_stopped" if stopped else "completed",
             "asha_stopped": str(stopped).lower(), "epochs_run": last})
+        self.tag_checkpoint(trial, getattr(trial, "checkpoint", None))
         self.record_teacher(trial, run_id)
         self.client.set_terminated(run_id, status="FINISHED")
 

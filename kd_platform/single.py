@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import engine, tracking
+from .checkpoint import CHECKPOINT_TAG, checkpoint_location
 from .evaluation import warning_tags
 from .engine import RunSpec
 from .teachers import record_teacher
@@ -47,13 +48,18 @@ def run_single(spec: RunSpec, launch: Launch, uri: str, experiment: str, out: Pa
         tracking.log_dataset(c, run_id, tracking.describe_data(engine.data_recipe(spec), spec.seed))
         if launch.in_process():
             _threads(launch.cpus)
-            final = engine.train(spec, mlflow_reporter(uri, run_id, out / name / "checkpoint"),
+            checkpoint_dir = (out / name / "checkpoint").resolve()
+            tracking.set_tags(c, run_id, {CHECKPOINT_TAG: str(checkpoint_dir)})
+            final = engine.train(spec, mlflow_reporter(uri, run_id, checkpoint_dir),
                                  device=_device(launch.gpus))
         else:
             from dataclasses import replace
             result = fit_with_train(spec, replace(launch, storage_path=str(out)), name=name, tune_callback=False,
                                     mlflow={"uri": uri, "run_id": run_id})
             final = dict(result.metrics or {})
+            location = checkpoint_location(result.checkpoint)
+            if location:
+                tracking.set_tags(c, run_id, {CHECKPOINT_TAG: location})
     except BaseException as exc:
         tracking.set_tags(c, run_id, {"error": f"{type(exc).__name__}: {exc}"})
         c.set_terminated(run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

@@ -22,6 +22,8 @@ from conftest import REPO, run_cli, sqlite_uri
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METRIC = "val/acc/students_mean"
+ECE = "val/ece/student1"  # an extra metric the ablation runs log, as a calibration metric would be
+STAT_COLUMNS = ["ci95_low", "ci95_high", "diff_ci95_low", "diff_ci95_high", "p_vs_default", "p_holm"]
 EPOCHS = 3
 # An OKDPH-like ablation around the default omega=0.8, fusion_interval=1.
 DEFAULTS = {"omega": 0.8, "fusion_interval": 1}
@@ -66,7 +68,7 @@ def _parent(c, exp_id: str, name: str, kind: str, params: dict, tags: dict | Non
 
 
 def _child(c, exp_id: str, parent: str, knobs: dict, final: float, outcome: str = "completed",
-           epochs: int = EPOCHS) -> str:
+           epochs: int = EPOCHS, extra: dict[str, float] | None = None) -> str:
     run = c.create_run(exp_id, run_name=f"okdph-{next(_RUN_NUMBERS)}",
                        tags={"mlflow.parentRunId": parent, "method": "okdph", "seed": knobs.get("seed", 0),
                              "trial_outcome": outcome, "epochs_run": epochs})
@@ -76,6 +78,7 @@ def _child(c, exp_id: str, parent: str, knobs: dict, final: float, outcome: str 
                "lr": [0.1 / e for e in range(1, epochs + 1)]}
     if epochs == EPOCHS:
         metrics["test/acc/students_mean"] = [final - 1.0]
+    metrics.update({k: [v] for k, v in (extra or {}).items()})  # logged once, after the last epoch
     _log(c, run.info.run_id, params={"temperature": 4.0, "same_init": True, "lr": 0.1, **knobs},
          metrics=metrics)
     c.set_terminated(run.info.run_id, "FAILED" if outcome == "failed" else "FINISHED")
@@ -105,8 +108,9 @@ def make_ablation(uri: str, root: Path, name: str, design: str = "grid", default
         for seed in SEEDS:
             final = (90.0 + sum(EFFECT[(k, v)] for k, v in cell.items()) + 0.5 * seed
                      + (0.3 * len(rows)) % 0.7)  # a little noise that differs between repeats
-            _child(c, exp_id, parent, {**cell, "seed": seed}, final)
-            rows.append({**cell, "seed": seed, METRIC: final})
+            ece = 0.05 + 0.01 * (cell["omega"] == 0.5) + 0.002 * seed
+            _child(c, exp_id, parent, {**cell, "seed": seed}, final, extra={ECE: ece})
+            rows.append({**cell, "seed": seed, METRIC: final, ECE: ece})
     _child(c, exp_id, parent, {**DEFAULTS, "omega": 1.0, "seed": 0}, 10.0, "asha_stopped", epochs=1)
     _child(c, exp_id, parent, {**DEFAULTS, "omega": 0.5, "seed": 1}, 5.0, "failed", epochs=1)
     return parent, pd.DataFrame(rows)
@@ -272,6 +276,8 @@ def _check_tables(tables: dict[str, pd.DataFrame], logged: pd.DataFrame, default
         np.testing.assert_array_equal(got["n_runs"], want["runs"])
         np.testing.assert_allclose(got["diff_vs_default"], want["diff"], atol=1e-9)
         assert got["default"].tolist() == [bool(np.isclose(v, defaults[knob])) for v in got.index]
+        assert set(STAT_COLUMNS) <= set(got.columns)
+        assert ((got["ci95_low"] <= got["mean"]) & (got["mean"] <= got["ci95_high"])).all()
 
 
 def test_ablation_tables_match_pandas(ablation_report, sweeps):
@@ -285,7 +291,42 @@ def test_ablation_tables_match_pandas(ablation_report, sweeps):
     report = (out / "report.md").read_text()
     assert "2 run(s) were excluded from the tables (1 asha_stopped, 1 failed)" in report
     assert "| 0.8 | yes | 3 | 3 |" in report
+    assert "Differences in `val/acc/students_mean` to the default that survive the Holm correction at " \
+           "α = 0.05 (2 tests): `omega=0.5`: -" in report
     assert "Other ablated knobs held at their defaults: `fusion_interval=1`." in report
+
+
+def test_ablation_statistics_match_scipy(ablation_report, sweeps):
+    """Welch p-values against the default, Holm over each table's two other values, and the
+    bootstrap intervals, from the per-seed values that were logged."""
+    from scipy import stats as sps
+
+    from kd_platform.analysis.stats import bootstrap_diff_ci, bootstrap_mean_ci, holm
+    out, _ = ablation_report
+    for metric, suffix in ((METRIC, ""), (ECE, "__val_ece_student1")):
+        for knob, table in {k: pd.read_csv(out / f"ablation_{k}{suffix}.csv").set_index(k) for k in DEFAULTS}.items():
+            other = next(k for k in DEFAULTS if k != knob)
+            held = sweeps.logged[np.isclose(sweeps.logged[other], DEFAULTS[other])]
+            values = {v: held.loc[np.isclose(held[knob], v), metric].to_numpy() for v in VALUES[knob]}
+            base = values[DEFAULTS[knob]]
+            others = [v for v in VALUES[knob] if v != DEFAULTS[knob]]
+            p = [sps.ttest_ind(values[v], base, equal_var=False).pvalue for v in others]
+            np.testing.assert_allclose(table.loc[others, "p_vs_default"], p, rtol=1e-9)
+            np.testing.assert_allclose(table.loc[others, "p_holm"], holm(p), rtol=1e-9)
+            for v in VALUES[knob]:
+                # The CSV holds the full floats, so the intervals are the library's exactly.
+                assert (table.loc[v, "ci95_low"], table.loc[v, "ci95_high"]) == pytest.approx(
+                    bootstrap_mean_ci(values[v]), rel=1e-12)
+                if v != DEFAULTS[knob]:
+                    assert (table.loc[v, "diff_ci95_low"], table.loc[v, "diff_ci95_high"]) == pytest.approx(
+                        bootstrap_diff_ci(values[v], base), rel=1e-12)
+    omega = pd.read_csv(out / "ablation_omega.csv").set_index("omega")
+    assert omega.loc[0.5, "p_holm"] < 0.05 and omega.loc[0.5, "diff_ci95_high"] < 0
+    ece = pd.read_csv(out / "ablation_omega__val_ece_student1.csv").set_index("omega")
+    assert ece.loc[0.5, "diff_vs_default"] == pytest.approx(0.01)
+    report = (out / "report.md").read_text()
+    assert f"## Ablation tables of `{ECE}`" in report
+    assert "**Too few seeds" not in report and "| too few seeds" not in report  # three seeds everywhere
 
 
 def test_ablation_grid_cells_match_pandas(ablation_report, sweeps):
@@ -297,6 +338,10 @@ def test_ablation_grid_cells_match_pandas(ablation_report, sweeps):
         cell = want.loc[(row["omega"], row["fusion_interval"])]
         assert row["mean"] == pytest.approx(cell["mean"]) and row["std"] == pytest.approx(cell["std"])
         assert row["n_seeds"] == row["n_runs"] == cell["count"] == 3
+        assert row["ci95_low"] <= row["mean"] <= row["ci95_high"]
+    base = got[got["default"]]
+    assert base[["omega", "fusion_interval"]].values.tolist() == [[0.8, 1]]
+    assert got["p_holm"].notna().sum() == 8 and base["diff_vs_default"].tolist() == [0]
 
 
 def test_missing_defaults_are_inferred_from_the_runs(sweeps):
@@ -320,7 +365,7 @@ def test_ablation_plots_report_and_artifacts(ablation_report, sweeps):
     out, _ = ablation_report
     pngs = {p.name for p in _assert_pngs_linked(out, (out / "report.md").read_text())}
     assert {"ablation_omega.png", "ablation_fusion_interval.png", "effects.png", "learning_curves.png",
-            "networks_best_run.png"} <= pngs
+            "networks_best_run.png", "ablation_omega__val_ece_student1.png"} <= pngs
     assert _artifacts(sweeps.uri, sweeps.ablation) == {p.name for p in out.iterdir()}
 
 
