@@ -137,10 +137,6 @@ def _seed_values(runs: pd.DataFrame, keys: list[str], metric: str) -> tuple[pd.D
     return table.reset_index(), values
 
 
-def _seed_stats(runs: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
-    return _seed_values(runs, keys, metric)[0]
-
-
 def compare_cells(table: pd.DataFrame, values: list[np.ndarray], is_default: pd.Series, *,
                   confidence: float = stats.CONFIDENCE, n_resamples: int = stats.N_RESAMPLES,
                   seed: int = stats.SEED, min_seeds: int = stats.MIN_SEEDS) -> pd.DataFrame:
