@@ -38,3 +38,17 @@ def load_checked(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated/corrupt archives
         raise UsageError(f"checkpoint '{path}' is corrupt or truncated ({type(exc).__name__})") from None
+
+
+CHECKPOINT_TAG = "checkpoint_dir"
+"""MLflow tag naming where a run's latest checkpoint directory (holding ``STATE_FILE``) is."""
+
+
+def checkpoint_location(checkpoint: Any) -> str | None:
+    """Where a Ray ``Checkpoint`` lives: a local path, or ``scheme://path`` on another filesystem."""
+    if checkpoint is None or not getattr(checkpoint, "path", None):
+        return None
+    path = str(checkpoint.path)
+    fs = getattr(checkpoint, "filesystem", None)
+    kind = getattr(fs, "type_name", "local") if fs is not None else "local"
+    return path if kind == "local" or "://" in path else f"{kind}://{path}"

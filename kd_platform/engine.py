@@ -302,6 +302,8 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
         if epoch + 1 == recipe.epochs:
             test = evaluate(method, data, "test", device, reduce=world > 1)
             metrics.update({f"test/{k}": v for k, v in test.items()})
+            from . import flatness  # flatness=final: the flat/* measures of every analysis network
+            metrics.update(flatness.final_metrics(spec, method, data, device))
 
         def save(directory: Path, epoch: int = epoch) -> None:
             save_atomic({"method": method.state_dict(), "optimizer": opt.state_dict(),

@@ -67,6 +67,16 @@ class Recipe:
                            "backward for all); auto: off until a GPU benchmark shows it faster")
     compile: str = knob("off", choices=("off", "on"),
                         help="torch.compile the training step; off until a GPU benchmark shows a gain")
+    flatness: str = knob("off", choices=("off", "final"),
+                         help="final: after the last epoch's test evaluation, measure every analysis network's "
+                              "Hessian trace (Hutchinson), top Hessian eigenvalue and epsilon-sharpness on a "
+                              "fixed subset of the training split (logged as flat/<measure>/<network>)")
+    flatness_samples: int = knob(512, low=16, high=100000,
+                                 help="training samples (a seeded, fixed subset, unaugmented) the flatness "
+                                      "measures use")
+    flatness_probes: int = knob(8, low=1, high=10000, help="Rademacher probes of the Hutchinson trace estimate")
+    flatness_rho: float = knob(0.05, low=0.0, high=10.0,
+                               help="radius of the epsilon-sharpness ball, relative to the parameter norm")
 
     def __post_init__(self) -> None:
         # Checked here so that a typo fails when the knobs are read, before any trial starts.

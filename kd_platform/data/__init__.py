@@ -41,6 +41,8 @@ class DataModule(Protocol):
 
     def eval_batches(self, split: str) -> Iterator[tuple[Tensor, Tensor]]: ...
 
+    def train_eval_batches(self, n: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]: ...
+
 
 @dataclass
 class PathNote:

@@ -30,7 +30,8 @@ from . import PathNote
 from .augment import Normaliser, mean_colour, view_pipeline_names
 from .device_augment import BatchAugment, Params
 from .sources import ImageSource
-from .split import EVAL_BATCH_SIZE, EvalSplits, Split, batches_per_epoch, epoch_order, generator
+from .split import (EVAL_BATCH_SIZE, EvalSplits, Split, batches_per_epoch, epoch_order, fixed_subset,
+                    generator)
 
 
 def distinct_sources(splits: dict[str, Split]) -> list[ImageSource]:
@@ -130,4 +131,14 @@ class DeviceDataModule:
         images = self.images
         for start in range(0, len(mine), EVAL_BATCH_SIZE):
             pos = mine[start:start + EVAL_BATCH_SIZE]
+            yield self.normalise(images[index[pos]]), labels[pos]
+
+    def train_eval_batches(self, n: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The training split's fixed subset of ``n`` samples (``split.fixed_subset``), unaugmented
+        and normalised, in batches of ``EVAL_BATCH_SIZE``; every rank gets the whole subset."""
+        index, labels = self._index["train"]
+        pick = fixed_subset(len(labels), n, seed).to(self.device)
+        images = self.images
+        for start in range(0, len(pick), EVAL_BATCH_SIZE):
+            pos = pick[start:start + EVAL_BATCH_SIZE]
             yield self.normalise(images[index[pos]]), labels[pos]

@@ -30,7 +30,8 @@ from ..methods.base import Batch
 from ..recipe import Recipe
 from . import PathNote
 from .augment import Normaliser, Pipeline, build_pipeline, view_pipeline_names
-from .split import EVAL_BATCH_SIZE, EvalSplits, Split, batches_per_epoch, epoch_order, generator
+from .split import (EVAL_BATCH_SIZE, EvalSplits, Split, batches_per_epoch, epoch_order, fixed_subset,
+                    generator)
 
 MAX_AUTO_WORKERS = 8
 
@@ -208,3 +209,13 @@ class LoaderDataModule:
                                              persistent=split == "val")
         for x, y in _guarded(self._eval[split]):
             yield self._to_device(x), y.to(self.device, non_blocking=self.pin)
+
+    def train_eval_batches(self, n: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The training split's fixed subset of ``n`` samples (``split.fixed_subset``), unaugmented
+        and normalised, in batches of ``EVAL_BATCH_SIZE``; read in this process (a subset is small)."""
+        data = self.splits["train"]
+        pick = fixed_subset(len(data), n, seed).tolist()
+        for start in range(0, len(pick), EVAL_BATCH_SIZE):
+            pos = pick[start:start + EVAL_BATCH_SIZE]
+            x = torch.stack([data.source.image(int(data.indices[p])) for p in pos])
+            yield self._to_device(x), data.labels[pos].to(self.device)

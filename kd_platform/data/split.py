@@ -61,6 +61,12 @@ def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> Tensor:
     return shard(torch.randperm(n, generator=generator(seed, epoch)), rank, world)
 
 
+def fixed_subset(n: int, k: int, seed: int) -> Tensor:
+    """The first ``k`` positions of a permutation of ``0..n-1`` seeded by ``seed`` alone (not by
+    epoch or rank): the same samples on every rank and in every process."""
+    return torch.randperm(n, generator=generator(seed, 104729))[:k]
+
+
 def batches_per_epoch(n: int, batch_size: int, world: int) -> int:
     """Batches one rank draws from ``n`` training samples. A final batch of a single sample is
     dropped: BatchNorm cannot normalise one sample."""

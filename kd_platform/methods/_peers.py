@@ -7,6 +7,7 @@ compute the same numbers: the fused form only changes how many kernels run.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Sequence
 
 import torch
@@ -34,6 +35,7 @@ class Peers(nn.Module):
             for net in nets[1:]:
                 net.load_state_dict(nets[0].state_dict())
         self.n, self.fused = n, fused
+        self._make = make
         if fused:
             self.stack = StackedNet(nets)
         else:
@@ -124,6 +126,26 @@ class Peers(nn.Module):
         if self.fused:
             return member_state_dict(self.stack.state_dict(), i)
         return {k: v.clone() for k, v in self.nets[i].state_dict().items()}
+
+
+    def member(self, i: int) -> nn.Module:
+        """Peer ``i`` as a plain network: unfused, the live network itself; fused, a fresh copy
+        holding the member's current weights (on the stack's device)."""
+        if not self.fused:
+            return self.nets[i]
+        device = next(self.stack.parameters()).device
+        net = self._make().to(device)
+        net.load_state_dict(self.member_state_dict(i))
+        return net
+
+    def mean_member(self) -> nn.Module:
+        """A plain network holding the peers' mean (parameters and float buffers), the mixture
+        ``mixed_state`` builds for equal weights."""
+        net = copy.deepcopy(self.member(0)) if not self.fused else self.member(0)
+        state = self.mixed_state(torch.full((self.n,), 1.0 / self.n), keep_grad=False)
+        with torch.no_grad():
+            net.load_state_dict({k: v.detach().clone() for k, v in state.items()})
+        return net
 
 
 def _plain(stacked_key: str) -> str:

@@ -115,6 +115,14 @@ class Method(nn.Module):
         Methods with ``fusable_peers`` hold their peers as ``self.peers`` (``_peers.Peers``)."""
         return self.peers.stacked() if self.fusable_peers else None
 
+    def analysis_networks(self) -> dict[str, nn.Module]:
+        """Plain, parameter-owning networks for loss-landscape analysis (``kd_platform.flatness``),
+        by the names ``eval_networks`` uses. The default finds each student kept as an attribute
+        of its own name (``ce``'s ``net``, an offline method's ``student``); methods whose
+        students live elsewhere override it, and those without plain students return ``{}``."""
+        nets = {name: getattr(self, name, None) for name in self.students}
+        return {name: net for name, net in nets.items() if isinstance(net, nn.Module)}
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 

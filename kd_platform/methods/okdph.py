@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..knobs import knob
 from ..losses import kd_loss
@@ -109,3 +109,8 @@ class OKDPH(Method):
         n = self.cfg.n_students
         hwm = self.peers.mixed_state(torch.full((n,), 1.0 / n), keep_grad=False)
         return peer_eval_networks(self.students, lambda x: self.peers([x], extra=[hwm]), ["hwm"])
+
+    def analysis_networks(self) -> dict[str, nn.Module]:
+        nets = {name: self.peers.member(i) for i, name in enumerate(self.students)}
+        nets["hwm"] = self.peers.mean_member()  # the mean HWM that eval_networks evaluates
+        return nets
