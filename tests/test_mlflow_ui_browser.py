@@ -1,6 +1,8 @@
 """The MLflow UI, in a real headless Chromium, shows what a finished sweep and its analysis
-logged: the experiment, the parent run with its child runs, the report's plots as artifacts
-(logged through the running server), and a child run's metrics and chart groups.
+logged, at the URLs the commands print: the experiment in the model-training view (its runs
+table, not GenAI traces) with the sweep's parent run and children, the parent run with its child
+runs, the report's plots as artifacts (logged through the running server), and a child run's
+dataset, metrics and chart groups.
 
 The UI is a JavaScript app, so the page is rendered by Chromium (``--dump-dom`` after a
 virtual-time budget) rather than fetched as HTML. Chromium is not installed by the test.
@@ -120,56 +122,78 @@ def _missing(page: str, expected: list[str]) -> list[str]:
     return [e for e in expected if e not in page]
 
 
+def _printed_urls(out: str) -> list[str]:
+    return [w for w in out.split() if w.startswith(("http://", "https://"))]
+
+
 def test_mlflow_ui_shows_the_sweep_its_runs_and_the_report(tmp_path):
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} is missing (install the Debian package 'chromium' to run the browser check)")
     from mlflow.tracking import MlflowClient
 
+    from kd_platform import tracking
     from kd_platform.analysis.cli import main
+    from kd_platform.cli import _print_ui
+    from kd_platform.engine import RunSpec, data_recipe
 
     uri = sqlite_uri(tmp_path / "mlruns.db")
     c = MlflowClient(tracking_uri=uri)
     exp_id = c.create_experiment("okdph", artifact_location="mlflow-artifacts:/okdph")
     parent, _ = make_tpe(uri, tmp_path, trials=4)  # the sweep's runs, straight into the store
+    assert tracking.ensure_experiment(uri, "okdph") == exp_id  # reused by a sweep: tagged as model training
     run = c.get_run(parent)
     parent_name = run.info.run_name
     children = c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     child_names = [r.info.run_name for r in children]
+    dataset = tracking.describe_data(data_recipe(RunSpec.from_flat("okdph", {}, 0)), 0)
+    for child in children:  # as the sweep's driver logs it
+        tracking.log_dataset(c, child.info.run_id, dataset)
     best_child = max(children, key=lambda r: r.data.metrics[METRIC]).info.run_id
     browser = Browser(tmp_path)
 
     with mlflow_ui(uri, tmp_path) as base:
+        server = base.rstrip("/")
         # The analysis talks to the server, which stores the report's artifacts.
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert main(["--sweep", parent, "--tracking-uri", base.rstrip("/"),
-                         "--out", str(tmp_path / "report")]) == 0
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert main(["--sweep", parent, "--tracking-uri", server, "--out", str(tmp_path / "report")]) == 0
+            _print_ui(server, exp_id, parent, "sweep")  # what the sweep prints at its end
         report_files = sorted(p.name for p in (tmp_path / "report").iterdir())
+        report_url, runs_url, parent_url = _printed_urls(printed.getvalue())
+        query = tracking.UI_QUERY
+        assert all(u.endswith(query) for u in (report_url, runs_url, parent_url))
 
-        runs_url = f"{base}#/experiments/{exp_id}/runs?workflowType=machine_learning"
-        page = browser.dom(runs_url, ["okdph", parent_name])
-        assert not _missing(page, ["okdph", parent_name]), "experiment page lacks the sweep"
+        # The experiment opens on its runs table (the model-training view), not on GenAI
+        # traces: the parent row, which unfolds into the children, and all its runs counted.
+        expected = ["okdph", "Run Name", parent_name, f"<strong>{1 + len(children)}</strong> matching runs", "Model registry"]
+        page = browser.dom(runs_url, expected)
+        assert not _missing(page, expected), f"experiment page lacks {_missing(page, expected)}"
+        assert "Token Usage" not in page and "Observability" not in page, "experiment page opened the GenAI view"
 
-        parent_url = f"{base}#/experiments/{exp_id}/runs/{parent}"
         expected = [parent_name, *child_names, "kind"]
         page = browser.dom(parent_url, expected)
         assert not _missing(page, expected), f"parent run page lacks {_missing(page, expected)}"
 
-        plot_url = f"{parent_url}/artifacts/report/importance.png"
-        expected = ['<img alt="report/importance.png" src="blob:',
-                    *[f'artifact-name="{name}"' for name in report_files]]
+        expected = [f'artifact-name="{name}"' for name in report_files]
+        page = browser.dom(report_url, expected)
+        assert not _missing(page, expected), f"report artifacts page lacks {_missing(page, expected)}"
+        plot_url = report_url.replace(query, f"/importance.png{query}")
+        expected = ['<img alt="report/importance.png" src="blob:', *expected]
         page = browser.dom(plot_url, expected)
         assert not _missing(page, expected), f"artifact page lacks {_missing(page, expected)}"
 
-        child_url = f"{base}#/experiments/{exp_id}/runs/{best_child}"
-        expected = [f">{METRIC}</a>", ">val/acc/hwm</a>", ">train/loss/loss</a>"]
+        child_url = tracking.ui_url(server, exp_id, best_child)
+        expected = [f">{METRIC}</a>", ">val/acc/hwm</a>", ">train/loss/loss</a>", dataset.name, dataset.digest]
         page = browser.dom(child_url, expected)
         assert not _missing(page, expected), f"child run page lacks {_missing(page, expected)}"
         # The metric charts, grouped by prefix; the curves themselves are drawn, not text.
         expected = [">val/acc<", ">train/loss<", ">test/acc<"]
-        page = browser.dom(f"{child_url}/model-metrics", expected)
+        curves_url = tracking.ui_url(server, exp_id, best_child, page="model-metrics")
+        page = browser.dom(curves_url, expected)
         assert not _missing(page, expected), f"child run's charts lack {_missing(page, expected)}"
 
-        browser.screenshot(f"{child_url}/model-metrics", tmp_path / "mlflow-ui-child-curves.png")
+        browser.screenshot(curves_url, tmp_path / "mlflow-ui-child-curves.png")
+        browser.screenshot(runs_url, tmp_path / "mlflow-ui-runs.png")
         shot = browser.screenshot(plot_url, tmp_path / "mlflow-ui.png")
     # The screenshot in docs/ is committed; refresh it only when asked (or when it is missing),
     # so that a test run does not leave a changed tracked file behind.
