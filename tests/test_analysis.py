@@ -22,7 +22,7 @@ from conftest import REPO, run_cli, sqlite_uri
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METRIC = "val/acc/students_mean"
-ECE = "val/ece/student1"  # an extra metric the ablation runs log, as a calibration metric would be
+EXTRA = "flat/hessian_trace/student1"  # an extra metric the runs log, as flatness=final would
 STAT_COLUMNS = ["ci95_low", "ci95_high", "diff_ci95_low", "diff_ci95_high", "p_vs_default", "p_holm"]
 EPOCHS = 3
 # An OKDPH-like ablation around the default omega=0.8, fusion_interval=1.
@@ -109,8 +109,8 @@ def make_ablation(uri: str, root: Path, name: str, design: str = "grid", default
             final = (90.0 + sum(EFFECT[(k, v)] for k, v in cell.items()) + 0.5 * seed
                      + (0.3 * len(rows)) % 0.7)  # a little noise that differs between repeats
             ece = 0.05 + 0.01 * (cell["omega"] == 0.5) + 0.002 * seed
-            _child(c, exp_id, parent, {**cell, "seed": seed}, final, extra={ECE: ece})
-            rows.append({**cell, "seed": seed, METRIC: final, ECE: ece})
+            _child(c, exp_id, parent, {**cell, "seed": seed}, final, extra={EXTRA: ece})
+            rows.append({**cell, "seed": seed, METRIC: final, EXTRA: ece})
     _child(c, exp_id, parent, {**DEFAULTS, "omega": 1.0, "seed": 0}, 10.0, "asha_stopped", epochs=1)
     _child(c, exp_id, parent, {**DEFAULTS, "omega": 0.5, "seed": 1}, 5.0, "failed", epochs=1)
     return parent, pd.DataFrame(rows)
@@ -303,7 +303,7 @@ def test_ablation_statistics_match_scipy(ablation_report, sweeps):
 
     from kd_platform.analysis.stats import bootstrap_diff_ci, bootstrap_mean_ci, holm
     out, _ = ablation_report
-    for metric, suffix in ((METRIC, ""), (ECE, "__val_ece_student1")):
+    for metric, suffix in ((METRIC, ""), (EXTRA, "__flat_hessian_trace_student1")):
         for knob, table in {k: pd.read_csv(out / f"ablation_{k}{suffix}.csv").set_index(k) for k in DEFAULTS}.items():
             other = next(k for k in DEFAULTS if k != knob)
             held = sweeps.logged[np.isclose(sweeps.logged[other], DEFAULTS[other])]
@@ -322,10 +322,10 @@ def test_ablation_statistics_match_scipy(ablation_report, sweeps):
                         bootstrap_diff_ci(values[v], base), rel=1e-12)
     omega = pd.read_csv(out / "ablation_omega.csv").set_index("omega")
     assert omega.loc[0.5, "p_holm"] < 0.05 and omega.loc[0.5, "diff_ci95_high"] < 0
-    ece = pd.read_csv(out / "ablation_omega__val_ece_student1.csv").set_index("omega")
+    ece = pd.read_csv(out / "ablation_omega__flat_hessian_trace_student1.csv").set_index("omega")
     assert ece.loc[0.5, "diff_vs_default"] == pytest.approx(0.01)
     report = (out / "report.md").read_text()
-    assert f"## Ablation tables of `{ECE}`" in report
+    assert f"## Ablation tables of `{EXTRA}`" in report
     assert "**Too few seeds" not in report and "| too few seeds" not in report  # three seeds everywhere
 
 
@@ -365,7 +365,7 @@ def test_ablation_plots_report_and_artifacts(ablation_report, sweeps):
     out, _ = ablation_report
     pngs = {p.name for p in _assert_pngs_linked(out, (out / "report.md").read_text())}
     assert {"ablation_omega.png", "ablation_fusion_interval.png", "effects.png", "learning_curves.png",
-            "networks_best_run.png", "ablation_omega__val_ece_student1.png"} <= pngs
+            "networks_best_run.png", "ablation_omega__flat_hessian_trace_student1.png"} <= pngs
     assert _artifacts(sweeps.uri, sweeps.ablation) == {p.name for p in out.iterdir()}
 
 

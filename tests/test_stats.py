@@ -16,7 +16,7 @@ from kd_platform.analysis.load import Sweep
 from kd_platform.analysis.tables import ablation_table, extra_metric_columns, grid_table
 
 METRIC = "val/acc/students_mean"
-ECE = "val/ece/student1"
+EXTRA = "flat/hessian_trace/student1"  # an extra metric the runs log, as flatness=final would
 SAMPLES = {
     "three": [90.1, 90.9, 91.0],
     "five": [1.0, 2.5, 2.0, 4.0, 3.1],
@@ -120,8 +120,8 @@ def make_runs(seeds: dict[float, list[int]], effect: dict[float, float], noise: 
             jitter = noise * (seed - 1) + 0.05 * (seed % 2)
             rows.append({"omega": omega, "fusion_interval": 1, "seed": seed,
                          METRIC: 90.0 + effect[omega] + jitter,
-                         ECE: 0.05 + 0.001 * seed if omega != 1.0 else np.nan})
-    rows.append({"omega": 0.8, "fusion_interval": 5, "seed": 0, METRIC: 10.0, ECE: 0.9})
+                         EXTRA: 0.05 + 0.001 * seed if omega != 1.0 else np.nan})
+    rows.append({"omega": 0.8, "fusion_interval": 5, "seed": 0, METRIC: 10.0, EXTRA: 0.9})
     df = pd.DataFrame(rows)
     df.insert(0, "run_id", [f"run{i}" for i in range(len(df))])
     df["run_name"] = df["run_id"]
@@ -165,10 +165,10 @@ def test_ablation_table_statistics():
 
 def test_ablation_table_of_an_extra_metric():
     runs = make_runs({v: [0, 1, 2] for v in EFFECT}, EFFECT)
-    assert extra_metric_columns(runs, primary=METRIC) == ([ECE], [])
-    assert extra_metric_columns(runs, [ECE, "flat/hessian_trace/student1"], METRIC) == (
-        [ECE], ["flat/hessian_trace/student1"])
-    t = ablation_table(runs, "omega", DEFAULTS, ECE).table.set_index("omega")
+    assert extra_metric_columns(runs, primary=METRIC) == ([EXTRA], [])
+    assert extra_metric_columns(runs, [EXTRA, "flat/top_eig/student9"], METRIC) == (
+        [EXTRA], ["flat/top_eig/student9"])
+    t = ablation_table(runs, "omega", DEFAULTS, EXTRA).table.set_index("omega")
     assert t.index.tolist() == [0.5, 0.8]  # no run of omega=1.0 logged it
     assert t.loc[0.5, "mean"] == pytest.approx(0.051) and t.loc[0.5, "diff_vs_default"] == pytest.approx(0)
     assert t.loc[0.5, "ci95_low"] <= 0.051 <= t.loc[0.5, "ci95_high"]
@@ -231,10 +231,10 @@ def test_report_names_the_differences_that_survive_holm(tmp_path):
     assert "| lower than the default (p_holm ≤ 0.05) |" in text and "| no significant difference |" in text
     assert "mean [95% CI]" in text and "diff_vs_default [95% CI]" in text and "p_holm" in text
     # The extra metric found in the runs gets its own table, CSV and plot.
-    assert f"## Ablation tables of `{ECE}`" in text
-    csv = pd.read_csv(out / "ablation_omega__val_ece_student1.csv")
+    assert f"## Ablation tables of `{EXTRA}`" in text
+    csv = pd.read_csv(out / "ablation_omega__flat_hessian_trace_student1.csv")
     assert csv["omega"].tolist() == [0.5, 0.8] and "p_holm" in csv.columns
-    assert (out / "ablation_omega__val_ece_student1.png").is_file()
+    assert (out / "ablation_omega__flat_hessian_trace_student1.png").is_file()
     table = pd.read_csv(out / "ablation_omega.csv")
     assert list(table.columns) == ["omega", "default", "n_runs", "mean", "std", "n_seeds", "ci95_low", "ci95_high",
                                    "diff_vs_default", "diff_ci95_low", "diff_ci95_high", "p_vs_default", "p_holm"]
@@ -250,8 +250,8 @@ def test_report_says_too_few_seeds(tmp_path):
 
 def test_report_says_which_cells_have_too_few_seeds(tmp_path):
     text, _, sweep = _report(tmp_path, {0.5: [0, 1, 2], 0.8: [0, 1, 2], 1.0: [0]}, extra_metrics=[
-        "flat/hessian_trace/student1"])
+        "flat/top_eig/student9"])
     assert "**Too few seeds for a conclusion** (fewer than 3) for `omega=1` (1 seed)" in text
     assert "survive the Holm correction at α = 0.05 (1 test): `omega=0.5`" in text
     assert "## Ablation tables of" not in text  # the extra metric asked for is not in the runs
-    assert any("`flat/hessian_trace/student1`" in n for n in sweep.notes)
+    assert any("`flat/top_eig/student9`" in n for n in sweep.notes)

@@ -29,6 +29,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="report folder (default reports/<sweep name>/)")
     p.add_argument("--metric", help="metric to analyse (default: the sweep's metric, else val/acc/students_mean); "
                                     "another metric than the sweep's is lower-is-better if its name holds 'loss'")
+    p.add_argument("--extra-metric", action="append", dest="extra_metrics", metavar="METRIC",
+                   help="also tabulate this metric per knob, e.g. val/ece/student1 or val/diversity/kl "
+                        "(repeatable; default: every flat/* metric the runs logged)")
     return p
 
 
@@ -48,7 +51,7 @@ def _main(argv: Sequence[str] | None) -> int:
     # Imports matplotlib: only once the input is known to be good.
     from .report import ARTIFACT_DIR, analyse
     folder = args.out or REPORTS_DIR / sweep.name
-    rep = analyse(c, sweep, folder)
+    rep = analyse(c, sweep, folder, extra_metrics=args.extra_metrics)
     for title, frame, index in rep.tables:
         print(f"\n== {title}")
         print(md.terminal(frame, index=index))
