@@ -31,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
                                     "another metric than the sweep's is lower-is-better if its name holds 'loss'")
     p.add_argument("--extra-metric", action="append", dest="extra_metrics", metavar="METRIC",
                    help="also tabulate this metric per knob, e.g. val/ece/student1 or val/diversity/kl "
-                        "(repeatable; default: every flat/* metric the runs logged)")
+                        "(repeatable; default: the flatness measures flat/hessian_trace, top_eig, sharpness and "
+                        "barrier the runs logged)")
     return p
 
 

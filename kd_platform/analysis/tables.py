@@ -22,9 +22,10 @@ from .load import Sweep, coerce_like
 MAX_BINS = 4
 CATEGORICAL_MAX_VALUES = 6  # an int knob with few distinct values reads better per value than binned
 # Metrics tabulated besides the primary one when runs logged them: flatness and calibration.
-EXTRA_METRIC_PREFIXES = ("flat/",)
-"""Extra metrics tabulated without being asked for: flatness. Calibration and diversity exist for
-every network and epoch, so they are tabulated when named (``--extra-metric``)."""
+EXTRA_METRIC_PREFIXES = ("flat/hessian_trace/", "flat/top_eig/", "flat/sharpness/", "flat/barrier/")
+"""Extra metrics tabulated without being asked for: the flatness measures (lower is flatter).
+Calibration and diversity exist for every network and epoch, so they are tabulated when named
+(``--extra-metric``)."""
 
 
 @dataclass
@@ -212,8 +213,8 @@ def grid_table(runs: pd.DataFrame, knobs: list[str], metric: str, mode: str,
 def extra_metric_columns(runs: pd.DataFrame, extra_metrics: Sequence[str] | None = None,
                          primary: str | None = None) -> tuple[list[str], list[str]]:
     """The extra metrics to tabulate besides the primary one, and those asked for that no run
-    has. ``None`` picks every column of ``runs`` named like a flatness metric (``flat/...``)
-    that some run logged."""
+    has. ``None`` picks every column of ``runs`` named like a flatness measure
+    (:data:`EXTRA_METRIC_PREFIXES`) that some run logged."""
     if extra_metrics is None:
         found = [c for c in runs.columns if isinstance(c, str) and c.startswith(EXTRA_METRIC_PREFIXES)
                  and c != primary and runs[c].notna().any()]
