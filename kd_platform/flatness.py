@@ -8,7 +8,7 @@ list of ``(images, labels)`` batches fixed up front (``train_subset``):
   Hessian-vector products by double backward, and its standard error;
 * ``top_eigenvalue``: the dominant Hessian eigenvalue by power iteration;
 * ``sharpness``: the largest increase of ``L`` found in the L2 ball of radius
-  ``rho * ||theta||`` (Keskar et al. 2017, Foret et al. 2021) by normalised gradient-ascent
+  ``rho`` around the weights (Keskar et al. 2017, Foret et al. 2021) by normalised gradient-ascent
   steps projected back onto the ball;
 * ``interpolate``: loss and accuracy along the straight segment between two networks of
   one architecture (parameters and float buffers mixed alike);
@@ -201,14 +201,16 @@ def _restoring(net: nn.Module) -> Iterator[list[Tensor]]:
 
 
 def sharpness(net: nn.Module, batches: Batches, rho: float = 0.05, steps: int = 5) -> float:
-    """``max L(theta + d) - L(theta)`` over ``||d|| <= rho ||theta||`` as found by ``steps``
-    normalised gradient-ascent steps (the first of the full radius, as SAM's perturbation, the
-    rest of half of it), each projected back onto the ball; the starting point counts, so the
-    result is >= 0. The parameters are restored bit-exactly."""
+    """``max L(theta + d) - L(theta)`` over ``||d|| <= rho`` as found by ``steps`` normalised
+    gradient-ascent steps (the first of the full radius, as SAM's perturbation, the rest of half
+    of it), each projected back onto the ball; the starting point counts, so the result is >= 0.
+    The radius is absolute, as SAM's rho: a radius relative to the whole parameter norm lets the
+    perturbation pile onto a few sensitive weights and the figure explode. The parameters are
+    restored bit-exactly."""
     if rho <= 0 or steps <= 0:
         return 0.0
     with _eval_with_grad(net) as params, _restoring(net) as theta:
-        radius = float(rho * _norm(theta))
+        radius = float(rho)
         base, grads = gradient(net, batches)
         best = base
         delta = [torch.zeros_like(p) for p in params]

@@ -76,7 +76,7 @@ class Recipe:
                                       "measures use")
     flatness_probes: int = knob(8, low=1, high=10000, help="Rademacher probes of the Hutchinson trace estimate")
     flatness_rho: float = knob(0.05, low=0.0, high=10.0,
-                               help="radius of the epsilon-sharpness ball, relative to the parameter norm")
+                               help="radius of the epsilon-sharpness ball in parameter space (L2, as SAM's rho)")
 
     def __post_init__(self) -> None:
         # Checked here so that a typo fails when the knobs are read, before any trial starts.
