@@ -20,7 +20,7 @@ from typing import Any
 from ..checkpoint import CHECKPOINT_TAG, STATE_FILE, load_checked
 from ..console import OneLineParser, run_command
 from ..errors import UsageError
-from .load import open_client
+from .load import live_run, open_client
 
 ARTIFACT_DIR = "flatness"
 
@@ -62,17 +62,6 @@ def parser() -> argparse.ArgumentParser:
                    help="evaluations per interpolation segment, ends included (default 11)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     return p
-
-
-def _run(c: Any, run_id: str) -> Any:
-    from mlflow.exceptions import MlflowException
-    try:
-        run = c.get_run(run_id)
-    except MlflowException:
-        raise UsageError(f"no MLflow run with id '{run_id}' in this store") from None
-    if run.info.lifecycle_stage == "deleted":
-        raise UsageError(f"MLflow run '{run_id}' is deleted")
-    return run
 
 
 def _state_file(run: Any, scratch: Path) -> Path:
@@ -125,7 +114,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from mlflow.exceptions import MlflowException
     uri, c = open_client(args.tracking_uri)
     try:
-        run = _run(c, args.run)
+        run = live_run(c, args.run)
     except MlflowException as exc:
         raise UsageError(f"MLflow store '{uri}': {exc.message}") from None
     device = _device(args.device)

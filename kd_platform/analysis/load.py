@@ -102,17 +102,22 @@ def open_client(uri: str | None) -> tuple[str, Any]:
     return uri, tracking.client(uri)
 
 
+def live_run(c: Any, run_id: str) -> Any:
+    """The run ``run_id``; a one-line UsageError when the store has none or it is deleted."""
+    from mlflow.exceptions import MlflowException
+    try:
+        run = c.get_run(run_id)
+    except MlflowException:
+        raise UsageError(f"no MLflow run with id '{run_id}' in this store") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise UsageError(f"MLflow run '{run_id}' is deleted")
+    return run
+
+
 def find_parent(c: Any, method: str | None, experiment: str | None, run_id: str | None) -> Any:
     """The sweep parent run: ``run_id`` if given, else the newest parent of the experiment."""
     if run_id:
-        from mlflow.exceptions import MlflowException
-        try:
-            run = c.get_run(run_id)
-        except MlflowException:
-            raise UsageError(f"no MLflow run with id '{run_id}' in this store") from None
-        if run.info.lifecycle_stage == "deleted":
-            raise UsageError(f"MLflow run '{run_id}' is deleted")
-        return run
+        return live_run(c, run_id)
     name = experiment or method
     if not name:
         raise UsageError("name a method (e.g. okdph), --experiment or --sweep RUN_ID")
