@@ -40,11 +40,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray cluster for the in-process sweep tests of this session."""
+    """One local Ray cluster for the in-process sweep tests of this session. Its dashboard takes
+    a free port, so the multi-node test clusters, whatever the test order, get the default one."""
     import ray
-    ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=free_port(), logging_level="WARNING")
     yield ray
     ray.shutdown()
 
