@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -27,11 +28,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
     return value
@@ -54,7 +64,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a recipe from presets/ (dataset, architectures, epochs, optimiser, "
                                     "schedule, augmentation); --set still overrides it")
     p.add_argument("--epochs", type=_positive_int, help="epochs per run (default: the space file's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every generator (default 0)")
+    p.add_argument("--seed", type=_integer, default=0, help="seed of every generator (default 0)")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
     p.add_argument("--experiment", help="MLflow experiment name (default: the method's name)")
     p.add_argument("--out", type=Path, default=Path("kd_results"), help="results directory (default kd_results)")
@@ -154,13 +164,35 @@ def _launch(args: argparse.Namespace) -> Any:
     from .trial import Launch
     if args.cpus_per_trial <= 0:
         raise UsageError("--cpus-per-trial must be positive")
-    if args.gpus_per_trial > 0 and not (args.address or os.environ.get("RAY_ADDRESS")):
-        import torch
-        if torch.cuda.device_count() == 0:
-            raise UsageError("--gpus-per-trial > 0 but this machine has no CUDA GPU "
-                             "(use --address to join a GPU cluster)")
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        _check_local_fit(args)
     return Launch(workers=args.workers_per_trial, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial,
                   use_train=args.use_train, storage_path=_storage(args))
+
+
+def _check_local_fit(args: argparse.Namespace) -> None:
+    """On the local cluster this command starts, a trial asking for more CPUs or GPUs than the
+    machine has could never be scheduled and would wait forever: reject it now."""
+    workers = args.workers_per_trial
+    cpus = os.cpu_count() or 1
+    need = args.cpus_per_trial * workers
+    if need > cpus + 1e-9:
+        per = f" x --workers-per-trial {workers}" if workers > 1 else ""
+        raise UsageError(f"--cpus-per-trial: a trial needs {need:g} CPUs ({args.cpus_per_trial:g}{per}) but "
+                         f"this machine has {cpus}; lower it or use --address to join a larger cluster")
+    if args.gpus_per_trial > 0:
+        import torch
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise UsageError("--gpus-per-trial > 0 but this machine has no CUDA GPU "
+                             "(use --address to join a GPU cluster)")
+        g = args.gpus_per_trial
+        # Ray puts whole requests on one GPU: floor(1/g) fractional workers share a GPU.
+        need_gpus = math.ceil(workers / math.floor(1 / g + 1e-9)) if g < 1 else g * workers
+        if need_gpus > gpus + 1e-9:
+            raise UsageError(f"--gpus-per-trial: a trial needs {need_gpus:g} GPUs ({g:g} x --workers-per-trial "
+                             f"{workers}) "
+                             f"but this machine has {gpus}; lower it or use --address to join a larger cluster")
 
 
 def sweep_parser() -> argparse.ArgumentParser:

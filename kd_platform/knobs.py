@@ -7,6 +7,7 @@ against one source of truth.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -15,10 +16,37 @@ from .errors import UsageError
 
 
 def knob(default: Any, *, low: float | None = None, high: float | None = None,
-         choices: tuple | None = None, help: str = "") -> Any:
-    """Declare one knob of a config dataclass (a dataclass ``field`` with validation metadata)."""
+         choices: tuple | None = None, form: str | None = None, help: str = "") -> Any:
+    """Declare one knob of a config dataclass (a dataclass ``field`` with validation metadata).
+
+    ``form`` names the shape of a string knob's value (see ``FORMS``), e.g. ``"epochs"`` for a
+    comma-separated, strictly increasing list of positive epoch numbers."""
     return dataclasses.field(default=default, metadata={
-        "low": low, "high": high, "choices": choices, "help": help})
+        "low": low, "high": high, "choices": choices, "form": form, "help": help})
+
+
+def _epoch_list(text: str) -> str:
+    """A comma-separated, strictly increasing list of positive integers (epochs); empty is none."""
+    items = [t.strip() for t in text.split(",")]
+    if items == [""]:
+        return text
+    values = []
+    for item in items:
+        try:
+            values.append(int(item))
+        except ValueError:
+            raise ValueError(f"'{item}' is not an integer; expected comma-separated epochs such as 30,60") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"epochs must be positive, not {min(values)}")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError("epochs must be strictly increasing, e.g. 30,60")
+    return text
+
+
+# Value forms of string knobs: each checks a value and returns it, or raises ValueError saying why.
+FORMS = {"epochs": _epoch_list}
+# Forms of knobs whose declarations do not name one (yet).
+DEFAULT_FORMS = {"milestones": "epochs", "teacher_milestones": "epochs"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +58,7 @@ class KnobSpec:
     high: float | None
     choices: tuple | None
     help: str
+    form: str | None = None
 
     def describe(self) -> str:
         if self.choices is not None:
@@ -46,6 +75,13 @@ class KnobSpec:
             out = _convert(self.type, value)
         except (TypeError, ValueError):
             raise UsageError(f"knob '{self.name}': {value!r} is not {self.describe()}") from None
+        if isinstance(out, float) and not math.isfinite(out):
+            raise UsageError(f"knob '{self.name}': {value!r} is not a finite number")
+        if self.form is not None:
+            try:
+                FORMS[self.form](out)
+            except ValueError as exc:
+                raise UsageError(f"knob '{self.name}': {value!r}: {exc}") from None
         if self.choices is not None and out not in self.choices:
             raise UsageError(f"knob '{self.name}': {value!r} is not {self.describe()}")
         if self.type in (int, float) and (
@@ -90,7 +126,8 @@ def knob_specs(cls: type) -> dict[str, KnobSpec]:
     for f in dataclasses.fields(cls):
         meta = f.metadata
         specs[f.name] = KnobSpec(f.name, hints[f.name], f.default, meta.get("low"), meta.get("high"),
-                                 meta.get("choices"), meta.get("help", ""))
+                                 meta.get("choices"), meta.get("help", ""),
+                                 meta.get("form") or DEFAULT_FORMS.get(f.name))
     return specs
 
 

@@ -7,6 +7,7 @@ anything starts, so a typo fails in a second with the file and key named.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,18 +105,90 @@ def parse_space(method: str, raw: dict[str, Any], source: str) -> SearchSpace:
     for key in fixed:
         if key not in specs:
             raise UsageError(f"{source}: fixed knob '{key}' is not a knob of method '{method}'")
-        fixed[key] = specs[key].coerce(fixed[key])
+        try:
+            fixed[key] = specs[key].coerce(fixed[key])
+        except UsageError as exc:
+            raise UsageError(f"{source}: fixed {exc}") from None
+    metric = str(raw.get("metric", "val/acc/students_mean"))
+    check_metric(method, metric, fixed, swept, source)
     mode = raw.get("mode", "max")
     if mode not in ("max", "min"):
         raise UsageError(f"{source}: mode must be 'max' or 'min', not '{mode}'")
     asha = raw.get("asha") or {}
-    space = SearchSpace(method, source, swept, fixed, metric=str(raw.get("metric", "val/acc/students_mean")),
+    space = SearchSpace(method, source, swept, fixed, metric=metric,
                         mode=mode, samples=_positive(source, "samples", raw.get("samples", 8)),
                         epochs=_positive(source, "epochs", raw.get("epochs", 5)),
                         grace_period=_positive(source, "asha.grace_period", asha.get("grace_period", 1)),
                         reduction_factor=_positive(source, "asha.reduction_factor", asha.get("reduction_factor", 2)))
     RunSpec.from_flat(method, fixed, 0)
     return space
+
+
+class _Shapes:
+    """Shape information of a small dataset: enough to build a method and read its networks."""
+    num_classes, in_channels, image_size = 10, 1, 8
+
+
+class _UntrainedTeachers:
+    """Stands in for the engine's teacher provider: an untrained network of the asked
+    architecture (the names of the networks a method evaluates do not depend on training)."""
+
+    def __call__(self, arch: str) -> Any:
+        from .models import build_model
+        return build_model(arch, _Shapes.num_classes, _Shapes.in_channels)
+
+    def derived(self, *args: Any) -> Any:
+        raise LookupError("derived teacher state")
+
+
+@functools.lru_cache(maxsize=64)
+def _network_names(method: str, knobs: tuple) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    """``(evaluated networks, groups, online with peers)`` of ``method`` built with ``knobs``."""
+    import torch
+    from .engine import build_method
+    cls = get_method(method)
+    try:
+        m = build_method(RunSpec.from_flat(method, dict(knobs), 0), _Shapes(), torch.device("cpu"),
+                         _UntrainedTeachers())
+        nets, students, groups = tuple(m.eval_networks()), tuple(m.students), dict(m.groups)
+    except (LookupError, AttributeError, TypeError, ValueError, RuntimeError):
+        # Built only with the trained teacher: the networks the class declares.
+        students, groups = tuple(cls.students), dict(cls.groups)
+        teacher = ["teacher"] if cls.kind == "offline" else []  # offline methods evaluate their teacher too
+        nets = tuple(dict.fromkeys([*students, *(n for g in groups.values() for n in g), *teacher]))
+    return nets, tuple(["students", *groups]), cls.kind == "online" and len(students) >= 2
+
+
+def valid_metrics(method: str, fixed: dict[str, Any], swept: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """The validation metrics a run of ``method`` reports every epoch (``engine.train_spec``),
+    for the fixed knobs and, for swept integer knobs, the most networks they give."""
+    variants = [dict(fixed)]
+    for key, d in (swept or {}).items():
+        if d["type"] == "int":
+            variants.append({**fixed, key: d["high"]})
+    names: dict[str, None] = {}
+    for knobs in variants:
+        nets, groups, online = _network_names(method, tuple(sorted(knobs.items())))
+        names.update(dict.fromkeys(f"val/{k}/{n}" for k in ("acc", "ece", "nll") for n in nets))
+        names.update(dict.fromkeys(f"val/acc/{g}_{s}" for g in groups for s in ("mean", "best")))
+        if online:
+            names.update(dict.fromkeys(f"val/diversity/{d}" for d in ("disagreement", "kl", "param_dist",
+                                                                       "identical")))
+    names.update(dict.fromkeys(["val/acc/best_network", "val/acc_best_epoch/students_mean"]))
+    return list(names)
+
+
+def check_metric(method: str, metric: str, fixed: dict[str, Any], swept: dict[str, dict[str, Any]],
+                 source: str) -> None:
+    """A sweep optimises a validation metric the method reports, never a test figure."""
+    if metric.startswith("test/"):
+        raise UsageError(f"{source}: metric '{metric}' is a test figure; sweeps tune on validation "
+                         f"metrics only (val/...)")
+    valid = valid_metrics(method, fixed, swept)
+    if metric not in valid:
+        shown = [m for m in valid if m.startswith("val/acc/")][:4] + [m for m in valid if "/ece/" in m][:1]
+        raise UsageError(f"{source}: metric '{metric}' is not a validation metric method '{method}' reports; "
+                         f"e.g. {', '.join(shown)}")
 
 
 def _positive(source: str, key: str, value: Any) -> int:

@@ -34,11 +34,31 @@ def resolve_tracking_uri(uri: str | None) -> str:
     """``uri``, else ``$MLFLOW_TRACKING_URI``, else a sqlite store in the working directory;
     a relative sqlite path is made absolute because Ray's processes change directory."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+    _check_scheme(uri)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    elif "://" not in uri:
+    elif "://" not in uri and uri != "databricks" and not uri.startswith("file:"):
         raise UsageError(f"tracking URI '{uri}' is not a URI (expected e.g. sqlite:///mlruns.db or http://host:5000)")
     return uri
+
+
+# Stores this platform writes to: sqlite files, tracking servers, Databricks, and the
+# databases SQLAlchemy reaches (a driver may follow the dialect, as in postgresql+psycopg2).
+URI_SCHEMES = ("sqlite", "http", "https", "databricks", "postgresql", "mysql", "mssql")
+
+
+def _check_scheme(uri: str) -> None:
+    """Reject a URI whose scheme no supported store has, with one line, before anything starts."""
+    if uri == "databricks" or "://" not in uri and not uri.startswith("file:"):
+        return  # a bare path: resolve_tracking_uri says it is not a URI
+    scheme = uri.split(":", 1)[0].lower()
+    if scheme == "file":
+        if not os.environ.get("MLFLOW_ALLOW_FILE_STORE"):
+            raise UsageError(f"--tracking-uri: MLflow no longer accepts the file store '{uri}' "
+                             f"(unless MLFLOW_ALLOW_FILE_STORE is set); use sqlite:///path.db")
+        return
+    if scheme.split("+", 1)[0] not in URI_SCHEMES:
+        raise UsageError(f"--tracking-uri: unsupported scheme '{scheme}'; use sqlite:///path.db or http(s)://host:port")
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:

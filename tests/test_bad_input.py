@@ -53,6 +53,23 @@ CASES = {
     "device data path without the augmentation": (["platform.sweep", "ce", "--set", "dataset=cifar10",
                                                    "--set", "data_dir={tmp}", "--set", "data_path=device",
                                                    "--set", "augment=randaugment"], "'data_path'"),
+    "knob that is not a number (nan)": (["platform.sweep", "okdph", "--set", "omega=nan"],
+                                        "knob 'omega': 'nan' is not a finite number"),
+    "knob that overflows to infinity": (["platform.train", "okdph", "--set", "lr=1e999"], "'lr'"),
+    "flag that is not finite": (["platform.sweep", "okdph", "--cpus-per-trial", "inf"], "--cpus-per-trial"),
+    "fractional flag that is nan": (["platform.train", "okdph", "--gpus-per-trial", "nan"], "--gpus-per-trial"),
+    "seed that is not an integer": (["platform.train", "okdph", "--seed", "1.5"], "--seed"),
+    "more CPUs than the machine has": (["platform.sweep", "okdph", "--cpus-per-trial", "1",
+                                        "--workers-per-trial", "4096"], "--cpus-per-trial"),
+    "tracking URI of an unknown scheme": (["platform.sweep", "okdph", "--tracking-uri", "ftp://x"],
+                                          "--tracking-uri: unsupported scheme 'ftp'"),
+    "file tracking store": (["platform.train", "okdph", "--tracking-uri", "file://{tmp}/mlruns"], "sqlite:///"),
+    "milestone that is not an integer": (["platform.train", "okdph", "--set", "schedule=multistep",
+                                          "--set", "milestones=10,abc"], "'milestones'"),
+    "negative milestone": (["platform.sweep", "okdph", "--set", "milestones=-5"], "'milestones'"),
+    "decreasing milestones": (["platform.sweep", "okdph", "--set", "milestones=20,10"], "increasing"),
+    "teacher milestones malformed": (["platform.train", "kd", "--set", "teacher_milestones=3,x"],
+                                     "'teacher_milestones'"),
 }
 
 
@@ -126,6 +143,18 @@ SPACES = {
     "bad distribution": ("swept:\n  omega: {type: gaussian, mean: 0.5}\n", "'omega'"),
     "fixed and swept": ("swept:\n  omega: {type: uniform, low: 0.1, high: 0.9}\nfixed: {omega: 0.5}\n",
                         "both swept and fixed"),
+    "non-finite bound": ("swept:\n  omega: {type: uniform, low: 0.1, high: .inf}\n", "not a finite number"),
+    "nan fixed value": ("swept:\n  omega: {type: uniform, low: 0.1, high: 0.9}\nfixed: {gamma: .nan}\n",
+                        "'gamma'"),
+    "nan among the values": ("swept:\n  omega: {type: uniform, low: 0.1, high: 0.9, values: [0.5, .nan]}\n",
+                             "'omega'"),
+    "test metric": ("metric: test/acc/students_mean\nswept:\n  omega: {type: uniform, low: 0.1, high: 0.9}\n",
+                    "sweeps tune on validation metrics only"),
+    "metric the method does not report": ("metric: val/acc/student9\nswept:\n"
+                                          "  omega: {type: uniform, low: 0.1, high: 0.9}\n", "val/acc/student1"),
+    "bad mode": ("mode: maximise\nswept:\n  omega: {type: uniform, low: 0.1, high: 0.9}\n", "mode"),
+    "malformed milestones": ("swept:\n  omega: {type: uniform, low: 0.1, high: 0.9}\nfixed: {milestones: '5,x'}\n",
+                             "'milestones'"),
 }
 
 
