@@ -45,8 +45,6 @@ def _epoch_list(text: str) -> str:
 
 # Value forms of string knobs: each checks a value and returns it, or raises ValueError saying why.
 FORMS = {"epochs": _epoch_list}
-# Forms of knobs whose declarations do not name one (yet).
-DEFAULT_FORMS = {"milestones": "epochs", "teacher_milestones": "epochs"}
 
 
 @dataclass(frozen=True)
@@ -127,7 +125,7 @@ def knob_specs(cls: type) -> dict[str, KnobSpec]:
         meta = f.metadata
         specs[f.name] = KnobSpec(f.name, hints[f.name], f.default, meta.get("low"), meta.get("high"),
                                  meta.get("choices"), meta.get("help", ""),
-                                 meta.get("form") or DEFAULT_FORMS.get(f.name))
+                                 meta.get("form"))
     return specs
 
 

@@ -39,7 +39,8 @@ class Recipe:
     nesterov: bool = knob(False)
     weight_decay: float = knob(5e-4, low=0.0, high=1.0)
     schedule: str = knob("cosine", choices=("cosine", "multistep", "constant"))
-    milestones: str = knob("", help="comma-separated epochs where multistep multiplies the lr by lr_decay")
+    milestones: str = knob("", form="epochs",
+                           help="comma-separated epochs where multistep multiplies the lr by lr_decay")
     lr_decay: float = knob(0.1, low=0.0, high=1.0)
     augment: str = knob("shift", choices=AUGMENTATIONS,
                         help="training augmentation; 'shift' = random translation by up to 1/8 of the image, "

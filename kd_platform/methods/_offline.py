@@ -27,7 +27,8 @@ class OfflineConfig(MethodConfig):
     teacher_lr: float = knob(0.1, low=0.0, high=10.0)
     teacher_weight_decay: float = knob(5e-4, low=0.0, high=1.0)
     teacher_schedule: str = knob("cosine", choices=("cosine", "multistep", "constant"))
-    teacher_milestones: str = knob("", help="comma-separated epochs of the teacher's multistep schedule")
+    teacher_milestones: str = knob("", form="epochs",
+                                  help="comma-separated epochs of the teacher's multistep schedule")
 
     def teacher_recipe(self, student: Recipe, arch: str | None = None) -> Recipe:
         """The teacher's recipe: the student's data (same split, same augmentation) and this
