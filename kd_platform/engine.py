@@ -7,6 +7,7 @@ to a :class:`Reporter`. It knows nothing of any particular method, of Ray or of 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -98,7 +99,9 @@ off until bench/gpu.py has measured the fused step faster on a GPU and the figur
 bench/RESULTS.md."""
 
 
+@functools.lru_cache(maxsize=None)
 def _stackable_arch(arch: str) -> bool:
+    """Whether ``arch`` stacks; asked at every parse of a run, so each architecture is built once."""
     return is_stackable(build_model(arch, 2, 3))
 
 

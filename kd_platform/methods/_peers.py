@@ -127,7 +127,6 @@ class Peers(nn.Module):
             return member_state_dict(self.stack.state_dict(), i)
         return {k: v.clone() for k, v in self.nets[i].state_dict().items()}
 
-
     def member(self, i: int) -> nn.Module:
         """Peer ``i`` as a plain network: unfused, the live network itself; fused, a fresh copy
         holding the member's current weights (on the stack's device)."""

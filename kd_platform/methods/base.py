@@ -120,6 +120,8 @@ class Method(nn.Module):
         by the names ``eval_networks`` uses. The default finds each student kept as an attribute
         of its own name (``ce``'s ``net``, an offline method's ``student``); methods whose
         students live elsewhere override it, and those without plain students return ``{}``."""
+        if self.fusable_peers:  # the peers of ``_peers.Peers``, as plain networks
+            return {name: self.peers.member(i) for i, name in enumerate(self.students)}
         nets = {name: getattr(self, name, None) for name in self.students}
         return {name: net for name, net in nets.items() if isinstance(net, nn.Module)}
 

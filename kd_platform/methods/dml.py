@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..knobs import knob
 from ..losses import mean_kd_to_peers
@@ -49,7 +49,3 @@ class DML(Method):
 
     def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:
         return peer_eval_networks(self.students, lambda x: self.peers([x]))
-
-    def analysis_networks(self) -> dict[str, nn.Module]:
-        nets = {name: self.peers.member(i) for i, name in enumerate(self.students)}
-        return nets

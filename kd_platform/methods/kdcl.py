@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..knobs import knob
 from ..losses import kd_loss
@@ -54,7 +54,3 @@ class KDCL(Method):
 
     def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:
         return peer_eval_networks(self.students, lambda x: self.peers([x]))
-
-    def analysis_networks(self) -> dict[str, nn.Module]:
-        nets = {name: self.peers.member(i) for i, name in enumerate(self.students)}
-        return nets

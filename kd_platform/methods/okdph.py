@@ -111,6 +111,6 @@ class OKDPH(Method):
         return peer_eval_networks(self.students, lambda x: self.peers([x], extra=[hwm]), ["hwm"])
 
     def analysis_networks(self) -> dict[str, nn.Module]:
-        nets = {name: self.peers.member(i) for i, name in enumerate(self.students)}
+        nets = super().analysis_networks()
         nets["hwm"] = self.peers.mean_member()  # the mean HWM that eval_networks evaluates
         return nets
