@@ -47,6 +47,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Dataset downloads fail as they would on a machine without internet access."""
+    from kd_platform.data import cifar
+    def refuse(fmt, root):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(cifar, "download", refuse)
+    cifar._cache.clear()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray cluster for the in-process sweep tests of this session. Its dashboard takes

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kd_platform.knobs import build_config
+from kd_platform.recipe import Recipe
+
 
 def _balanced_labels(num_classes: int, per_class: int, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(np.repeat(np.arange(num_classes), per_class))
@@ -86,3 +89,8 @@ def write_tinyimagenet(root: Path, per_class_train: int = 10, per_class_val: int
             n += 1
     (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     return base
+
+
+def file_recipe(**kw) -> Recipe:
+    """A recipe for small file-dataset tests: no augmentation, batch 32, no loader processes."""
+    return build_config(Recipe, {"augment": "none", "batch_size": 32, "loader_workers": 0, **kw})

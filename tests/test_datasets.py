@@ -22,7 +22,7 @@ from kd_platform.errors import UsageError
 from kd_platform.knobs import build_config
 from kd_platform.recipe import AUGMENTATIONS, Recipe
 
-from dataset_files import TINY_WNIDS, dump_pickle, write_cifar10, write_cifar100, write_tinyimagenet
+from dataset_files import TINY_WNIDS, file_recipe, dump_pickle, write_cifar10, write_cifar100, write_tinyimagenet
 
 CPU = torch.device("cpu")
 PATHS = ("device", "loader")
@@ -41,18 +41,9 @@ def tiny_dir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Downloads fail as they would on a machine without internet access."""
-    def refuse(fmt, root):
-        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
-    monkeypatch.setattr(cifar_module, "download", refuse)
-    cifar_module._cache.clear()
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
-def _recipe(**kw) -> Recipe:
-    base = dict(augment="none", batch_size=32, loader_workers=0)
-    return build_config(Recipe, {**base, **kw})
 
 
 def _rows(x: torch.Tensor) -> set[bytes]:
@@ -75,14 +66,14 @@ def _normalised(raw_rows: np.ndarray, mean, std) -> torch.Tensor:
 @pytest.mark.parametrize("path", PATHS)
 def test_cifar10_shapes_splits_and_pixel_layout(cifar10_dir, path):
     root, raw = cifar10_dir
-    d = build_data(_recipe(dataset="cifar10", data_dir=str(root), data_path=path), seed=3, device=CPU)
+    d = build_data(file_recipe(dataset="cifar10", data_dir=str(root), data_path=path), seed=3, device=CPU)
     assert d.path == path
     assert (d.num_classes, d.in_channels, d.image_size) == (10, 3, 32)
     train, val, test = d.splits["train"], d.splits["val"], d.splits["test"]
     assert len(train) + len(val) == 200 and len(test) == 40
     assert torch.bincount(val.labels, minlength=10).tolist() == [2] * 10  # 10% of 20 per class
     assert not set(train.indices.tolist()) & set(val.indices.tolist())
-    other = build_data(_recipe(dataset="cifar10", data_dir=str(root)), seed=4, device=CPU)
+    other = build_data(file_recipe(dataset="cifar10", data_dir=str(root)), seed=4, device=CPU)
     assert not torch.equal(val.indices, other.splits["val"].indices)  # validation follows the seed
     # The test split is the official test batch, in file order, pixels channel-major.
     xs, ys = zip(*d.eval_batches("test"))
@@ -98,7 +89,7 @@ def test_cifar10_shapes_splits_and_pixel_layout(cifar10_dir, path):
 
 def test_cifar100_fine_labels_and_stratified_validation(tmp_path):
     raw = write_cifar100(tmp_path)
-    d = build_data(_recipe(dataset="cifar100", data_dir=str(tmp_path), val_fraction=0.25), seed=0, device=CPU)
+    d = build_data(file_recipe(dataset="cifar100", data_dir=str(tmp_path), val_fraction=0.25), seed=0, device=CPU)
     assert d.num_classes == 100
     assert torch.bincount(d.splits["val"].labels, minlength=100).tolist() == [1] * 100
     assert torch.bincount(d.splits["train"].labels, minlength=100).tolist() == [3] * 100
@@ -134,7 +125,7 @@ def test_unofficial_files_are_read_with_a_warning(cifar10_dir, caplog):
 @pytest.mark.parametrize("path", PATHS)
 def test_two_workers_see_disjoint_equal_halves(cifar10_dir, path):
     root, _ = cifar10_dir
-    recipe = _recipe(dataset="cifar10", data_dir=str(root), batch_size=64, data_path=path)
+    recipe = file_recipe(dataset="cifar10", data_dir=str(root), batch_size=64, data_path=path)
     halves = [build_data(recipe, seed=0, device=CPU, rank=r, world=2) for r in (0, 1)]
     seen = [torch.cat([b.x for b in h.train_batches(epoch=5, num_views=1)]) for h in halves]
     n_train = len(halves[0].splits["train"])
@@ -148,7 +139,7 @@ def test_two_workers_see_disjoint_equal_halves(cifar10_dir, path):
 @pytest.mark.parametrize("path", PATHS)
 def test_per_network_views_are_independent_and_reproducible(cifar10_dir, path):
     root, _ = cifar10_dir
-    d = build_data(_recipe(dataset="cifar10", data_dir=str(root), augment="standard", data_path=path),
+    d = build_data(file_recipe(dataset="cifar10", data_dir=str(root), augment="standard", data_path=path),
                    seed=0, device=CPU)
     first = next(d.train_batches(epoch=2, num_views=3))
     again = next(d.train_batches(epoch=2, num_views=3))
@@ -160,7 +151,7 @@ def test_per_network_views_are_independent_and_reproducible(cifar10_dir, path):
     if path == "device":
         return
     # The stream does not depend on how many loader processes produce it.
-    pooled = build_data(_recipe(dataset="cifar10", data_dir=str(root), augment="standard", loader_workers=1,
+    pooled = build_data(file_recipe(dataset="cifar10", data_dir=str(root), augment="standard", loader_workers=1,
                                 data_path="loader"), seed=0, device=CPU)
     assert pooled.workers == 1 and pooled._train.persistent_workers
     other = next(pooled.train_batches(epoch=2, num_views=3))
@@ -169,7 +160,7 @@ def test_per_network_views_are_independent_and_reproducible(cifar10_dir, path):
 
 def test_view_augments_give_each_network_its_pipeline(cifar10_dir):
     root, raw = cifar10_dir
-    d = build_data(_recipe(dataset="cifar10", data_dir=str(root), augment="standard",
+    d = build_data(file_recipe(dataset="cifar10", data_dir=str(root), augment="standard",
                            view_augments="none,cutout,randaugment"), seed=0, device=CPU)
     assert d.path == "loader"  # randaugment exists only per image
     batch = next(d.train_batches(epoch=0, num_views=3))
@@ -196,11 +187,11 @@ def test_every_pipeline_runs_on_both_image_sizes():
 def test_missing_cifar_names_the_directory_after_a_failed_download(tmp_path):
     where = tmp_path / "nowhere"
     with pytest.raises(UsageError) as err:
-        build_data(_recipe(dataset="cifar100", data_dir=str(where)), seed=0, device=CPU)
+        build_data(file_recipe(dataset="cifar100", data_dir=str(where)), seed=0, device=CPU)
     msg = str(err.value)
     assert str(where / "cifar-100-python") in msg and "download" in msg and "\n" not in msg
     with pytest.raises(UsageError, match="data_dir"):
-        build_data(_recipe(dataset="cifar10"), seed=0, device=CPU)
+        build_data(file_recipe(dataset="cifar10"), seed=0, device=CPU)
 
 
 def test_absent_folder_is_downloaded_once(tmp_path, monkeypatch):
@@ -211,14 +202,14 @@ def test_absent_folder_is_downloaded_once(tmp_path, monkeypatch):
         write_cifar10(root)
     monkeypatch.setattr(cifar_module, "download", fake_download)
     for _ in range(2):
-        build_data(_recipe(dataset="cifar10", data_dir=str(tmp_path)), seed=0, device=CPU)
+        build_data(file_recipe(dataset="cifar10", data_dir=str(tmp_path)), seed=0, device=CPU)
     assert calls == [tmp_path]
 
 
 def test_incomplete_or_corrupt_cifar_files_are_named(tmp_path):
     write_cifar10(tmp_path)
     folder = tmp_path / "cifar-10-batches-py"
-    recipe = _recipe(dataset="cifar10", data_dir=str(tmp_path))
+    recipe = file_recipe(dataset="cifar10", data_dir=str(tmp_path))
     good = (folder / "data_batch_3").read_bytes()
     (folder / "data_batch_3").write_bytes(good[: len(good) // 2])  # truncated
     with pytest.raises(UsageError, match="data_batch_3"):
@@ -235,7 +226,7 @@ def test_incomplete_or_corrupt_cifar_files_are_named(tmp_path):
 def test_zero_val_fraction_evaluates_val_on_test_and_says_so(cifar10_dir, caplog, path):
     root, _ = cifar10_dir
     with caplog.at_level(logging.WARNING):
-        d = build_data(_recipe(dataset="cifar10", data_dir=str(root), val_fraction=0.0, data_path=path),
+        d = build_data(file_recipe(dataset="cifar10", data_dir=str(root), val_fraction=0.0, data_path=path),
                        seed=0, device=CPU)
         val = [y for _, y in d.eval_batches("val")]
     assert d.val_is_test and len(d.splits["train"]) == 200
@@ -260,7 +251,7 @@ def test_engine_trains_on_cifar_files(cifar10_dir, one_thread, path):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_tinyimagenet_layout_labels_and_splits(tiny_dir, path):
-    d = build_data(_recipe(dataset="tinyimagenet", data_dir=str(tiny_dir), val_fraction=0.2, batch_size=8,
+    d = build_data(file_recipe(dataset="tinyimagenet", data_dir=str(tiny_dir), val_fraction=0.2, batch_size=8,
                            data_path=path), seed=0, device=CPU)
     assert (d.num_classes, d.in_channels, d.image_size, d.path) == (4, 3, 64, path)
     assert torch.bincount(d.splits["val"].labels, minlength=4).tolist() == [2] * 4
@@ -276,28 +267,28 @@ def test_tinyimagenet_layout_labels_and_splits(tiny_dir, path):
     x, _ = next(d.eval_batches("test"))
     assert x.shape == (12, 3, 64, 64)
     # data_dir may also name the extracted folder itself.
-    same = build_data(_recipe(dataset="tinyimagenet", data_dir=str(tiny_dir / "tiny-imagenet-200"),
+    same = build_data(file_recipe(dataset="tinyimagenet", data_dir=str(tiny_dir / "tiny-imagenet-200"),
                               val_fraction=0.2), seed=0, device=CPU)
     assert torch.equal(same.splits["val"].labels, d.splits["val"].labels)
 
 
 def test_tinyimagenet_missing_and_corrupt_files_are_named(tmp_path):
     with pytest.raises(UsageError, match=str(tmp_path / "absent")):
-        build_data(_recipe(dataset="tinyimagenet", data_dir=str(tmp_path / "absent")), seed=0, device=CPU)
+        build_data(file_recipe(dataset="tinyimagenet", data_dir=str(tmp_path / "absent")), seed=0, device=CPU)
     base = write_tinyimagenet(tmp_path, per_class_train=4, per_class_val=1)
     bad = base / "train" / TINY_WNIDS[2] / "images" / f"{TINY_WNIDS[2]}_1.JPEG"
     bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG
     # On the loader path decoding happens in a loader process, on the device path in a pool
     # of threads; the error must still arrive as one line naming the file.
     for path in PATHS:
-        d = build_data(_recipe(dataset="tinyimagenet", data_dir=str(tmp_path), batch_size=16, loader_workers=1,
+        d = build_data(file_recipe(dataset="tinyimagenet", data_dir=str(tmp_path), batch_size=16, loader_workers=1,
                                data_path=path), seed=0, device=CPU)
         with pytest.raises(UsageError) as err:
             list(d.train_batches(epoch=0, num_views=1))
         assert str(bad) in str(err.value) and "\n" not in str(err.value), path
     (base / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn00000000\t0\t0\t1\t1\n")
     with pytest.raises(UsageError, match="val_annotations.txt: line 1"):
-        build_data(_recipe(dataset="tinyimagenet", data_dir=str(tmp_path)), seed=0, device=CPU)
+        build_data(file_recipe(dataset="tinyimagenet", data_dir=str(tmp_path)), seed=0, device=CPU)
 
 
 # ---------------------------------------------------------------- recipe knobs and presets

@@ -24,10 +24,9 @@ from kd_platform.data.device_data import DeviceDataModule
 from kd_platform.data.sources import ArraySource
 from kd_platform.data.split import Split, generator
 from kd_platform.errors import UsageError
-from kd_platform.knobs import build_config
 from kd_platform.recipe import DEVICE_AUGMENTATIONS, Recipe
 
-from dataset_files import TINY_WNIDS, write_cifar10, write_tinyimagenet
+from dataset_files import TINY_WNIDS, file_recipe, write_cifar10, write_tinyimagenet
 
 CPU = torch.device("cpu")
 
@@ -38,16 +37,9 @@ def cifar10_dir(tmp_path_factory) -> tuple[Path, dict]:
     return root, write_cifar10(root)
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(fmt, root):
-        raise OSError("no network")
-    monkeypatch.setattr(cifar_module, "download", refuse)
-    cifar_module._cache.clear()
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
-def _recipe(**kw) -> Recipe:
-    return build_config(Recipe, {"augment": "none", "batch_size": 32, "loader_workers": 0, **kw})
 
 
 def _same_image(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -186,7 +178,7 @@ def _same(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> bool:
 
 
 def test_same_seed_same_stream_other_seed_other_stream_and_resume_is_exact():
-    recipe = _recipe(augment="cutout", batch_size=16)
+    recipe = file_recipe(augment="cutout", batch_size=16)
     d = _indexed_module(100, recipe)
     seen = [_stream(d, e, num_views=2) for e in range(3)]
     assert not _same(seen[0], seen[1])  # a new epoch, a new order and new augmentation
@@ -197,7 +189,7 @@ def test_same_seed_same_stream_other_seed_other_stream_and_resume_is_exact():
 
 
 def test_two_ranks_take_disjoint_shards_covering_the_epoch_but_the_remainder():
-    recipe = _recipe(augment="standard", batch_size=14)  # 7 per rank
+    recipe = file_recipe(augment="standard", batch_size=14)  # 7 per rank
     ranks = [_indexed_module(101, recipe, rank=r, world=2) for r in (0, 1)]
     ys = []
     for d in ranks:
@@ -215,7 +207,7 @@ def test_two_ranks_take_disjoint_shards_covering_the_epoch_but_the_remainder():
 
 
 def test_batches_are_the_labelled_images():
-    recipe = _recipe(augment="none", batch_size=16)
+    recipe = file_recipe(augment="none", batch_size=16)
     d = _indexed_module(40, recipe)
     images = torch.from_numpy(np.random.default_rng(0).integers(1, 256, (40, 8, 8, 3), dtype=np.uint8))
     for b in d.train_batches(epoch=1, num_views=1):
@@ -225,12 +217,12 @@ def test_batches_are_the_labelled_images():
 
 def test_per_network_views_are_independent_and_view_augments_apply_per_view(cifar10_dir, monkeypatch):
     root, raw = cifar10_dir
-    same = build_data(_recipe(dataset="cifar10", data_dir=str(root), augment="standard",
+    same = build_data(file_recipe(dataset="cifar10", data_dir=str(root), augment="standard",
                               view_augments="standard,standard"), seed=0, device=CPU)
     assert same.path == "device"
     b = next(same.train_batches(epoch=0, num_views=2))
     assert not torch.equal(b.view(0), b.view(1))  # the same augmentation, drawn independently per view
-    d = build_data(_recipe(dataset="cifar10", data_dir=str(root), augment="standard",
+    d = build_data(file_recipe(dataset="cifar10", data_dir=str(root), augment="standard",
                            view_augments="none,cutout,rotate"), seed=0, device=CPU)
     assert d.path == "device"
     applied: list[str] = []
@@ -257,7 +249,7 @@ def test_per_network_views_are_independent_and_view_augments_apply_per_view(cifa
 
 def test_cifar_cutout_paints_the_datasets_mean_colour_at_different_places(cifar10_dir):
     root, _ = cifar10_dir
-    d = build_data(_recipe(dataset="cifar10", data_dir=str(root), augment="cutout"), seed=0, device=CPU)
+    d = build_data(file_recipe(dataset="cifar10", data_dir=str(root), augment="cutout"), seed=0, device=CPU)
     aug = d.augments["cutout"]
     assert aug.fill.flatten().tolist() == mean_colour(cifar_module.CIFAR10.mean)
     x = next(d.train_batches(epoch=0, num_views=1)).x
@@ -267,7 +259,7 @@ def test_cifar_cutout_paints_the_datasets_mean_colour_at_different_places(cifar1
 
 def test_device_and_loader_paths_agree_on_labels_and_unaugmented_images(cifar10_dir):
     root, _ = cifar10_dir
-    paths = {p: build_data(_recipe(dataset="cifar10", data_dir=str(root), data_path=p), seed=2, device=CPU)
+    paths = {p: build_data(file_recipe(dataset="cifar10", data_dir=str(root), data_path=p), seed=2, device=CPU)
              for p in ("device", "loader")}
     assert {p: d.path for p, d in paths.items()} == {"device": "device", "loader": "loader"}
     for split in ("train", "val", "test"):
@@ -285,9 +277,9 @@ def test_auto_picks_device_for_device_augmentations_and_loader_otherwise(cifar10
     root, _ = cifar10_dir
 
     def path(**kw) -> str:
-        return build_data(_recipe(dataset="cifar10", data_dir=str(root), **kw), seed=0, device=CPU).path
+        return build_data(file_recipe(dataset="cifar10", data_dir=str(root), **kw), seed=0, device=CPU).path
     with caplog.at_level(logging.INFO, logger="kd_platform.data"):
-        d = build_data(_recipe(dataset="cifar10", data_dir=str(root), augment="standard"), seed=0, device=CPU)
+        d = build_data(file_recipe(dataset="cifar10", data_dir=str(root), augment="standard"), seed=0, device=CPU)
         assert "data path" not in caplog.text  # quiet until it trains: a recipe check builds modules too
         for _ in range(2):
             next(d.train_batches(0, 1))
@@ -309,35 +301,35 @@ def test_auto_takes_the_loader_when_the_data_does_not_fit(cifar10_dir, monkeypat
     n_bytes = (200 + 40) * 3 * 32 * 32
     monkeypatch.setattr(data_path, "free_memory", lambda device: 4 * n_bytes - 1)
     with caplog.at_level(logging.INFO, logger="kd_platform.data"):
-        d = build_data(_recipe(dataset="cifar10", data_dir=str(root), augment="standard"), seed=0, device=CPU)
+        d = build_data(file_recipe(dataset="cifar10", data_dir=str(root), augment="standard"), seed=0, device=CPU)
         next(d.train_batches(0, 1))
     assert d.path == "loader" and "cifar10: loader data path (decoded images" in caplog.text
     assert "exceed 1/4 of the free memory" in caplog.text
     monkeypatch.setattr(data_path, "free_memory", lambda device: 4 * n_bytes)
-    assert build_data(_recipe(dataset="cifar10", data_dir=str(root), augment="standard"), seed=0,
+    assert build_data(file_recipe(dataset="cifar10", data_dir=str(root), augment="standard"), seed=0,
                       device=CPU).path == "device"
 
 
 def test_digits_is_device_only_and_refuses_what_the_device_cannot_do():
-    d = build_data(_recipe(augment="rotate"), seed=0, device=CPU)
+    d = build_data(file_recipe(augment="rotate"), seed=0, device=CPU)
     assert d.path == "device" and d.in_channels == 1
-    shifted = build_data(_recipe(augment="shift"), seed=0, device=CPU)
+    shifted = build_data(file_recipe(augment="shift"), seed=0, device=CPU)
     assert not torch.equal(next(d.train_batches(0, 1)).x, next(shifted.train_batches(0, 1)).x)
     with pytest.raises(UsageError, match="knob 'data_path': dataset 'digits' is held in memory and has no "
                                          "loader path"):
-        build_data(_recipe(data_path="loader"), seed=0, device=CPU)
+        build_data(file_recipe(data_path="loader"), seed=0, device=CPU)
     with pytest.raises(UsageError, match="knob 'augment'.*'randaugment'"):
-        build_data(_recipe(augment="randaugment"), seed=0, device=CPU)
+        build_data(file_recipe(augment="randaugment"), seed=0, device=CPU)
     with pytest.raises(UsageError, match="knob 'view_augments'.*'autoaugment'"):
-        build_data(_recipe(view_augments="rotate,autoaugment"), seed=0, device=CPU)
+        build_data(file_recipe(view_augments="rotate,autoaugment"), seed=0, device=CPU)
 
 
 def test_digits_cutout_paints_the_mean_on_digits_stored_scale():
-    d = build_data(_recipe(augment="cutout", batch_size=64), seed=0, device=CPU)
+    d = build_data(file_recipe(augment="cutout", batch_size=64), seed=0, device=CPU)
     fill = d.augments["cutout"].fill
     assert fill.flatten().tolist() == [120]  # mean 0.5 of the stored 0..240
     assert torch.equal(d.normalise(fill), torch.zeros(1, 1, 1, 1))
-    plain = build_data(_recipe(augment="standard", batch_size=64), seed=0, device=CPU)
+    plain = build_data(file_recipe(augment="standard", batch_size=64), seed=0, device=CPU)
     cut, kept = next(d.train_batches(0, 1)).x, next(plain.train_batches(0, 1)).x
     changed = cut != kept  # the same shift and flip (same seed and view): only the square differs
     assert bool(changed.flatten(1).any(1).float().mean() > 0.5) and bool((cut[changed] == 0).all())
@@ -345,8 +337,8 @@ def test_digits_cutout_paints_the_mean_on_digits_stored_scale():
 
 # ---------------------------------------------------------------- TinyImageNet's decode cache
 
-def _tiny_recipe(root: Path, **kw) -> Recipe:
-    return _recipe(**{"dataset": "tinyimagenet", "data_dir": str(root), "val_fraction": 0.25, "batch_size": 8,
+def _tinyfile_recipe(root: Path, **kw) -> Recipe:
+    return file_recipe(**{"dataset": "tinyimagenet", "data_dir": str(root), "val_fraction": 0.25, "batch_size": 8,
                       **kw})
 
 
@@ -362,7 +354,7 @@ def _count_decodes(monkeypatch) -> list[int]:
 
 
 def _first_test_image(root: Path) -> torch.Tensor:
-    d = build_data(_tiny_recipe(root), seed=0, device=CPU)
+    d = build_data(_tinyfile_recipe(root), seed=0, device=CPU)
     assert d.path == "device"
     return next(d.eval_batches("test"))[0][0]
 
@@ -371,7 +363,7 @@ def test_tinyimagenet_is_decoded_once_cached_and_re_decoded_when_files_change(tm
     base = write_tinyimagenet(tmp_path, per_class_train=4, per_class_val=2)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     calls = _count_decodes(monkeypatch)
-    d = build_data(_tiny_recipe(tmp_path), seed=0, device=CPU)
+    d = build_data(_tinyfile_recipe(tmp_path), seed=0, device=CPU)
     assert calls == []  # building alone decodes nothing
     first = next(d.train_batches(epoch=0, num_views=1))
     assert calls == [16 + 8]  # train and test decoded once, into one array
@@ -383,7 +375,7 @@ def test_tinyimagenet_is_decoded_once_cached_and_re_decoded_when_files_change(tm
     # The cached pixels are the files' pixels, in the splits' order.
     expect = sources.read_image(d.splits["test"].source.paths[16], 64)
     assert torch.equal(torch.from_numpy(cached[16]), expect)
-    again = build_data(_tiny_recipe(tmp_path), seed=0, device=CPU)
+    again = build_data(_tinyfile_recipe(tmp_path), seed=0, device=CPU)
     second = next(again.train_batches(epoch=0, num_views=1))
     assert calls == [24] and entries[0].stat().st_mtime_ns == stamp  # reused, not rewritten
     assert torch.equal(first.x, second.x) and torch.equal(first.y, second.y)
@@ -436,7 +428,7 @@ def test_corrupt_jpeg_on_the_device_path_is_one_line_naming_the_file(tmp_path):
     base = write_tinyimagenet(tmp_path, per_class_train=2, per_class_val=1)
     bad = base / "train" / TINY_WNIDS[1] / "images" / f"{TINY_WNIDS[1]}_0.JPEG"
     bad.write_bytes(bad.read_bytes()[:100])
-    d = build_data(_tiny_recipe(tmp_path, val_fraction=0.0), seed=0, device=CPU)
+    d = build_data(_tinyfile_recipe(tmp_path, val_fraction=0.0), seed=0, device=CPU)
     with pytest.raises(UsageError) as err:
         next(d.eval_batches("test"))
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
@@ -448,9 +440,9 @@ def test_corrupt_jpeg_on_the_device_path_is_one_line_naming_the_file(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_training_batches_never_wait_for_the_host():
     cuda = torch.device("cuda")
-    d = build_data(_recipe(augment="rotate", view_augments="cutout,standard", batch_size=64), seed=0,
+    d = build_data(file_recipe(augment="rotate", view_augments="cutout,standard", batch_size=64), seed=0,
                    device=cuda)
-    cpu = build_data(_recipe(augment="rotate", view_augments="cutout,standard", batch_size=64), seed=0, device=CPU)
+    cpu = build_data(file_recipe(augment="rotate", view_augments="cutout,standard", batch_size=64), seed=0, device=CPU)
     d.images  # the one-time upload is allowed to wait
     batches = d.train_batches(epoch=1, num_views=2)
     first = next(batches)  # the epoch's parameters are uploaded once, before the first step
