@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -16,6 +20,23 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
     """``python -m <args>`` from the repository root, as a user types it."""
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@contextmanager
+def private_ray_tmpdir(prefix: str) -> Iterator[str]:
+    """A short private ``RAY_TMPDIR`` for a test cluster (its socket paths must fit in 107
+    bytes), so that no plain ``ray.init()`` elsewhere joins it; removed afterwards."""
+    tmp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp
+    try:
+        yield tmp
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = previous
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sqlite_uri(path: Path) -> str:

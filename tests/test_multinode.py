@@ -3,18 +3,15 @@
 line with ``--address``. Placement is read back from the MLflow tags the trials leave."""
 from __future__ import annotations
 
-import os
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli, runs_in, sqlite_uri
+from conftest import REPO, private_ray_tmpdir, run_cli, runs_in, sqlite_uri
 
 pytestmark = pytest.mark.slow
 
@@ -34,22 +31,15 @@ def cluster():
     would pick it up and join; a private, short temp directory (its socket paths must fit
     in 107 bytes) keeps this cluster out of every other test's way."""
     from ray.cluster_utils import Cluster
-    tmp = tempfile.mkdtemp(prefix="kdmn", dir="/tmp")
-    previous = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
-    try:
-        for _ in range(2):
-            c.add_node(num_cpus=1)
-        c.wait_for_nodes()
-        yield c
-    finally:
-        c.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = previous
-        shutil.rmtree(tmp, ignore_errors=True)
+    with private_ray_tmpdir("kdmn"):
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+        try:
+            for _ in range(2):
+                c.add_node(num_cpus=1)
+            c.wait_for_nodes()
+            yield c
+        finally:
+            c.shutdown()
 
 
 def _node_ids(c) -> set[str]:

@@ -5,15 +5,12 @@ so the trials train on the CPU) and checks from MLflow that four 0.25-GPU trials
 at the same time on that one GPU."""
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, runs_in, sqlite_uri
+from conftest import private_ray_tmpdir, run_cli, runs_in, sqlite_uri
 from kd_platform.sweep import plan_packing
 from kd_platform.trial import Launch
 
@@ -67,25 +64,18 @@ def gpu_cluster():
     """A one-node Ray cluster on 127.0.0.1 with 2 CPUs and one declared GPU, in a private
     temp directory so that no plain ``ray.init()`` elsewhere in the session joins it."""
     from ray.cluster_utils import Cluster
-    tmp = tempfile.mkdtemp(prefix="kdgpu", dir="/tmp")  # socket paths must fit in 107 bytes
-    previous = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp
-    c = None
-    try:
-        c = Cluster(initialize_head=True, head_node_args={
-            # No dashboard: its fixed port may be taken by another test's cluster, and
-            # in-process trials do not need it (Train V2 does).
-            "num_cpus": 2, "num_gpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
-        c.wait_for_nodes()
-        yield c
-    finally:
-        if c is not None:
-            c.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = previous
-        shutil.rmtree(tmp, ignore_errors=True)
+    with private_ray_tmpdir("kdgpu"):
+        c = None
+        try:
+            c = Cluster(initialize_head=True, head_node_args={
+                # No dashboard: its fixed port may be taken by another test's cluster, and
+                # in-process trials do not need it (Train V2 does).
+                "num_cpus": 2, "num_gpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+            c.wait_for_nodes()
+            yield c
+        finally:
+            if c is not None:
+                c.shutdown()
 
 
 @pytest.mark.slow
