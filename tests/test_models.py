@@ -216,3 +216,31 @@ def test_multibranch_rejects_unknown_names_and_empty_ensembles() -> None:
         build_multibranch("vgg8", 10)
     with pytest.raises(UsageError):
         build_multibranch("resnet20", 10, branches=0)
+
+
+@pytest.mark.parametrize("arch", model_names())
+def test_stage_features_are_the_forward_pass(arch):
+    """Every stage is tapped in order; the last tap is what the head pools, and every tap of a
+    stride-2 network halves the resolution at most once per stage."""
+    torch.manual_seed(0)
+    net = build_model(arch, 10, 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    taps = net.stage_features(x)
+    names = list(taps)
+    assert names[-1].startswith("stage") and all(n == "stem" or n.startswith("stage") for n in names)
+    assert len(names) >= 3
+    last = taps[names[-1]]
+    assert last.shape[1] == net.feature_channels
+    torch.testing.assert_close(net.features(x), last)
+    torch.testing.assert_close(net(x), net.classify(last))
+    sizes = [t.shape[-1] for t in taps.values()]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] <= 32
+
+
+def test_multibranch_stage_features_end_in_every_branch():
+    net = build_multibranch("resnet20", 10, branches=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    taps = net.stage_features(x)
+    assert list(taps) == ["stem", "stage1", "stage2", "stage3/branch1", "stage3/branch2"]
+    for got, want in zip([taps["stage3/branch1"], taps["stage3/branch2"]], net.features(x)):
+        torch.testing.assert_close(got, want)

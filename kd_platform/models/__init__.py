@@ -1,9 +1,10 @@
 """The architecture zoo, registered by name.
 
-Every model maps ``(N, C, H, W)`` images of any size and channel count to logits and
-exposes the pieces distillation methods need:
+Every model is a :class:`~kd_platform.models.base.ZooNet`: it maps ``(N, C, H, W)`` images
+of any size and channel count to logits and exposes the pieces distillation methods need:
 
-- ``features(x)``: the last-stage feature map ``(N, feature_channels, h, w)``;
+- ``stage_features(x)``: every stage's output by name (``stem``, ``stage1``..), in order;
+- ``features(x)``: the last stage's map ``(N, feature_channels, h, w)``;
 - ``classify(fmap)``: pooling and the linear head, so ``forward(x) == classify(features(x))``;
 - ``feature_channels``: the channel count of that map.
 

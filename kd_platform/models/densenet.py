@@ -9,11 +9,14 @@ without data augmentation).
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register_model
+from .base import Stage, ZooNet, init_weights, split_sequential
 
 
 class DenseLayer(nn.Module):
@@ -37,7 +40,10 @@ class Transition(nn.Module):
         return F.avg_pool2d(self.conv(F.relu(self.bn(x))), 2, ceil_mode=True)
 
 
-class CifarDenseNet(nn.Module):
+class CifarDenseNet(ZooNet):
+    """Stages: the stem conv, then each dense block with the transition after it (the last
+    block with the final BN-ReLU)."""
+
     def __init__(self, depth: int, growth: int, num_classes: int, in_channels: int = 3,
                  stem_channels: int = 16) -> None:
         super().__init__()
@@ -54,25 +60,16 @@ class CifarDenseNet(nn.Module):
                 layers.append(Transition(c, c))
         layers += [nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
+        self._stage_ends = [1, 2 + n, 3 + 2 * n, len(layers)]
         self.feature_channels = c
         self.fc = nn.Linear(c, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self, zero_biases=True)
+
+    def stages(self) -> Iterator[tuple[str, Stage]]:
+        return split_sequential(self.body, self._stage_ends, ["stem", "stage1", "stage2", "stage3"])
 
     def features(self, x: Tensor) -> Tensor:
-        return self.body(x)
-
-    def classify(self, fmap: Tensor) -> Tensor:
-        return self.fc(F.adaptive_avg_pool2d(fmap, 1).flatten(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classify(self.features(x))
+        return self.body(x)  # the whole body at once: no per-call slicing on the hot path
 
 
 @register_model("densenet40_12")

@@ -10,10 +10,12 @@ expansion-1 block still has its 1x1 expand conv, as in the benchmark code.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
+from typing import Iterator
+
 from torch import Tensor, nn
 
 from . import register_model
+from .base import Stage, ZooNet, init_weights, split_sequential
 
 # (expansion, output channels at width 1.0, blocks, stride of the first block)
 _SETTING = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2),
@@ -43,7 +45,10 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
-class CifarMobileNetV2(nn.Module):
+class CifarMobileNetV2(ZooNet):
+    """Stages: the stem, then one stage per resolution (the last ends with the 1x1 conv to
+    1280 channels)."""
+
     stackable = True  # channels mix only in Conv2d/Linear: see kd_platform.models.stacked
 
     def __init__(self, num_classes: int, in_channels: int = 3, width_mult: float = 0.5,
@@ -51,34 +56,28 @@ class CifarMobileNetV2(nn.Module):
         super().__init__()
         c = int(32 * width_mult)
         layers: list[nn.Module] = list(_conv_bn(in_channels, c, 3, 2))
+        self._stage_ends = [len(layers)]
         for t, c_base, n, s in _SETTING:
+            if s == 2:  # a new resolution starts a new stage
+                self._stage_ends.append(len(layers))
             c_out = int(c_base * width_mult)
             for j in range(n):
                 layers.append(InvertedResidual(c, c_out, s if j == 0 else 1, expansion if t != 1 else 1))
                 c = c_out
         last = int(1280 * width_mult) if width_mult > 1.0 else 1280
         layers += _conv_bn(c, last, 1)
+        self._stage_ends.append(len(layers))
         self.body = nn.Sequential(*layers)
         self.feature_channels = last
         self.fc = nn.Linear(last, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01, zero_biases=True)
+
+    def stages(self) -> Iterator[tuple[str, Stage]]:
+        names = ["stem"] + [f"stage{i}" for i in range(1, len(self._stage_ends))]
+        return split_sequential(self.body, self._stage_ends, names)
 
     def features(self, x: Tensor) -> Tensor:
-        return self.body(x)
-
-    def classify(self, fmap: Tensor) -> Tensor:
-        return self.fc(F.adaptive_avg_pool2d(fmap, 1).flatten(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classify(self.features(x))
+        return self.body(x)  # the whole body at once: no per-call slicing on the hot path
 
 
 @register_model("mobilenetv2")

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 from . import wrn as _wrn  # noqa: F401  (registers the WRN-20-8 spec)
-from .resnet import RESNET_SPECS, ResNetSpec, init_weights, make_stage, make_stem
+from .base import init_weights
+from .resnet import RESNET_SPECS, ResNetSpec, make_stage, make_stem
 
 
 class MultiBranchResNet(nn.Module):
@@ -41,6 +42,16 @@ class MultiBranchResNet(nn.Module):
     def features(self, x: Tensor) -> list[Tensor]:
         shared = self.trunk(x)
         return [branch(shared) for branch in self.branches]
+
+    def stage_features(self, x: Tensor) -> dict[str, Tensor]:
+        """The trunk's stages (``stem``, ``stage1``, ``stage2``), then each branch's last stage
+        as ``stage3/branch<i>`` (1-based), the maps ``features(x)`` returns."""
+        out: dict[str, Tensor] = {}
+        for name, stage in zip(("stem", "stage1", "stage2"), self.trunk):
+            x = out[name] = stage(x)
+        for i, branch in enumerate(self.branches, 1):
+            out[f"stage3/branch{i}"] = branch(x)
+        return out
 
     def classify(self, fmaps: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         pooled = [F.adaptive_avg_pool2d(f, 1).flatten(1) for f in fmaps]

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Iterator
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register_model
+from .base import Stage, ZooNet, init_weights, named
 
 
 class BasicBlock(nn.Module):
@@ -116,16 +119,7 @@ def make_stage(spec: ResNetSpec, stage: int) -> nn.Sequential:
     return nn.Sequential(*blocks)
 
 
-def init_weights(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-class CifarResNet(nn.Module):
+class CifarResNet(ZooNet):
     """Stem, three stages (``layer1``..``layer3``), global average pooling and a linear head."""
 
     stackable = True  # channels mix only in Conv2d/Linear: see kd_platform.models.stacked
@@ -140,14 +134,8 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(self.feature_channels, num_classes)
         init_weights(self)
 
-    def features(self, x: Tensor) -> Tensor:
-        return self.layer3(self.layer2(self.layer1(self.stem(x))))
-
-    def classify(self, fmap: Tensor) -> Tensor:
-        return self.fc(F.adaptive_avg_pool2d(fmap, 1).flatten(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classify(self.features(x))
+    def stages(self) -> Iterator[tuple[str, Stage]]:
+        return named({"stem": self.stem, "stage1": self.layer1, "stage2": self.layer2, "stage3": self.layer3})
 
 
 RESNET_SPECS: dict[str, ResNetSpec] = {}

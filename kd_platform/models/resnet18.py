@@ -3,14 +3,16 @@ with the small-image stem used for 32x32 and 64x64 inputs in the distillation li
 a 3x3 stride-1 convolution and no max-pool. This is the TinyImageNet recipe's network."""
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+from typing import Iterator
+
+from torch import nn
 
 from . import register_model
-from .resnet import BasicBlock, init_weights
+from .base import Stage, ZooNet, init_weights, named
+from .resnet import BasicBlock
 
 
-class ResNet18(nn.Module):
+class ResNet18(ZooNet):
     stackable = True  # channels mix only in Conv2d/Linear: see kd_platform.models.stacked
 
     def __init__(self, num_classes: int, in_channels: int = 3) -> None:
@@ -27,14 +29,9 @@ class ResNet18(nn.Module):
         self.fc = nn.Linear(512, num_classes)
         init_weights(self)
 
-    def features(self, x: Tensor) -> Tensor:
-        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
-
-    def classify(self, fmap: Tensor) -> Tensor:
-        return self.fc(F.adaptive_avg_pool2d(fmap, 1).flatten(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classify(self.features(x))
+    def stages(self) -> Iterator[tuple[str, Stage]]:
+        return named({"stem": self.stem, "stage1": self.layer1, "stage2": self.layer2, "stage3": self.layer3,
+                      "stage4": self.layer4})
 
 
 @register_model("resnet18")

@@ -13,11 +13,14 @@ at 4x4.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register_model
+from .base import Stage, ZooNet, init_weights, split_sequential
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -25,28 +28,19 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
-def _init(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+class _Shuffle(ZooNet):
+    """Both families: a stem, then ``units`` split into three stages at ``_stage_ends``."""
 
+    stem: nn.Module
+    units: nn.Sequential
+    _stage_ends: list[int]
 
-class _Head(nn.Module):
-    """Shared ``classify``/``forward`` for the two families."""
-
-    fc: nn.Linear
+    def stages(self) -> Iterator[tuple[str, Stage]]:
+        yield "stem", self.stem
+        yield from split_sequential(self.units, self._stage_ends, ["stage1", "stage2", "stage3"])
 
     def features(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def classify(self, fmap: Tensor) -> Tensor:
-        return self.fc(F.adaptive_avg_pool2d(fmap, 1).flatten(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classify(self.features(x))
+        return self.units(self.stem(x))  # the whole body at once: no per-call slicing on the hot path
 
 
 class ShuffleV1Unit(nn.Module):
@@ -74,7 +68,7 @@ class ShuffleV1Unit(nn.Module):
         return F.relu(out + x)
 
 
-class CifarShuffleNetV1(_Head):
+class CifarShuffleNetV1(_Shuffle):
     def __init__(self, num_classes: int, in_channels: int = 3, groups: int = 3,
                  stage_out: tuple[int, ...] = (240, 480, 960),
                  stage_units: tuple[int, ...] = (4, 8, 4)) -> None:
@@ -82,18 +76,17 @@ class CifarShuffleNetV1(_Head):
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 24, 1, bias=False), nn.BatchNorm2d(24),
                                   nn.ReLU(inplace=True))
         units, c = [], 24
+        self._stage_ends = []
         for s, (c_out, n) in enumerate(zip(stage_out, stage_units)):
             for j in range(n):
                 units.append(ShuffleV1Unit(c, c_out, 2 if j == 0 else 1, groups,
                                            group_first=not (s == 0 and j == 0)))
                 c = c_out
+            self._stage_ends.append(len(units))
         self.units = nn.Sequential(*units)
         self.feature_channels = c
         self.fc = nn.Linear(c, num_classes)
-        _init(self)
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.units(self.stem(x))
+        init_weights(self)
 
 
 class ShuffleV2Unit(nn.Module):
@@ -130,7 +123,7 @@ class ShuffleV2Down(nn.Module):
         return channel_shuffle(torch.cat([self.left(x), self.right(x)], 1), 2)
 
 
-class CifarShuffleNetV2(_Head):
+class CifarShuffleNetV2(_Shuffle):
     def __init__(self, num_classes: int, in_channels: int = 3,
                  stage_out: tuple[int, ...] = (116, 232, 464), stage_units: tuple[int, ...] = (3, 7, 3),
                  last_channels: int = 1024) -> None:
@@ -139,19 +132,19 @@ class CifarShuffleNetV2(_Head):
                                   nn.ReLU(inplace=True))
         units: list[nn.Module] = []
         c = 24
+        self._stage_ends = []
         for c_out, n in zip(stage_out, stage_units):
             units.append(ShuffleV2Down(c, c_out))
             units += [ShuffleV2Unit(c_out) for _ in range(n)]
             c = c_out
+            self._stage_ends.append(len(units))
         units += [nn.Conv2d(c, last_channels, 1, bias=False), nn.BatchNorm2d(last_channels),
                   nn.ReLU(inplace=True)]
+        self._stage_ends[-1] = len(units)  # the last stage ends with the 1x1 conv to last_channels
         self.units = nn.Sequential(*units)
         self.feature_channels = last_channels
         self.fc = nn.Linear(last_channels, num_classes)
-        _init(self)
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.units(self.stem(x))
+        init_weights(self)
 
 
 @register_model("shufflenetv1")

@@ -10,10 +10,12 @@ exactly the benchmark network.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
+from typing import Iterator
+
 from torch import Tensor, nn
 
 from . import register_model
+from .base import Stage, ZooNet, init_weights
 
 _CONFIGS: dict[str, list[list[int]]] = {
     "vgg8": [[64], [128], [256], [512], [512]],
@@ -22,7 +24,9 @@ _CONFIGS: dict[str, list[list[int]]] = {
 }
 
 
-class CifarVGG(nn.Module):
+class CifarVGG(ZooNet):
+    """Stages ``stage1``..``stage5``: the conv groups, each with the max-pool after it."""
+
     stackable = True  # channels mix only in Conv2d/Linear: see kd_platform.models.stacked
 
     def __init__(self, config: list[list[int]], num_classes: int, in_channels: int = 3) -> None:
@@ -39,30 +43,24 @@ class CifarVGG(nn.Module):
         self.pool = nn.MaxPool2d(2, 2, ceil_mode=True)
         self.feature_channels = c_in
         self.fc = nn.Linear(c_in, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01, zero_biases=True)
 
-    def features(self, x: Tensor) -> Tensor:
+    def stage_features(self, x: Tensor) -> dict[str, Tensor]:
+        # Whether the fourth group pools depends on the input's size, not on a stage's.
         pool_fourth = x.shape[-2] >= 64
+        out: dict[str, Tensor] = {}
         for i, group in enumerate(self.groups):
             x = group(x)
             if i < 3 or (i == 3 and pool_fourth):
                 x = self.pool(x)
-        return x
+            out[f"stage{i + 1}"] = x
+        return out
 
-    def classify(self, fmap: Tensor) -> Tensor:
-        return self.fc(F.adaptive_avg_pool2d(fmap, 1).flatten(1))
+    def stages(self) -> Iterator[tuple[str, Stage]]:
+        raise TypeError("a VGG's stages depend on the input size: use stage_features(x)")
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classify(self.features(x))
+    def features(self, x: Tensor) -> Tensor:
+        return self.stage_features(x)[f"stage{len(self.groups)}"]
 
 
 def _register(name: str) -> None:

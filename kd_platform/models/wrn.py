@@ -12,10 +12,13 @@
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register_model
+from .base import Stage, ZooNet, init_weights, named
 from .resnet import RESNET_SPECS, Bottleneck, CifarResNet, ResNetSpec
 
 
@@ -38,7 +41,7 @@ class PreActBlock(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(pre))
 
 
-class WideResNet(nn.Module):
+class WideResNet(ZooNet):
     """WRN-``depth``-``widen`` for CIFAR-sized inputs of any resolution."""
 
     stackable = True  # channels mix only in Conv2d/Linear: see kd_platform.models.stacked
@@ -59,24 +62,12 @@ class WideResNet(nn.Module):
         self.bn = nn.BatchNorm2d(widths[3])
         self.feature_channels = widths[3]
         self.fc = nn.Linear(widths[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self, zero_biases=True)
 
-    def features(self, x: Tensor) -> Tensor:
-        out = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        return F.relu(self.bn(out))
-
-    def classify(self, fmap: Tensor) -> Tensor:
-        return self.fc(F.adaptive_avg_pool2d(fmap, 1).flatten(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classify(self.features(x))
+    def stages(self) -> Iterator[tuple[str, Stage]]:
+        """The last stage ends with the final BN-ReLU, so its output is what the head pools."""
+        return named({"stem": self.stem, "stage1": self.layer1, "stage2": self.layer2,
+                      "stage3": lambda t: F.relu(self.bn(self.layer3(t)))})
 
 
 def _register(depth: int, widen: int) -> None:
