@@ -195,9 +195,10 @@ def _to_channels_last(module: nn.Module) -> None:
 
 @dataclass
 class Stepper:
-    """One optimiser step as every run takes it: channels-last views, autocast, the method's
-    loss terms, backward, the SGD step and the method's ``after_step``. Benchmarks time this
-    same object, so what they measure is what a run does."""
+    """One optimiser step as every run takes it: channels-last views, the method's update
+    (by default: autocast forward of its loss terms, backward, the SGD step; see
+    ``Method.optimizer_step``) and its ``after_step``. Benchmarks time this same object, so
+    what they measure is what a run does."""
     method: Method
     model: nn.Module
     """The method itself, or its DDP wrapper (whose forward synchronises gradients)."""
@@ -209,6 +210,12 @@ class Stepper:
         if self.channels_last:
             batch.views = [v.contiguous(memory_format=torch.channels_last) for v in batch.views]
         with torch.autocast(batch.y.device.type, dtype=self.amp_dtype or torch.float32,
+        terms = self.method.optimizer_step(lambda: self.loss_terms(batch, ctx), self.opt, ctx)
+        self.method.after_step(ctx)
+        return terms
+
+    def loss_terms(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """The method's loss terms of ``batch`` through the (DDP-wrapped, compiled) model."""
                             enabled=self.amp_dtype is not None):
             terms = self.model(batch, ctx)
         terms["loss"] = faults.corrupt_loss(ctx.epoch, terms["loss"])
@@ -280,6 +287,7 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
             terms = stepper(batch, ctx)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
+        method.before_eval(ctx, lambda epoch=epoch: data.train_batches(epoch, method.num_views()))
             seen += len(batch.y)
         method.after_epoch(ctx)
         sched.step()

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..errors import UsageError
 from ..knobs import knob
 from ..recipe import Recipe
-from .base import BuildEnv, Method, MethodConfig
+from .base import BuildEnv, Method, MethodConfig, MethodKind
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class OfflineConfig(MethodConfig):
 
 class OfflineMethod(Method):
     """A student (the primary metric) and a frozen teacher (evaluated too, for reference)."""
-    kind = "offline"
+    kind = MethodKind.OFFLINE
     students = ("student",)
 
     def __init__(self, cfg: OfflineConfig, env: BuildEnv) -> None:

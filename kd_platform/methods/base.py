@@ -7,8 +7,10 @@ engine knows nothing of any method.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterator
+from enum import StrEnum
+from typing import Callable, ClassVar, Iterable, Iterator
 
+import torch
 from torch import Tensor, nn
 
 from ..recipe import Recipe
@@ -63,11 +65,18 @@ class StepContext:
         return self.step == self.steps_per_epoch - 1
 
 
+class MethodKind(StrEnum):
+    """How a method's networks learn; a string enum, so ``kind == "offline"`` reads as before."""
+    SINGLE = "single"    # one network from the labels alone (``ce``, ``sam``, ``swa``)
+    ONLINE = "online"    # peers or branches that teach each other while they all train
+    OFFLINE = "offline"  # a student taught by a trained, frozen teacher
+
+
 class Method(nn.Module):
     """Subclasses set ``name``, ``Config`` and ``kind`` and implement the hooks below."""
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]]
-    kind: ClassVar[str] = "online"    # "single" | "online" | "offline"
+    kind: ClassVar[MethodKind] = MethodKind.ONLINE
     fusable_peers: ClassVar[bool] = False
     """True when the method's networks are N peers of one architecture built by ``_peers.Peers``,
     which can train fused into one stacked model (knob ``fused``)."""
@@ -99,11 +108,30 @@ class Method(nn.Module):
     def num_views(self) -> int:
         return type(self).views_for(self.cfg)
 
+    def optimizer_step(self, loss_terms: Callable[[], dict[str, Tensor]], opt: torch.optim.Optimizer,
+                       ctx: StepContext) -> dict[str, Tensor]:
+        """One update of the method's parameters; returns the batch's loss terms.
+
+        ``loss_terms()`` runs the forward (under the run's autocast, through DDP when there
+        are several workers, so every backward of it synchronises gradients) and may be called
+        more than once; ``opt`` is the run's optimiser. The default is the plain step; a method
+        whose update is not one gradient step (SAM's two passes) overrides this."""
+        terms = loss_terms()
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt.step()
+        return terms
+
     def after_step(self, ctx: StepContext) -> None:
         """Runs after every optimiser step (fusion, EMA updates, ...)."""
 
     def after_epoch(self, ctx: StepContext) -> None:
         """Runs after the last step of every epoch."""
+
+    def before_eval(self, ctx: StepContext, train_batches: Callable[[], Iterable[Batch]]) -> None:
+        """Runs after ``after_epoch``, before the epoch's evaluation. ``train_batches()`` goes over
+        this epoch's training data once more, for a method that must see it outside the
+        optimiser steps (SWA recomputes its averaged network's BatchNorm statistics)."""
 
     def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:
         """What to evaluate, by name: each callable maps images to logits."""

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..knobs import knob
 from . import register_method
-from .base import Batch, BuildEnv, Method, MethodConfig, StepContext
+from .base import Batch, BuildEnv, Method, MethodConfig, MethodKind, StepContext
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class CEConfig(MethodConfig):
 class CE(Method):
     name = "ce"
     Config = CEConfig
-    kind = "single"
+    kind = MethodKind.SINGLE
     students = ("net",)
 
     def __init__(self, cfg: CEConfig, env: BuildEnv) -> None:

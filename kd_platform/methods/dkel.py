@@ -47,7 +47,7 @@ from ..models import build_multibranch
 from . import register_method
 from ._online import (MultiBranchConfig, ema_update_, freeze_parameters, gradients_for, mean_teacher_rampup,
                       multibranch_eval_networks, multibranch_logits, peer_teacher_loss, plain_sgd_step_)
-from .base import Batch, BuildEnv, Method, StepContext
+from .base import Batch, BuildEnv, Method, MethodKind, StepContext
 
 # The released script's ramp-up constants, kept literal under variant=code.
 CODE_RAMPUP_SCALE, CODE_RAMPUP_LENGTH, CODE_RAMPUP_UNTIL = 0.1, 0.1, 80
@@ -69,7 +69,7 @@ class DKELConfig(MultiBranchConfig):
 class DKEL(Method):
     name = "dkel"
     Config = DKELConfig
-    kind = "online"
+    kind = MethodKind.ONLINE
 
     def __init__(self, cfg: DKELConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)

@@ -19,7 +19,7 @@ from ..losses import mean_kd_to_peers
 from . import register_method
 from ._online import detached_mean, peer_eval_networks
 from ._peers import Peers
-from .base import Batch, BuildEnv, Method, MethodConfig, StepContext
+from .base import Batch, BuildEnv, Method, MethodConfig, MethodKind, StepContext
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class DMLConfig(MethodConfig):
 class DML(Method):
     name = "dml"
     Config = DMLConfig
-    kind = "online"
+    kind = MethodKind.ONLINE
     fusable_peers = True
 
     def __init__(self, cfg: DMLConfig, env: BuildEnv) -> None:

@@ -31,7 +31,7 @@ from ..knobs import knob
 from ..losses import mean_kd_to_peers
 from . import register_method
 from ._online import detached_mean, peer_eval_networks
-from .base import Batch, BuildEnv, Method, StepContext
+from .base import Batch, BuildEnv, Method, MethodKind, StepContext
 from .ie_parts import FactorAutoEncoder, IEKnobs, InheritExploreSplit, factor_channels, factor_distance, to_factor
 
 N_NETWORKS = 2
@@ -46,7 +46,7 @@ class IEDMLConfig(IEKnobs):
 class IEDML(Method):
     name = "iedml"
     Config = IEDMLConfig
-    kind = "online"
+    kind = MethodKind.ONLINE
 
     def __init__(self, cfg: IEDMLConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)

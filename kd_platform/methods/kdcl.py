@@ -21,7 +21,7 @@ from ..losses import kd_loss
 from . import register_method
 from ._online import detached_mean, peer_eval_networks
 from ._peers import Peers
-from .base import Batch, BuildEnv, Method, MethodConfig, StepContext
+from .base import Batch, BuildEnv, Method, MethodConfig, MethodKind, StepContext
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class KDCLConfig(MethodConfig):
 class KDCL(Method):
     name = "kdcl"
     Config = KDCLConfig
-    kind = "online"
+    kind = MethodKind.ONLINE
     fusable_peers = True
 
     def __init__(self, cfg: KDCLConfig, env: BuildEnv) -> None:

@@ -21,7 +21,7 @@ from ..losses import kd_loss
 from . import register_method
 from ._online import peer_eval_networks
 from ._peers import Peers
-from .base import Batch, BuildEnv, Method, MethodConfig, StepContext
+from .base import Batch, BuildEnv, Method, MethodConfig, MethodKind, StepContext
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def _pick(value: str, paper: str, code: str, variant: str) -> str:
 class OKDPH(Method):
     name = "okdph"
     Config = OKDPHConfig
-    kind = "online"
+    kind = MethodKind.ONLINE
     fusable_peers = True
 
     def __init__(self, cfg: OKDPHConfig, env: BuildEnv) -> None:

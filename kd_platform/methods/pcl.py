@@ -35,7 +35,7 @@ from ..models import build_multibranch
 from . import register_method
 from ._online import (MultiBranchConfig, ema_update_, frozen_copy, mean_teacher_rampup,
                       multibranch_eval_networks, multibranch_logits, peer_teacher_loss)
-from .base import Batch, BuildEnv, Method, StepContext
+from .base import Batch, BuildEnv, Method, MethodKind, StepContext
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class PCLConfig(MultiBranchConfig):
 class PCL(Method):
     name = "pcl"
     Config = PCLConfig
-    kind = "online"
+    kind = MethodKind.ONLINE
 
     def __init__(self, cfg: PCLConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)
