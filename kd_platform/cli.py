@@ -98,6 +98,11 @@ def _teacher_assets(args: argparse.Namespace, fixed: dict[str, Any], swept: Sequ
         return {}
     cache = (args.teacher_cache or args.out / "teachers").resolve()
     assets = {f"{ASSET_PREFIX}teacher_cache": str(cache)}
+    if args.storage_path:  # storage every node reaches: teachers trained on one node are fetched by the others
+        from .teacher_store import store_uri
+        store = store_uri(_storage(args))
+        if store != str(cache):
+            assets[f"{ASSET_PREFIX}teacher_store"] = store
     if args.teacher_checkpoint:
         if "teacher_arch" in swept:
             raise UsageError("--teacher-checkpoint fixes the teacher, so teacher_arch cannot be swept")

@@ -49,7 +49,8 @@ class RunSpec:
     seed: int = 0
     assets: dict[str, str] = field(default_factory=dict)
     """Files a run uses but that are not knobs (absolute paths): ``teacher_cache``, the
-    directory of trained teachers, and ``teacher_checkpoint``, a user's own teacher."""
+    directory of trained teachers, ``teacher_store``, the storage shared by a cluster's nodes
+    behind it (a path or URI), and ``teacher_checkpoint``, a user's own teacher."""
 
     @staticmethod
     def from_flat(method: str, flat: dict[str, Any], seed: int) -> "RunSpec":
@@ -256,6 +257,7 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
         from .teachers import TeacherProvider  # imported here: teachers trains with this module
         get_teacher = TeacherProvider(spec, data, device)
     method = build_method(spec, data, device, get_teacher)
+    teacher_tags = getattr(get_teacher, "tags", dict)()  # where the teacher came from, with every report
     layout = _layout(spec, device, data)
     log.info("%s: fused peers %s, data path %s", spec.method, "on" if layout["fused"] else "off",
              layout["data_path"] or "in memory")
@@ -309,7 +311,8 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
                    **{f"train/loss/{k}": v for k, v in means.items()},
                    **{f"val/{k}": v for k, v in val.items()},
                    "val/acc_best_epoch/students_mean": best, "lr": opt.param_groups[0]["lr"],
-                   "time/epoch_s": elapsed, "time/val_s": val_s, "throughput/img_s": seen * world / elapsed}
+                   "time/epoch_s": elapsed, "time/val_s": val_s, "throughput/img_s": seen * world / elapsed,
+                   **teacher_tags}
         if epoch + 1 == recipe.epochs:
             test = evaluate(method, data, "test", device, reduce=world > 1)
             metrics.update({f"test/{k}": v for k, v in test.items()})

@@ -96,7 +96,8 @@ class MlflowTrialLogger(Callback):
 
     def record_teacher(self, trial: Any, run_id: str) -> None:
         """Tag an offline trial with its teacher; the file itself goes to the parent run once."""
-        record_teacher(self.client, run_id, self.spec(trial), self.parent_run_id, self.teachers_logged)
+        record_teacher(self.client, run_id, self.spec(trial), self.parent_run_id, self.teachers_logged,
+                       getattr(trial, "last_result", None))
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.run_id(trial)

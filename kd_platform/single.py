@@ -64,6 +64,6 @@ def run_single(spec: RunSpec, launch: Launch, uri: str, experiment: str, out: Pa
         tracking.set_tags(c, run_id, {"error": f"{type(exc).__name__}: {exc}"})
         c.set_terminated(run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    record_teacher(c, run_id, spec)  # an offline run's teacher: tags and the file as an artifact
+    record_teacher(c, run_id, spec, result=final)  # an offline run's teacher: tags and the file as an artifact
     c.set_terminated(run_id, status="FINISHED")
     return {"run_id": run_id, "experiment_id": experiment_id, "metrics": final}

@@ -13,6 +13,14 @@ way, keyed by the teacher's hash and its own recipe. Runs that need a missing en
 the same time (a sweep's concurrent trials, DDP ranks) take an exclusive ``flock`` on
 ``<hash>/.lock``; the one that waited finds the finished file and only loads it. Files
 are written atomically, and ``teacher.pt`` last, so its presence means the entry is whole.
+
+On a cluster the cache is node-local, and a second tier stops every node from training its
+own copy: the asset ``teacher_store`` (the sweep's ``--storage-path``, ``teachers/`` under it)
+names storage every node reaches, from which a node fetches what it lacks and to which it
+publishes what it trained (``kd_platform.teacher_store``). A run reports where each entry
+came from (``teacher.source``: ``cache``, ``fetched``, ``trained`` or ``checkpoint``).
+``$KD_TEACHER_CACHE`` in a node's environment names that node's own cache, for nodes whose
+local disks are not at the path the command line gave.
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from . import engine, tracking
+from .teacher_store import ERRORS as STORE_ERRORS, TRAINED, TeacherStore, fetch_or_make, origin
 from .checkpoint import STATE_FILE, load_checked, save_atomic
 from .data import DataModule, build_data
 from .engine import RunSpec
@@ -49,6 +58,9 @@ TEACHER_FILE, META_FILE, LOCK_FILE = "teacher.pt", "meta.json", ".lock"
 FORMAT = 1
 """Part of every description: bump it when a change to training makes old cache entries wrong."""
 ARTIFACT_DIR = "teacher"
+CACHED, CHECKPOINT = "cache", "checkpoint"
+"""Sources of an entry besides the store's ``FETCHED`` and ``TRAINED``: this node's cache, the user's file."""
+CACHE_ENV = "KD_TEACHER_CACHE"
 
 
 def description_hash(description: Mapping[str, Any]) -> str:
@@ -63,7 +75,26 @@ def default_cache() -> Path:
 
 
 def cache_dir(spec: RunSpec) -> Path:
-    return Path(spec.assets.get("teacher_cache") or default_cache())
+    """This node's cache: ``$KD_TEACHER_CACHE`` where the node sets it, else the run's asset."""
+    return Path(os.environ.get(CACHE_ENV) or spec.assets.get("teacher_cache") or default_cache())
+
+
+def teacher_store(spec: RunSpec) -> TeacherStore | None:
+    """The shared tier of the run's cache (asset ``teacher_store``), or None without one or
+    when it cannot be opened (then each node trains its own, with a warning)."""
+    uri = spec.assets.get("teacher_store")
+    if not uri:
+        return None
+    try:
+        return TeacherStore(uri)
+    except STORE_ERRORS as exc:
+        log.warning("teacher store %s cannot be opened (%s): teachers are not shared between nodes", uri, exc)
+        return None
+
+
+def source_tag(kind: str) -> str:
+    """The run tag saying where a cache entry of ``kind`` came from."""
+    return "teacher.source" if kind == "teacher" else f"teacher.{kind}.source"
 
 
 def teacher_spec(spec: RunSpec, arch: str | None = None) -> RunSpec:
@@ -108,18 +139,24 @@ def teacher_info(spec: RunSpec) -> dict[str, str]:
 
 
 def record_teacher(client: Any, run_id: str, spec: RunSpec, artifact_run_id: str | None = None,
-                   logged: set[str] | None = None) -> None:
+                   logged: set[str] | None = None, result: Mapping[str, Any] | None = None) -> None:
     """Tag ``run_id`` with its teacher and log the teacher's files as artifacts of
     ``artifact_run_id`` (default: the run itself) under ``teacher/<hash>/``.
 
     A sweep passes its parent run and a set ``logged`` of hashes already there, so a
-    teacher shared by all trials is stored once rather than once per trial."""
+    teacher shared by all trials is stored once rather than once per trial. The run's last
+    reported ``result`` says where its entries came from. A teacher trained on another node
+    is fetched from the store to be logged."""
     try:
         info = teacher_info(spec)
         if not info:
             return
         tags, digest, path = dict(info), info["teacher.hash"], Path(info["teacher.path"])
+        tags.update({k: v for k, v in (result or {}).items() if k.startswith("teacher.") and k.endswith(".source")})
         target = artifact_run_id or run_id
+        store = None if spec.assets.get("teacher_checkpoint") or path.is_file() else teacher_store(spec)
+        if store is not None:
+            store.fetch(digest, (META_FILE, TEACHER_FILE), path.parent)
         if path.is_file():
             where = f"{ARTIFACT_DIR}/{digest}"
             if logged is None or digest not in logged:
@@ -130,7 +167,7 @@ def record_teacher(client: Any, run_id: str, spec: RunSpec, artifact_run_id: str
                     logged.add(digest)
             tags["teacher.artifact"] = f"runs:/{target}/{where}/{path.name}"
         tracking.set_tags(client, run_id, tags)
-    except OSError as exc:  # bookkeeping must not fail a finished run (e.g. a user's file since moved)
+    except STORE_ERRORS as exc:  # bookkeeping must not fail a finished run (e.g. a user's file since moved)
         log.warning("could not record the teacher of run %s: %s", run_id, exc)
 
 
@@ -148,25 +185,35 @@ def _isolated_rng(device: torch.device) -> Iterator[None]:
 
 
 def cached_file(cache: Path, description: Mapping[str, Any], filename: str,
-                make: Callable[[], tuple[Any, dict[str, Any]]]) -> tuple[Path, bool]:
+                make: Callable[[], tuple[Any, dict[str, Any]]],
+                store: TeacherStore | None = None) -> tuple[Path, str]:
     """``<cache>/<hash>/<filename>``, made by ``make() -> (object to save, extra meta)`` if missing.
 
-    Returns the path and whether this call made it. Exactly one of several processes asking
-    at once runs ``make``: the others block on the lock and then find the file."""
+    Returns the path and where it came from: ``CACHED`` (already here), ``FETCHED`` (copied
+    from ``store``) or ``TRAINED`` (this call ran ``make`` and published the result to
+    ``store``). Exactly one of several processes of a node asking at once goes further than
+    the local cache: the others block on the lock and then find the file. Across nodes the
+    store's own claim does the same (see ``kd_platform.teacher_store``)."""
     digest = description_hash(description)
     folder = Path(cache) / digest
     target = folder / filename
     if target.is_file():
-        return target, False
+        return target, CACHED
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even if make() raises
         if target.is_file():
-            return target, False
-        obj, extra = make()
-        _write_json_atomic(folder / META_FILE, {"hash": digest, "description": dict(description), **extra})
-        save_atomic(obj, target)
-    return target, True
+            return target, CACHED
+
+        def make_here() -> None:
+            obj, extra = make()
+            _write_json_atomic(folder / META_FILE, {"hash": digest, "description": dict(description), **extra,
+                                                    "made_by": origin()})
+            save_atomic(obj, target)
+        if store is None:
+            make_here()
+            return target, TRAINED
+        return target, fetch_or_make(store, digest, folder, (META_FILE, filename), make_here)
 
 
 def _write_json_atomic(path: Path, obj: Mapping[str, Any]) -> None:
@@ -249,8 +296,9 @@ class TeacherProvider:
     """``BuildEnv.get_teacher`` of a run: ``provider(arch)`` is that run's frozen teacher.
 
     With the asset ``teacher_checkpoint`` the teacher is the user's file; otherwise it
-    comes from the cache, trained there first if missing. ``built`` lists the cache entries
-    this provider had to make (the others it found ready)."""
+    comes from the cache, trained there first if missing (or fetched from the shared store).
+    ``built`` lists the cache entries this provider had to make (the others it found ready
+    or fetched); :meth:`tags` says where each kind of entry came from."""
 
     def __init__(self, spec: RunSpec, data: Any, device: torch.device) -> None:
         self.spec, self.device = spec, device
@@ -258,6 +306,7 @@ class TeacherProvider:
         self.cache = cache_dir(spec)
         self.checkpoint = spec.assets.get("teacher_checkpoint")
         self.built: list[str] = []
+        self.sources: dict[str, str] = {}  # entry kind ("teacher", "iekd_autoencoder") -> its source
         self._teachers: dict[str, nn.Module] = {}
 
     def __call__(self, arch: str) -> nn.Module:
@@ -273,8 +322,13 @@ class TeacherProvider:
             return file_hash(Path(self.checkpoint))
         return description_hash(teacher_description(self.spec, arch))
 
+    def tags(self) -> dict[str, str]:
+        """Run tags: where each entry this run uses came from (``teacher.source`` and the like)."""
+        return {source_tag(kind): source for kind, source in self.sources.items()}
+
     def teacher_path(self, arch: str) -> Path:
         if self.checkpoint:
+            self.sources["teacher"] = CHECKPOINT
             return Path(self.checkpoint)
         ts = teacher_spec(self.spec, arch)
         description = teacher_description(self.spec, arch)
@@ -304,7 +358,10 @@ class TeacherProvider:
 
     def _cached(self, description: Mapping[str, Any], filename: str,
                 make: Callable[[], tuple[Any, dict[str, Any]]]) -> Path:
-        path, made = cached_file(self.cache, description, filename, make)
-        if made:
+        missing = not (self.cache / description_hash(description) / filename).is_file()
+        path, source = cached_file(self.cache, description, filename, make,
+                                   teacher_store(self.spec) if missing else None)
+        self.sources[str(description["kind"])] = source
+        if source == TRAINED:
             self.built.append(path.parent.name)
         return path
