@@ -4,6 +4,11 @@ Logging from the driver (rather than from each trial) means a trial that ASHA st
 that crashes still gets its run closed with the right status, and the sqlite store has
 a single writer. A resumed sweep finds each trial's existing run by its Ray trial id
 instead of opening a duplicate.
+
+Writes go through a ``BufferedClient``: while the store is away (a server restarting, a sqlite
+file locked by another sweep) they are held in order and sent when it is back, so a callback
+neither raises into Tune nor holds up the sweep. ``close`` (after the sweep's last write) waits
+for the queue to drain, or keeps what is left in the sweep directory and says so.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from typing import Any
 from ray.tune import Callback
 
 from . import tracking
+from .mlflow_writer import PATIENCE_ENV, BufferedClient, StoreUnavailable, Write, is_transient, patience_s
 from .checkpoint import CHECKPOINT_TAG, checkpoint_location
 from .evaluation import warning_tags
 from .engine import RunSpec, data_recipe
@@ -29,7 +35,8 @@ log = logging.getLogger(__name__)
 
 class MlflowTrialLogger(Callback):
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, method: str,
-                 fixed: dict[str, Any], seed: int, epochs: int, tags: dict[str, str]) -> None:
+                 fixed: dict[str, Any], seed: int, epochs: int, tags: dict[str, str],
+                 unsent: Path | None = None) -> None:
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
         self.method, self.fixed, self.seed, self.epochs, self.tags = method, fixed, seed, epochs, tags
         self.runs: dict[str, str] = {}
@@ -41,46 +48,68 @@ class MlflowTrialLogger(Callback):
         self.replayed: dict[str, int] = {}  # per trial, epochs trained again after a restart
         self.checkpoints: dict[str, str] = {}  # per trial, the checkpoint location last tagged
         self.datasets: dict[tuple, Any] = {}  # per data recipe and seed, the dataset its runs log
-        self._client: Any = None
+        self.existing_epoch: dict[str, int] = {}  # per trial whose run a resumed sweep found: its last epoch
+        self.unsent = unsent  # where writes the store never took are kept (and, on resume, read back)
+        self.gave_up = False
+        self._client: BufferedClient | None = None
 
     @property
-    def client(self) -> Any:
+    def client(self) -> BufferedClient:
         if self._client is None:
-            self._client = tracking.client(self.uri)
+            self._client = BufferedClient(tracking.raw_client(self.uri), self._open,
+                                          lambda trial_id, step: 0 < step <= self.existing_epoch.get(trial_id, 0),
+                                          spill_to=self.unsent)
+            if self.unsent and self._client.load(self.unsent):
+                log.warning("sending %d MLflow write(s) kept in %s", len(self._client.pending), self.unsent)
         return self._client
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None}
 
     def run_id(self, trial: Any) -> str:
-        if trial.trial_id in self.runs:
-            return self.runs[trial.trial_id]
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' and "
-                          f"tags.`{tracking.PARENT_TAG}` = '{self.parent_run_id}'")
-        if found:
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            self.logged_epoch[trial.trial_id] = _last_epoch(self.client, run_id)
-            self.replayed[trial.trial_id] = int(found[0].data.tags.get(REPLAYED_TAG, 0))
-        else:
-            spec = self.spec(trial)
-            run = self.client.create_run(self.experiment_id, run_name=f"{self.method}-{trial.trial_id}", tags={
-                **self.tags, "seed": spec.seed, TRIAL_TAG: trial.trial_id, tracking.PARENT_TAG: self.parent_run_id})
-            run_id = run.info.run_id
-            tracking.log_params(self.client, run_id, spec.all_knobs())
-            self.log_dataset(run_id, spec)
-            tracking.set_tags(self.client, run_id, {f"swept.{k}": v for k, v in trial.config.items()})
-        self.runs[trial.trial_id] = run_id
+        """The trial's run id; while the store is away, a stand-in that its queued writes carry."""
+        if trial.trial_id not in self.runs:
+            self.runs[trial.trial_id] = self.client.open(trial.trial_id, {"config": dict(trial.config)})
+        return self.client.run_id(self.runs[trial.trial_id])
+
+    def _open(self, write: Write) -> str:
+        """Find the trial's run (a resumed sweep's) or create it, with its params, dataset and tags.
+        Safe to run again after any failure: a run made by a try whose reply was lost is found."""
+        trial_id, config = write.args["trial"], write.args["config"]
+        c = self.client.client
+        run_id = write.args.get("created")
+        if run_id is None:
+            found = c.search_runs([self.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
+                                  f"tags.`{tracking.PARENT_TAG}` = '{self.parent_run_id}'")
+            if found and found[0].data.params:
+                run_id = found[0].info.run_id
+                c.update_run(run_id, status="RUNNING")
+                self.existing_epoch[trial_id] = _last_epoch(c, run_id)
+                self.logged_epoch[trial_id] = max(self.logged_epoch.get(trial_id, 0), self.existing_epoch[trial_id])
+                self.replayed[trial_id] = int(found[0].data.tags.get(REPLAYED_TAG, 0))
+                self.runs[trial_id] = run_id
+                return run_id
+            seed = self.spec_of(config).seed
+            run_id = found[0].info.run_id if found else c.create_run(
+                self.experiment_id, run_name=f"{self.method}-{trial_id}", tags={
+                    **self.tags, "seed": seed, TRIAL_TAG: trial_id, tracking.PARENT_TAG: self.parent_run_id}).info.run_id
+            write.args["created"] = run_id
+        spec = self.spec_of(config)
+        tracking.log_params(c, run_id, spec.all_knobs())
+        self.log_dataset(c, run_id, spec)
+        tracking.set_tags(c, run_id, {f"swept.{k}": v for k, v in config.items()})
+        self.runs[trial_id] = run_id
         return run_id
 
     def spec(self, trial: Any) -> RunSpec:
-        config = dict(trial.config)
+        return self.spec_of(trial.config)
+
+    def spec_of(self, config: dict[str, Any]) -> RunSpec:
+        config = dict(config)
         seed = int(config.pop("seed", self.seed))  # ablations repeat each cell over seeds
         return RunSpec.from_flat(self.method, {**self.fixed, **config}, seed)
 
-    def log_dataset(self, run_id: str, spec: RunSpec) -> None:
+    def log_dataset(self, c: Any, run_id: str, spec: RunSpec) -> None:
         """The trial's data as the run's dataset input; described once per data recipe and seed
         (a TPE sweep: once; an ablation: once per seed), here in the driver."""
         recipe = data_recipe(spec)
@@ -92,7 +121,7 @@ class MlflowTrialLogger(Callback):
                 log.warning("dataset of %s not recorded: %s", run_id, exc)
                 self.datasets[key] = None
         if self.datasets[key] is not None:
-            tracking.log_dataset(self.client, run_id, self.datasets[key])
+            tracking.log_dataset(c, run_id, self.datasets[key])
 
     def record_teacher(self, trial: Any, run_id: str) -> None:
         """Tag an offline trial with its teacher; the file itself goes to the parent run once."""
@@ -112,8 +141,8 @@ class MlflowTrialLogger(Callback):
             # earlier and trains that epoch again. MLflow keeps the first record, one per step.
             self.replayed[trial.trial_id] = self.replayed.get(trial.trial_id, 0) + 1
             tracking.set_tags(self.client, run_id, {REPLAYED_TAG: self.replayed[trial.trial_id]})
-        else:
-            tracking.log_metrics(self.client, run_id, result, step=epoch)
+        else:  # guarded: a resumed run found only once the store is back may hold the epoch already
+            tracking.log_metrics(self.client, run_id, result, step=epoch, guard=[trial.trial_id, epoch])
             self.logged_epoch[trial.trial_id] = max(epoch, self.logged_epoch.get(trial.trial_id, 0))
         self.tag_placement(trial, run_id, result)
         warnings = warning_tags(result)
@@ -142,7 +171,7 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.run_id(trial)
-        last = self.last_epoch.get(trial.trial_id) or _last_epoch(self.client, run_id)
+        last = self.last_epoch.get(trial.trial_id) or self.logged_epoch.get(trial.trial_id, 0)
         stopped = last < self.epochs
         tracking.set_tags(self.client, run_id, {
             "trial_outcome": "asha_stopped" if stopped else "completed",
@@ -158,11 +187,23 @@ class MlflowTrialLogger(Callback):
         leaves that trial out of the snapshot; the resumed sweep asks its searcher for a
         replacement, and the first trial's run would stay RUNNING forever beside it. It is
         ended as KILLED and moved to MLflow's trash (restorable), so that a sweep shows
-        exactly the trials it ran."""
+        exactly the trials it ran.
+
+        First every held write is sent (waiting up to the patience), so that the runs' states are
+        the store's; if the store is still away, ``close`` reports it."""
+        if self.client.flush():
+            self.gave_up = True
+            return
         known = {t.trial_id for t in trials}
-        running = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{self.parent_run_id}' "
-                                                f"and attributes.status = 'RUNNING'")
+        try:
+            running = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{self.parent_run_id}' "
+                                                    f"and attributes.status = 'RUNNING'")
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("MLflow store away again: runs of trials lost with a killed driver stay RUNNING")
+            return
         for run in running:
             if run.data.tags.get(TRIAL_TAG) in known:
                 continue
@@ -177,6 +218,19 @@ class MlflowTrialLogger(Callback):
         tracking.set_tags(self.client, run_id, {"trial_outcome": "failed", "error": _error_text(trial)})
         self.record_teacher(trial, run_id)
         self.client.set_terminated(run_id, status="FAILED")
+
+
+    def close(self) -> None:
+        """After the sweep's last write: every held write sent, or kept in ``unsent`` and reported
+        in one line (``StoreUnavailable``); a resumed sweep sends them."""
+        patience = 0.0 if self.gave_up else patience_s()
+        left = self.client.flush(patience)
+        if self.unsent:
+            self.client.spill(self.unsent)
+        if left:
+            kept = f"kept in {self.unsent}; --resume sends them" if self.unsent else "not kept"
+            raise StoreUnavailable(f"MLflow store {self.uri} still away after waiting {patience_s():.0f}s "
+                                   f"(${PATIENCE_ENV}): {left} write(s) unsent, {kept}")
 
 
 def _last_epoch(client: Any, run_id: str) -> int:

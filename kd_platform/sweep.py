@@ -248,6 +248,7 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
     from ray.tune.search.optuna import OptunaSearch
 
     from .mlflow_callback import MlflowTrialLogger
+    from .mlflow_writer import UNSENT_FILE
 
     t0 = time.perf_counter()
     # Ray first: the default concurrency comes from the cluster's resources, and it is what
@@ -268,7 +269,8 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
         logger = MlflowTrialLogger(s.tracking_uri, experiment_id, s.parent_run_id, s.method, s.trial_fixed,
                                    s.seed, s.epochs, tags={"method": s.method, "seed": s.seed,
                                                            "git_commit": tracking.git_commit(),
-                                                           "sweep": s.name, "kind": "trial"})
+                                                           "sweep": s.name, "kind": "trial"},
+                                   unsent=s.sweep_dir / UNSENT_FILE)
         trainable = _trainable(s)
         if s.resume and tune.Tuner.can_restore(s.experiment_path):
             tuner = tune.Tuner.restore(s.experiment_path, trainable=trainable, resume_errored=True,
@@ -299,7 +301,10 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
         raise
     if not s.ablation:
         _fail_stale_optuna_trials(s)
-    return _finish(s, c, experiment_id, results, logger, time.perf_counter() - t0)
+    # The parent's last writes join the trials' queue: all are sent, or kept in the sweep directory.
+    outcome = _finish(s, logger.client, experiment_id, results, logger, time.perf_counter() - t0)
+    logger.close()
+    return outcome
 
 
 def _optuna_storage(s: SweepSettings) -> Any:

@@ -6,6 +6,7 @@ does not survive the hop from the sweep driver to Ray's processes.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -88,9 +89,45 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
-def client(uri: str) -> "MlflowClient":  # noqa: F821
+# MLflow's own HTTP retries (7, doubling from 2 s) would hold one call for minutes while a
+# server is down; the platform retries itself (mlflow_writer), so each try stays short.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+def _quiet_lock_errors(record: logging.LogRecord) -> bool:
+    """MLflow logs a traceback for a sqlite lock that outlasts its busy wait (20 s) before it
+    raises; the platform retries the write and reports the wait in its own words."""
+    return "database is locked" not in record.getMessage()
+
+
+def raw_client(uri: str) -> Any:
+    """A plain ``MlflowClient``: each call tried once (briefly retried by MLflow over HTTP)."""
     from mlflow.tracking import MlflowClient
-    return MlflowClient(tracking_uri=uri)
+
+    from .mlflow_writer import call_with_retry, patience_s
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    db_log = logging.getLogger("mlflow.store.db.utils")
+    if _quiet_lock_errors not in db_log.filters:
+        db_log.addFilter(_quiet_lock_errors)
+    # The first client of a process opens the store, and of a new file creates its tables: two
+    # sweeps starting at once on one file would both create them. A lock beside the file makes
+    # them take turns; the second finds the tables made.
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return call_with_retry(MlflowClient, tracking_uri=uri, patience=patience_s())
+
+
+def client(uri: str) -> Any:
+    """An ``MlflowClient`` whose calls wait out a store that is briefly away or locked
+    (``mlflow_writer.RetryingClient``)."""
+    from .mlflow_writer import RetryingClient
+    return RetryingClient(raw_client(uri))
 
 
 def ensure_experiment(uri: str, name: str) -> str:
@@ -98,15 +135,20 @@ def ensure_experiment(uri: str, name: str) -> str:
     as a model-training experiment (an existing one too)."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            c.restore_experiment(exp.experiment_id)
-        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        return exp.experiment_id
-    root = artifact_root(uri)
-    return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
-                               tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if exp is None:
+        root = artifact_root(uri)
+        try:
+            return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
+                                       tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception as exc:  # another sweep on the same store created it a moment ago
+            if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = c.get_experiment_by_name(name)
+    if exp.lifecycle_stage == "deleted":
+        c.restore_experiment(exp.experiment_id)
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def git_commit() -> str:
@@ -136,13 +178,15 @@ def log_params(c: Any, run_id: str, params: Mapping[str, Any]) -> None:
         c.log_batch(run_id, params=items[i:i + 100])
 
 
-def log_metrics(c: Any, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
+def log_metrics(c: Any, run_id: str, metrics: Mapping[str, Any], step: int, **batch: Any) -> None:
+    """The numeric metrics of ``metrics`` at ``step``; ``batch`` goes to ``c.log_batch`` (a
+    ``BufferedClient`` takes a ``guard``)."""
     from mlflow.entities import Metric
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and (k == "epoch" or "/" in k or k == "lr")]
     for i in range(0, len(items), 1000):
-        c.log_batch(run_id, metrics=items[i:i + 1000])
+        c.log_batch(run_id, metrics=items[i:i + 1000], **batch)
 
 
 def set_tags(c: Any, run_id: str, tags: Mapping[str, Any]) -> None:
