@@ -152,8 +152,9 @@ def _network_names(method: str, knobs: tuple) -> tuple[tuple[str, ...], tuple[st
                          _UntrainedTeachers())
         nets, students, groups = tuple(m.eval_networks()), tuple(m.students), dict(m.groups)
     except (LookupError, AttributeError, TypeError, ValueError, RuntimeError):
-        # Built only with the trained teacher: the networks the class declares.
-        students, groups = tuple(cls.students), dict(cls.groups)
+        # Built only with the trained teacher: the networks the knobs name.
+        cfg = RunSpec.from_flat(method, dict(knobs), 0).resolved()[1]
+        students, groups = cls.student_names(cfg), cls.group_names(cfg)
         teacher = ["teacher"] if cls.kind == "offline" else []  # offline methods evaluate their teacher too
         nets = tuple(dict.fromkeys([*students, *(n for g in groups.values() for n in g), *teacher]))
     return nets, tuple(["students", *groups]), cls.kind == "online" and len(students) >= 2

@@ -150,7 +150,7 @@ def test_fused_and_unfused_peers_give_the_same_analysis_networks(one_thread):
         a[name].eval(), b[name].eval()
         torch.testing.assert_close(a[name](x), b[name](x), rtol=1e-4, atol=1e-5)
     assert set(make_method("ce").analysis_networks()) == {"net"}
-    assert set(make_method("dml").analysis_networks()) == {"net1", "net2"}
+    assert set(make_method("dml").analysis_networks()) == {"student1", "student2"}
 
 
 def _client(uri: str):

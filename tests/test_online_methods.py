@@ -187,7 +187,7 @@ def test_multibranch_shapes_and_ensemble_head_sees_every_branch(name, branches):
             assert not torch.allclose(z2_en, z_en), f"ensemble head ignores branch {b}"
             for j in range(branches):
                 assert torch.equal(z2[j], z[j]) == (j != b)
-    assert m.students == tuple(f"branch{b + 1}" for b in range(branches))
+    assert m.students == tuple(f"student{b + 1}" for b in range(branches))
 
 
 def test_pcl_loss_matches_the_formula():
@@ -364,7 +364,7 @@ def test_dkel_checkpoint_restores_teacher_and_counters(variant):
 def test_dkel_evaluates_teacher_branches_their_mean_students_and_ensemble():
     m = make_method("dkel", branches=3).eval()
     names = set(m.eval_networks())
-    assert names == {"branch1", "branch2", "branch3", "ensemble",
+    assert names == {"student1", "student2", "student3", "ensemble",
                      "teacher_branch1", "teacher_branch2", "teacher_branch3", "teacher_mean"}
     x = _batch(n=4).x
     with torch.no_grad():

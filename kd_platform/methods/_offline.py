@@ -43,7 +43,10 @@ class OfflineConfig(MethodConfig):
 class OfflineMethod(Method):
     """A student (the primary metric) and a frozen teacher (evaluated too, for reference)."""
     kind = MethodKind.OFFLINE
-    students = ("student",)
+
+    @classmethod
+    def student_names(cls, cfg: MethodConfig) -> tuple[str, ...]:
+        return ("student",)
 
     def __init__(self, cfg: OfflineConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)

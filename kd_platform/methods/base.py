@@ -80,16 +80,30 @@ class Method(nn.Module):
     fusable_peers: ClassVar[bool] = False
     """True when the method's networks are N peers of one architecture built by ``_peers.Peers``,
     which can train fused into one stacked model (knob ``fused``)."""
-    students: ClassVar[tuple[str, ...]] | tuple[str, ...] = ()
-    """Names (keys of ``eval_networks``) averaged into the primary metric ``students_mean``."""
-
-    groups: ClassVar[dict[str, tuple[str, ...]]] | dict[str, tuple[str, ...]] = {}
-    """Further named groups of networks whose mean and best accuracy are logged as
-    ``<group>_mean`` / ``<group>_best`` (e.g. DKEL's teacher branches)."""
-
     def __init__(self, cfg: MethodConfig, env: BuildEnv) -> None:
         super().__init__()
         self.cfg = cfg
+
+    @classmethod
+    def student_names(cls, cfg: MethodConfig) -> tuple[str, ...]:
+        """Names (keys of ``eval_networks``) averaged into the primary metric ``students_mean``;
+        known from the knobs alone, so metric names are known before anything is built. The
+        peers of an online method are ``student1..N`` (:func:`peer_names`)."""
+        return ()
+
+    @classmethod
+    def group_names(cls, cfg: MethodConfig) -> dict[str, tuple[str, ...]]:
+        """Further named groups of networks whose mean and best accuracy are logged as
+        ``<group>_mean`` / ``<group>_best`` (e.g. DKEL's teacher branches)."""
+        return {}
+
+    @property
+    def students(self) -> tuple[str, ...]:
+        return type(self).student_names(self.cfg)
+
+    @property
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        return type(self).group_names(self.cfg)
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         """Named loss terms of one batch; ``"loss"`` is the total that is back-propagated."""
@@ -155,6 +169,11 @@ class Method(nn.Module):
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
+
+
+def peer_names(n: int) -> tuple[str, ...]:
+    """What every online method calls its ``n`` peers (networks or branches): ``student1..N``."""
+    return tuple(f"student{i + 1}" for i in range(n))
 
 
 def freeze(net: nn.Module) -> nn.Module:

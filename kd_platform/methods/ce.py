@@ -22,7 +22,10 @@ class CE(Method):
     name = "ce"
     Config = CEConfig
     kind = MethodKind.SINGLE
-    students = ("net",)
+
+    @classmethod
+    def student_names(cls, cfg: MethodConfig) -> tuple[str, ...]:
+        return ("net",)
 
     def __init__(self, cfg: CEConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)

@@ -27,7 +27,7 @@ is <= 0.01. Per branch, with ``m`` the teacher's branch logits and T=3::
 ``e`` is the 0-based integer epoch index (``StepContext.epoch``), constant within an epoch,
 for both the ramp-up and ``w``. Only parameters are averaged; the teacher runs in training
 mode and keeps its own BatchNorm statistics. Its initialisation and EMA counters are
-buffers, so a checkpoint resumes them. Evaluated: ``branch1..B`` (the students, averaged
+buffers, so a checkpoint resumes them. Evaluated: ``student1..B`` (the branches, averaged
 into the primary metric), the student's ``ensemble`` head, ``teacher_branch1..B`` and
 ``teacher_mean`` (mean of the teacher's branch logits); the best teacher branch is logged
 as ``teacher_branches_best``.
@@ -47,7 +47,7 @@ from ..models import build_multibranch
 from . import register_method
 from ._online import (MultiBranchConfig, ema_update_, freeze_parameters, gradients_for, mean_teacher_rampup,
                       multibranch_eval_networks, multibranch_logits, peer_teacher_loss, plain_sgd_step_)
-from .base import Batch, BuildEnv, Method, MethodKind, StepContext
+from .base import Batch, BuildEnv, Method, MethodKind, StepContext, peer_names
 
 # The released script's ramp-up constants, kept literal under variant=code.
 CODE_RAMPUP_SCALE, CODE_RAMPUP_LENGTH, CODE_RAMPUP_UNTIL = 0.1, 0.1, 80
@@ -71,6 +71,15 @@ class DKEL(Method):
     Config = DKELConfig
     kind = MethodKind.ONLINE
 
+    @classmethod
+    def student_names(cls, cfg: DKELConfig) -> tuple[str, ...]:
+        return peer_names(cfg.branches)
+
+    @classmethod
+    def group_names(cls, cfg: DKELConfig) -> dict[str, tuple[str, ...]]:
+        # Released DKEL code reports the best teacher branch: logged as val/acc/teacher_branches_best.
+        return {"teacher_branches": tuple(f"teacher_branch{b + 1}" for b in range(cfg.branches))}
+
     def __init__(self, cfg: DKELConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)
         self.net = build_multibranch(env.recipe.arch, env.num_classes, env.in_channels, cfg.branches)
@@ -79,9 +88,6 @@ class DKEL(Method):
         self.init_lr = env.recipe.lr * cfg.init_lr_scale
         self.register_buffer("teacher_init_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
-        self.students = tuple(f"branch{b + 1}" for b in range(cfg.branches))
-        # Released DKEL code reports the best teacher branch: logged as val/acc/teacher_branches_best.
-        self.groups = {"teacher_branches": tuple(f"teacher_branch{b + 1}" for b in range(cfg.branches))}
 
     @classmethod
     def views_for(cls, cfg: DKELConfig) -> int:  # type: ignore[override]
@@ -132,5 +138,5 @@ class DKEL(Method):
         self.ema_updates += 1
 
     def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:
-        return {**multibranch_eval_networks(self.net, "branch", "ensemble", None),
+        return {**multibranch_eval_networks(self.net, "student", "ensemble", None),
                 **multibranch_eval_networks(self.teacher, "teacher_branch", None, "teacher_mean")}

@@ -19,7 +19,7 @@ from ..losses import mean_kd_to_peers
 from . import register_method
 from ._online import detached_mean, peer_eval_networks
 from ._peers import Peers
-from .base import Batch, BuildEnv, Method, MethodConfig, MethodKind, StepContext
+from .base import Batch, BuildEnv, Method, MethodConfig, MethodKind, StepContext, peer_names
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,13 @@ class DML(Method):
     kind = MethodKind.ONLINE
     fusable_peers = True
 
+    @classmethod
+    def student_names(cls, cfg: DMLConfig) -> tuple[str, ...]:
+        return peer_names(cfg.n_students)
+
     def __init__(self, cfg: DMLConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)
         self.peers = Peers(lambda: env.make_model(env.recipe.arch), cfg.n_students, env.fused)
-        self.students = tuple(f"net{i + 1}" for i in range(cfg.n_students))
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         logits = self.peers([batch.x])

@@ -31,7 +31,7 @@ from ..knobs import knob
 from ..losses import mean_kd_to_peers
 from . import register_method
 from ._online import detached_mean, peer_eval_networks
-from .base import Batch, BuildEnv, Method, MethodKind, StepContext
+from .base import Batch, BuildEnv, Method, MethodKind, StepContext, peer_names
 from .ie_parts import FactorAutoEncoder, IEKnobs, InheritExploreSplit, factor_channels, factor_distance, to_factor
 
 N_NETWORKS = 2
@@ -48,6 +48,10 @@ class IEDML(Method):
     Config = IEDMLConfig
     kind = MethodKind.ONLINE
 
+    @classmethod
+    def student_names(cls, cfg: IEDMLConfig) -> tuple[str, ...]:
+        return peer_names(N_NETWORKS)
+
     def __init__(self, cfg: IEDMLConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)
         self.nets = nn.ModuleList(env.make_model(env.recipe.arch) for _ in range(N_NETWORKS))
@@ -56,7 +60,6 @@ class IEDML(Method):
         self.autoencoders = nn.ModuleList(FactorAutoEncoder(channels, k) for _ in range(N_NETWORKS))
         self.splits = nn.ModuleList(InheritExploreSplit(channels, k, cfg.split, cfg.split_mode)
                                     for _ in range(N_NETWORKS))
-        self.students = tuple(f"net{i + 1}" for i in range(N_NETWORKS))
 
     def ie_terms(self, fmaps: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Per network: inheritance distance, exploration distance, auto-encoder reconstruction loss."""

@@ -21,7 +21,7 @@ from ..losses import kd_loss
 from . import register_method
 from ._online import peer_eval_networks
 from ._peers import Peers
-from .base import Batch, BuildEnv, Method, MethodConfig, MethodKind, StepContext
+from .base import Batch, BuildEnv, Method, MethodConfig, MethodKind, StepContext, peer_names
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,13 @@ class OKDPH(Method):
     kind = MethodKind.ONLINE
     fusable_peers = True
 
+    @classmethod
+    def student_names(cls, cfg: OKDPHConfig) -> tuple[str, ...]:
+        return peer_names(cfg.n_students)
+
     def __init__(self, cfg: OKDPHConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)
         self.peers = Peers(lambda: env.make_model(env.recipe.arch), cfg.n_students, env.fused, cfg.same_init)
-        self.students = tuple(f"student{i + 1}" for i in range(cfg.n_students))
         self.mix = _pick(cfg.hwm_mix, "dirichlet", "mean", cfg.variant)
         self.hwm_grad = _pick(cfg.hwm_grad, "true", "false", cfg.variant) == "true"
 

@@ -19,7 +19,7 @@ first epoch and 1 from epoch index R on.
 
 Views: ``views=per_network`` gives branch ``b`` its own augmented view (the trunk then runs
 once per view); the temporal mean sees the same per-branch views. Default: one shared view.
-Evaluated: ``branch1..B`` (the students, averaged into the primary metric), the student's
+Evaluated: ``student1..B`` (the branches, averaged into the primary metric), the student's
 ``ensemble`` head, and the temporal mean's ``temporal_branch1..B``, ``temporal_mean``
 (mean of its branch logits) and ``temporal_ensemble`` (its ensemble head).
 """
@@ -35,7 +35,7 @@ from ..models import build_multibranch
 from . import register_method
 from ._online import (MultiBranchConfig, ema_update_, frozen_copy, mean_teacher_rampup,
                       multibranch_eval_networks, multibranch_logits, peer_teacher_loss)
-from .base import Batch, BuildEnv, Method, MethodKind, StepContext
+from .base import Batch, BuildEnv, Method, MethodKind, StepContext, peer_names
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,14 @@ class PCL(Method):
     Config = PCLConfig
     kind = MethodKind.ONLINE
 
+    @classmethod
+    def student_names(cls, cfg: PCLConfig) -> tuple[str, ...]:
+        return peer_names(cfg.branches)
+
     def __init__(self, cfg: PCLConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)
         self.net = build_multibranch(env.recipe.arch, env.num_classes, env.in_channels, cfg.branches)
         self.temporal = frozen_copy(self.net)
-        self.students = tuple(f"branch{b + 1}" for b in range(cfg.branches))
 
     @classmethod
     def views_for(cls, cfg: PCLConfig) -> int:  # type: ignore[override]
@@ -73,6 +76,6 @@ class PCL(Method):
         ema_update_(self.temporal, self.net, self.cfg.ema_decay)
 
     def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:
-        return {**multibranch_eval_networks(self.net, "branch", "ensemble", None),
+        return {**multibranch_eval_networks(self.net, "student", "ensemble", None),
                 **multibranch_eval_networks(self.temporal, "temporal_branch", "temporal_ensemble",
                                             "temporal_mean")}
