@@ -20,7 +20,8 @@ from kd_platform import teachers
 from kd_platform.cli import sweep_settings
 from kd_platform.engine import RunSpec
 from kd_platform.teacher_store import CLAIM_FILE, FETCHED, TRAINED, TeacherStore, fetch_or_make
-from kd_platform.teachers import CACHED, META_FILE, TEACHER_FILE, TeacherProvider, cached_file, description_hash
+from kd_platform.teachers import (CACHED, CHECKPOINT, META_FILE, TEACHER_FILE, TeacherProvider, cached_file,
+                                  description_hash)
 
 CPU = torch.device("cpu")
 DESCRIPTION = {"format": 1, "kind": "teacher", "what": "a stand-in entry"}
@@ -159,6 +160,29 @@ def test_providers_and_the_run_record_say_where_the_teacher_came_from(tmp_path: 
         f"teacher/{digest}/{META_FILE}", f"teacher/{digest}/{TEACHER_FILE}"]
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_iekd_autoencoder_is_shared_too(tmp_path: Path) -> None:
+    from kd_platform.engine import build_method
+    from kd_platform.models import build_model
+    torch.manual_seed(3)
+    file = tmp_path / "teacher.pt"
+    torch.save(build_model("resnet8", 10, 1).state_dict(), file)
+
+    def build(node: str) -> TeacherProvider:
+        spec = RunSpec.from_flat("iekd", {**TINY, "ae_epochs": 1, "asset.teacher_checkpoint": str(file),
+                                          "asset.teacher_cache": str(tmp_path / node),
+                                          "asset.teacher_store": str(tmp_path / "store")}, 0)
+        provider = TeacherProvider(spec, DataStub(), CPU)
+        build_method(spec, DataStub(), CPU, provider)
+        return provider
+    first, second = build("node_a"), build("node_b")
+    assert first.tags() == {"teacher.source": CHECKPOINT, "teacher.iekd_autoencoder.source": TRAINED}
+    assert second.tags() == {"teacher.source": CHECKPOINT, "teacher.iekd_autoencoder.source": FETCHED}
+    (digest,) = first.built
+    name = "iekd_autoencoder.pt"
+    assert _sha256(tmp_path / "node_b" / digest / name) == _sha256(tmp_path / "store" / digest / name)
+
+
 def test_the_store_is_the_storage_path_when_one_is_given(tmp_path: Path) -> None:
     common = ["kd", "--tracking-uri", sqlite_uri(tmp_path / "m.db"), "--out", str(tmp_path / "out"), "--samples", "1"]
     fixed = sweep_settings([*common, "--storage-path", str(tmp_path / "shared")]).space.fixed
@@ -190,7 +214,7 @@ def test_a_sweep_on_three_nodes_trains_its_teacher_once(tmp_path: Path) -> None:
             out = run_cli("platform.sweep", "kd", "--address", cluster.address, "--tracking-uri", uri,
                           "--out", str(tmp_path / "res"), "--storage-path", str(tmp_path / "shared"),
                           "--samples", "3", "--max-concurrent", "3", "--epochs", "1", "--quiet",
-                          "--set", "teacher_arch=resnet8", "--set", "teacher_epochs=1")
+                          "--set", "teacher_arch=resnet8", "--set", "teacher_epochs=3")
             nodes = {cluster.head_node.node_id, *(n.node_id for n in cluster.worker_nodes)}
         finally:
             cluster.shutdown()
@@ -207,6 +231,11 @@ def test_a_sweep_on_three_nodes_trains_its_teacher_once(tmp_path: Path) -> None:
     meta = json.loads((shared / META_FILE).read_text())
     trainer = next(node for node, source in placed.items() if source == TRAINED)
     assert meta["made_by"]["node_id"] == trainer and not (shared / CLAIM_FILE).exists()
+    # Every trial was under way before the teacher was published: the two that fetched it did
+    # not find it ready, they waited for the node that trained it.
+    published = (shared / TEACHER_FILE).stat().st_mtime
+    lead = published - max(c.info.start_time for c in children) / 1000
+    assert lead > 0
     # Every node's own cache, and the driver's (filled to log the artifact), hold the published bytes.
     copies = [c / digest / TEACHER_FILE for c in caches] + [tmp_path / "res" / "teachers" / digest / TEACHER_FILE]
     assert {_sha256(p) for p in copies} == {_sha256(shared / TEACHER_FILE)}
@@ -214,4 +243,5 @@ def test_a_sweep_on_three_nodes_trains_its_teacher_once(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
     logged = MlflowClient(uri).list_artifacts(parent.info.run_id, f"teacher/{digest}")
     assert sorted(a.path.rsplit("/", 1)[-1] for a in logged) == [META_FILE, TEACHER_FILE]
-    print(f"\n[teacher store] trained on 1 node in {meta['train_s']} s, fetched by {len(nodes) - 1}")
+    print(f"\n[teacher store] trained on 1 node in {meta['train_s']} s, published {lead:.1f} s after the last "
+          f"trial started, fetched by the other {len(nodes) - 1}")
