@@ -109,6 +109,9 @@ def _teacher_assets(args: argparse.Namespace, fixed: dict[str, Any], swept: Sequ
         path = args.teacher_checkpoint.resolve()
         check_teacher_checkpoint(path, RunSpec.from_flat(args.method, fixed, args.seed))
         assets[f"{ASSET_PREFIX}teacher_checkpoint"] = str(path)
+    elif "teacher_arch" not in swept:
+        from .models.torchvision_zoo import check_published_teacher
+        check_published_teacher(RunSpec.from_flat(args.method, fixed, args.seed))
     return assets
 
 

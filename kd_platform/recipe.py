@@ -14,10 +14,10 @@ from .knobs import knob
 if TYPE_CHECKING:
     import torch
 
-AUGMENTATIONS = ("none", "shift", "standard", "rotate", "cutout", "randaugment", "autoaugment")
+AUGMENTATIONS = ("none", "shift", "standard", "rotate", "cutout", "randaugment", "autoaugment", "rrc")
 """Training augmentation pipelines by name; ``kd_platform.data.augment`` defines them."""
 
-DEVICE_AUGMENTATIONS = ("none", "shift", "standard", "rotate", "cutout")
+DEVICE_AUGMENTATIONS = ("none", "shift", "standard", "rotate", "cutout", "rrc")
 """The augmentations the device-resident data path draws per sample in whole batches
 (``kd_platform.data.device_data``); the policy ones need the loader."""
 
@@ -47,7 +47,11 @@ class Recipe:
                              "'standard' = shift + horizontal flip, 'rotate' = standard + rotation up to 15 "
                              "degrees, 'cutout' = standard + a zeroed square of half the image side, "
                              "'randaugment' / 'autoaugment' = standard + that policy (loader path only, so "
-                             "not for digits)")
+                             "not for digits), 'rrc' = RandomResizedCrop (area 8-100%, aspect 3/4-4/3) + "
+                             "horizontal flip, the ImageNet standard")
+    crop_size: int = knob(0, low=0, high=1024,
+                          help="imagenet: side of the training crop and of the evaluation centre crop (after "
+                               "resizing the shorter side to crop_size * 256/224); 0: the standard 224")
     view_augments: str = knob("", help="comma-separated augmentations, one per network view, cycling, used "
                                        "only when a method asks for per-network views; empty: every view "
                                        "uses 'augment'")

@@ -51,6 +51,7 @@ from .errors import UsageError
 from .methods import get_method
 from .methods.base import freeze
 from .models import build_model
+from .models.torchvision_zoo import PUBLISHED, published_teacher
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +331,10 @@ class TeacherProvider:
         if self.checkpoint:
             self.sources["teacher"] = CHECKPOINT
             return Path(self.checkpoint)
+        published = published_teacher(self.spec.resolved()[0].dataset, arch)  # ImageNet: never trained here
+        if published is not None:
+            self.sources["teacher"] = PUBLISHED
+            return published
         ts = teacher_spec(self.spec, arch)
         description = teacher_description(self.spec, arch)
         return self._cached(description, TEACHER_FILE, lambda: train_teacher(ts, self.device))

@@ -70,11 +70,13 @@ def free_port() -> int:
 
 @pytest.fixture
 def no_network(monkeypatch):
-    """Dataset downloads fail as they would on a machine without internet access."""
+    """Dataset and published-weights downloads fail as they would on a machine without internet access."""
+    import torch.hub
     from kd_platform.data import cifar
-    def refuse(fmt, root):
+    def refuse(*args, **kwargs):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
     monkeypatch.setattr(cifar, "download", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     cifar._cache.clear()
 
 

@@ -1,5 +1,5 @@
 """Writers of the datasets' real on-disk formats (CIFAR's pickled batches, TinyImageNet's
-JPEG tree), for tests and benchmarks that cannot download the real sets."""
+and ImageNet's JPEG trees), for tests and benchmarks that cannot download the real sets."""
 from __future__ import annotations
 
 import pickle
@@ -88,6 +88,35 @@ def write_tinyimagenet(root: Path, per_class_train: int = 10, per_class_val: int
             lines.append(f"val_{n}.JPEG\t{wnid}\t1\t2\t60\t61")
             n += 1
     (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return base
+
+
+IMAGENET_WNIDS = ["n01440764", "n01443537", "n01484850"]
+
+
+def write_imagenet(root: Path, per_class_train: int = 6, per_class_val: int = 2, classes: int = 3,
+                   sides: tuple[int, int] = (40, 120), seed: int = 3) -> Path:
+    """``imagenet/train/<wnid>/*.JPEG`` and ``imagenet/val/<wnid>/*.JPEG`` with real JPEGs whose
+    sides are drawn from ``sides`` (so sizes and aspect ratios differ); as in the real set, one
+    training image is greyscale and one is a CMYK JPEG. The pixels are smooth noise (coarse
+    noise scaled up), which compresses about as well as photographs do."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    wnids = IMAGENET_WNIDS if classes == len(IMAGENET_WNIDS) else [f"n{c:08d}" for c in range(classes)]
+    base = root / "imagenet"
+    for split, per_class in (("train", per_class_train), ("val", per_class_val)):
+        for c, wnid in enumerate(wnids):
+            folder = base / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                h, w = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
+                coarse = rng.integers(0, 256, (max(2, h // 8), max(2, w // 8), 3), dtype=np.uint8)
+                img = Image.fromarray(coarse).resize((w, h), Image.BILINEAR)
+                if split == "train" and (c, i) == (0, 0):
+                    img = img.convert("L")
+                elif split == "train" and (c, i) == (1, 0):
+                    img = img.convert("CMYK")
+                img.save(folder / f"{wnid}_{i}.JPEG", quality=90)
     return base
 
 

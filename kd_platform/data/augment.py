@@ -88,7 +88,8 @@ def build_pipeline(name: str, image_size: int, mean: Sequence[float],
              "rotate": standard + [v2.RandomRotation(ROTATION_DEGREES)],
              "cutout": standard + [Cutout(cutout_size(image_size), mean_colour(mean))],
              "randaugment": standard + [v2.RandAugment()],
-             "autoaugment": standard + [v2.AutoAugment(policy)]}[name]
+             "autoaugment": standard + [v2.AutoAugment(policy)],
+             "rrc": [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]}[name]
     return v2.Compose(steps) if steps else _identity
 
 

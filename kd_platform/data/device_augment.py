@@ -1,6 +1,7 @@
 """Batched, per-sample augmentation of ``uint8`` images on the training device: the device
-path's forms of ``none``, ``shift``, ``standard``, ``rotate`` and ``cutout``, with the
-semantics of :func:`kd_platform.data.augment.build_pipeline`.
+path's forms of ``none``, ``shift``, ``standard``, ``rotate``, ``cutout`` and ``rrc``, with the
+semantics of :func:`kd_platform.data.augment.build_pipeline`. ``rrc`` (RandomResizedCrop)
+resizes one image at a time (``imagenet_augment``): its boxes go back to the host once a batch.
 
 Shift, flip and rotation are one coordinate map per sample: every output pixel is read
 from one source pixel of the zero-padded batch, so a whole batch is one ``gather`` with no
@@ -25,6 +26,7 @@ from torch import Tensor
 from ..errors import UsageError
 from ..recipe import DEVICE_AUGMENTATIONS
 from .augment import ROTATION_DEGREES, cutout_size, shift_padding
+from .imagenet_augment import crop_boxes, draw_crops, train_crops
 
 Params = dict[str, Tensor]
 
@@ -34,6 +36,7 @@ STEPS: dict[str, tuple[str, ...]] = {
     "standard": ("shift", "flip"),
     "rotate": ("shift", "flip", "rotate"),
     "cutout": ("shift", "flip", "cutout"),
+    "rrc": ("rrc",),  # RandomResizedCrop + flip, one image at a time (imagenet_augment)
 }
 
 
@@ -63,6 +66,9 @@ class BatchAugment:
                 rad = torch.empty(n, dtype=torch.float64).uniform_(-ROTATION_DEGREES, ROTATION_DEGREES,
                                                                    generator=g) * (math.pi / 180)
                 p["cos"], p["sin"] = torch.cos(rad).float(), torch.sin(rad).float()
+            elif step == "rrc":
+                u, p["flip"] = draw_crops(n, g)
+                p["box"] = crop_boxes(torch.tensor([[self.size, self.size]]).expand(n, 2), u)
             elif step == "cutout":
                 p["cy"] = torch.randint(0, self.size, (n,), generator=g)
                 p["cx"] = torch.randint(0, self.size, (n,), generator=g)
@@ -71,6 +77,8 @@ class BatchAugment:
     def __call__(self, batch: Tensor, p: Params) -> Tensor:
         """``batch`` ``uint8 (B, C, H, W)`` augmented with the parameters ``p`` of its samples
         (on the batch's device)."""
+        if "box" in p:
+            return train_crops(batch, p["box"], p["flip"], self.size)
         out = self._warp(batch, p) if "dy" in p else batch
         return self._cutout(out, p["cy"], p["cx"]) if "cy" in p else out
 

@@ -65,9 +65,9 @@ class ArraySource:
         return torch.from_numpy(self.array).permute(0, 3, 1, 2)
 
 
-def read_image(path: str, image_size: int) -> Tensor:
-    """One image file as RGB ``uint8 (3, image_size, image_size)``; a file that does not
-    decode is a one-line error naming it."""
+def read_image(path: str, image_size: int | None) -> Tensor:
+    """One image file as RGB ``uint8 (3, image_size, image_size)`` (its own size for
+    ``None``); a file that does not decode is a one-line error naming it."""
     from PIL import Image
     try:
         with Image.open(path) as im:
@@ -75,7 +75,7 @@ def read_image(path: str, image_size: int) -> Tensor:
             img = TF.pil_to_tensor(im.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as err:
         raise UsageError(f"corrupt image file {path}: {err}") from None
-    if img.shape[-2:] != (image_size, image_size):
+    if image_size is not None and img.shape[-2:] != (image_size, image_size):
         img = TF.resize(img, [image_size, image_size], antialias=True)
     return img
 
