@@ -210,20 +210,16 @@ class Stepper:
     def __call__(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         if self.channels_last:
             batch.views = [v.contiguous(memory_format=torch.channels_last) for v in batch.views]
-        with torch.autocast(batch.y.device.type, dtype=self.amp_dtype or torch.float32,
         terms = self.method.optimizer_step(lambda: self.loss_terms(batch, ctx), self.opt, ctx)
         self.method.after_step(ctx)
         return terms
 
     def loss_terms(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         """The method's loss terms of ``batch`` through the (DDP-wrapped, compiled) model."""
+        with torch.autocast(batch.y.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             terms = self.model(batch, ctx)
         terms["loss"] = faults.corrupt_loss(ctx.epoch, terms["loss"])
-        self.opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        self.opt.step()
-        self.method.after_step(ctx)
         return terms
 
 
@@ -289,9 +285,9 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
             terms = stepper(batch, ctx)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-        method.before_eval(ctx, lambda epoch=epoch: data.train_batches(epoch, method.num_views()))
             seen += len(batch.y)
         method.after_epoch(ctx)
+        method.before_eval(ctx, lambda epoch=epoch: data.train_batches(epoch, method.num_views()))
         sched.step()
         means = {k: float(v) / (step + 1) for k, v in sums.items()}
         if not all(math.isfinite(v) for v in means.values()):
