@@ -3,6 +3,7 @@ computations that do not use the methods' code (hand-written passes, NumPy formu
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -10,8 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from conftest import make_method
+from kd_platform.engine import RunSpec
+from kd_platform.errors import UsageError
 from kd_platform.methods.base import Batch, BuildEnv, StepContext
 from kd_platform.methods.sam import SAM, SAMConfig
+from kd_platform.methods.swa import SWA, SWAConfig
 from kd_platform.recipe import Recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,3 +96,97 @@ def test_sam_with_zero_radius_is_plain_sgd() -> None:
     _step(method, torch.optim.SGD(method.net.parameters(), lr=0.1), batch, _ctx())
     for p, e in zip(method.net.parameters(), expected):
         torch.testing.assert_close(p.detach(), e)
+
+
+# --- swa ---------------------------------------------------------------------
+
+
+def _train_swa(method: SWA, epochs: int, steps: int, lr: float = 0.1):
+    """The engine's loop in miniature: steps, after_epoch, before_eval, then the scheduler."""
+    opt = torch.optim.SGD(method.trainable_parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    snapshots, applied, scheduled_seen = [], [], []
+    for epoch in range(epochs):
+        batches = [_batch(100 * epoch + s) for s in range(steps)]
+        for s, batch in enumerate(batches):
+            ctx = _ctx(epoch, s, steps, epochs)
+            before = [p.detach().clone() for p in method.net.parameters()]
+            scheduled = opt.param_groups[0]["lr"]
+            _step(method, opt, batch, ctx)
+            p0, b0 = next(iter(method.net.parameters())), before[0]
+            applied.append(float(((b0 - p0.detach()) / p0.grad).flatten()[0]))  # lr of a plain SGD step
+            scheduled_seen.append((scheduled, opt.param_groups[0]["lr"]))
+        method.after_epoch(ctx)
+        if epoch >= method.start:
+            snapshots.append({n: p.detach().clone() for n, p in method.net.named_parameters()})
+        method.before_eval(ctx, lambda batches=batches: iter(batches))
+        sched.step()
+    return snapshots, applied, scheduled_seen, batches
+
+
+def test_swa_averages_snapshots_at_its_lr_and_recomputes_batchnorm() -> None:
+    epochs, steps, swa_lr = 5, 3, 0.02
+    method = SWA(SWAConfig(swa_start="2", swa_lr=swa_lr), _env(epochs))
+    assert method.eval_networks()["swa"] is method.net  # nothing averaged yet: the SGD network
+    snapshots, applied, scheduled_seen, last_batches = _train_swa(method, epochs, steps)
+    assert len(snapshots) == 3 and int(method.swa.n_averaged) == 3
+
+    # The average is the plain mean of the end-of-epoch snapshots.
+    avg = {n: torch.stack([s[n] for s in snapshots]).mean(0) for n in snapshots[0]}
+    for n, p in method.swa.module.named_parameters():
+        torch.testing.assert_close(p, avg[n], rtol=1e-12, atol=1e-14)
+    # Epochs 0-1 step with the cosine schedule's lr, epochs 2-4 with swa_lr; the optimiser's
+    # lr is the schedule's again after every step.
+    cosine = [0.1 * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)]
+    want = [cosine[e] if e < 2 else swa_lr for e in range(epochs) for _ in range(steps)]
+    assert applied == pytest.approx(want, rel=1e-9)
+    assert all(before == after for before, after in scheduled_seen)
+
+    # BatchNorm of the average: the mean over the last epoch's batches of each batch's mean
+    # and unbiased variance of the first layer's output under the averaged weights.
+    h = [b.x @ avg["0.weight"].T + avg["0.bias"] for b in last_batches]
+    bn = method.swa.module[1]
+    torch.testing.assert_close(bn.running_mean, torch.stack([x.mean(0) for x in h]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([x.var(0, unbiased=True) for x in h]).mean(0))
+    assert bn.momentum == 0.1  # restored after the recomputation
+
+    # What is evaluated as `swa` is the averaged network; `swa` is the student.
+    method.eval()
+    x = _batch(7).x
+    torch.testing.assert_close(method.eval_networks()["swa"](x), functional_call(method.net, {
+        **avg, **{f"1.{k}": v for k, v in bn.state_dict().items()}}, (x,)))
+    assert method.students == ("swa",) and set(method.eval_networks()) == {"net", "swa"}
+
+
+def test_swa_state_resumes() -> None:
+    method = SWA(SWAConfig(swa_start="1", swa_lr=0.05, swa_anneal_epochs=2), _env(3))
+    _train_swa(method, 3, 2)
+    fresh = SWA(SWAConfig(swa_start="1", swa_lr=0.05, swa_anneal_epochs=2), _env(3))
+    fresh.load_state_dict(method.state_dict())
+    assert int(fresh.swa.n_averaged) == 2 and float(fresh.anneal_from) == float(method.anneal_from)
+    for a, b in zip(fresh.swa.module.parameters(), method.swa.module.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("anneal, middle", [("linear", 0.5), ("cos", 0.5)])
+def test_swa_lr_anneals_like_swalr(anneal: str, middle: float) -> None:
+    method = SWA(SWAConfig(swa_start="2", swa_lr=0.01, swa_anneal_epochs=2, swa_anneal=anneal), _env(8))
+    lrs = [method.swa_lr(e, 0.09) for e in range(2, 6)]  # the schedule's lr at the start is kept
+    assert lrs == pytest.approx([0.09, 0.09 + middle * (0.01 - 0.09), 0.01, 0.01])
+    # SWALR itself on a throwaway optimiser gives the same sequence.
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.09)
+    swalr = torch.optim.swa_utils.SWALR(opt, swa_lr=0.01, anneal_epochs=2, anneal_strategy=anneal)
+    want = []
+    for _ in range(4):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        swalr.step()
+    assert lrs == pytest.approx(want)
+
+
+def test_swa_default_start_and_bad_starts() -> None:
+    assert SWAConfig().start_epoch(300) == 225 and SWAConfig().start_epoch(1) == 0
+    with pytest.raises(UsageError, match="swa_start"):
+        RunSpec.from_flat("swa", {"swa_start": "2,3"}, 0)
+    with pytest.raises(UsageError, match="swa_start"):
+        make_method("swa", swa_start="5", epochs=5)
