@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import special
 from torch import nn
 from torch.func import functional_call
 
@@ -190,3 +192,69 @@ def test_swa_default_start_and_bad_starts() -> None:
         RunSpec.from_flat("swa", {"swa_start": "2,3"}, 0)
     with pytest.raises(UsageError, match="swa_start"):
         make_method("swa", swa_start="5", epochs=5)
+
+
+# --- one ---------------------------------------------------------------------
+
+
+def _np_log_softmax(z: np.ndarray) -> np.ndarray:
+    return special.log_softmax(z, axis=1)
+
+
+@pytest.mark.parametrize("gate", ["fc", "fc_bn_relu"])
+def test_one_gate_ensemble_and_loss_by_hand(gate: str) -> None:
+    t = 3.0
+    method = make_method("one", temperature=t, gate=gate).double()
+    body = method.net.body
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 1, 8, 8, generator=g, dtype=torch.float64), torch.arange(12) % 10
+    with torch.no_grad():  # the network's own layers up to the pooled features; the rest by hand
+        shared = body.trunk(x)
+        pooled = [branch(shared).mean((2, 3)).numpy() for branch in body.branches]
+        gap = shared.mean((2, 3)).numpy()
+    heads = [(h.weight.detach().numpy(), h.bias.detach().numpy()) for h in body.heads]
+    z = [p @ w.T + b for p, (w, b) in zip(pooled, heads)]
+    fc = method.net.gate[0]
+    a = gap @ fc.weight.detach().numpy().T + fc.bias.detach().numpy()
+    if gate == "fc_bn_relu":
+        bn = method.net.gate[1]
+        a = (a - a.mean(0)) / np.sqrt(a.var(0) + bn.eps) * bn.weight.detach().numpy() + bn.bias.detach().numpy()
+        a = np.maximum(a, 0.0)
+    weights = np.exp(a - a.max(1, keepdims=True))
+    weights /= weights.sum(1, keepdims=True)
+    z_e = sum(weights[:, [i]] * z[i] for i in range(3))
+
+    def ce(logits: np.ndarray) -> float:
+        return float(-_np_log_softmax(logits)[np.arange(12), y.numpy()].mean())
+
+    log_pe = _np_log_softmax(z_e / t)
+    kd = [float(t * t * (np.exp(log_pe) * (log_pe - _np_log_softmax(zi / t))).sum(1).mean()) for zi in z]
+    terms = method.training_step(Batch([x], y), _ctx())
+    assert terms["loss"].item() == pytest.approx(ce(z_e) + sum(ce(zi) for zi in z) + sum(kd), rel=1e-9)
+    assert terms["kd_ensemble"].item() == pytest.approx(np.mean(kd), rel=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(method.net.gate_weights(shared), torch.from_numpy(weights))
+
+    # Every parameter learns (nothing idle to stall DDP); the gate only through CE(z_e).
+    terms["loss"].backward()
+    assert all(p.grad is not None for p in method.trainable_parameters())
+    gate_grad = [p.grad.clone() for p in method.net.gate.parameters()]
+    method.zero_grad()
+    z_t, z_e_t = method.net(x)
+    F.cross_entropy(z_e_t, y).backward()
+    for got, want in zip(gate_grad, method.net.gate.parameters()):
+        torch.testing.assert_close(got, want.grad)
+
+
+def test_one_evaluates_branches_and_the_gated_ensemble() -> None:
+    method = make_method("one", branches=4)
+    method.eval()
+    nets = method.eval_networks()
+    assert list(nets) == ["student1", "student2", "student3", "student4", "ensemble"]
+    assert method.students == ("student1", "student2", "student3", "student4")
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        w = method.net.gate_weights(method.net.body.trunk(x))
+        expected = sum(w[:, [i]] * nets[f"student{i + 1}"](x) for i in range(4))
+        torch.testing.assert_close(nets["ensemble"](x), expected)
+    assert not hasattr(method.net.body, "ensemble_head")
