@@ -17,6 +17,7 @@ from conftest import make_method
 from kd_platform.engine import RunSpec
 from kd_platform.errors import UsageError
 from kd_platform.methods.base import Batch, BuildEnv, StepContext
+from kd_platform.methods.dkd import DKDConfig, decoupled_kd, dkd_objective, warmup_weight
 from kd_platform.methods.sam import SAM, SAMConfig
 from kd_platform.methods.swa import SWA, SWAConfig
 from kd_platform.recipe import Recipe
@@ -258,3 +259,60 @@ def test_one_evaluates_branches_and_the_gated_ensemble() -> None:
         expected = sum(w[:, [i]] * nets[f"student{i + 1}"](x) for i in range(4))
         torch.testing.assert_close(nets["ensemble"](x), expected)
     assert not hasattr(method.net.body, "ensemble_head")
+
+
+# --- dkd ---------------------------------------------------------------------
+
+
+def _logits(n: int = 16, c: int = 10, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    z_s = (2 * torch.randn(n, c, generator=g, dtype=torch.float64)).requires_grad_(True)
+    z_t = 3 * torch.randn(n, c, generator=g, dtype=torch.float64)
+    return z_s, z_t, torch.randint(0, c, (n,), generator=g)
+
+
+def _np_dkd(z_s: np.ndarray, z_t: np.ndarray, y: np.ndarray, t: float) -> tuple[float, float]:
+    """TCKD and NCKD from explicit binary and renormalised non-target distributions."""
+    tckd, nckd = [], []
+    for s, tt, label in zip(z_s, z_t, y):
+        p_s, p_t = special.softmax(s / t), special.softmax(tt / t)
+        b_s, b_t = np.array([p_s[label], 1 - p_s[label]]), np.array([p_t[label], 1 - p_t[label]])
+        q_s, q_t = np.delete(p_s, label) / (1 - p_s[label]), np.delete(p_t, label) / (1 - p_t[label])
+        tckd.append((b_t * np.log(b_t / b_s)).sum())
+        nckd.append((q_t * np.log(q_t / q_s)).sum())
+    return t * t * float(np.mean(tckd)), t * t * float(np.mean(nckd))
+
+
+@pytest.mark.parametrize("t", [1.0, 4.0])
+def test_dkd_terms_match_the_paper_formula(t: float) -> None:
+    z_s, z_t, y = _logits()
+    tckd, nckd = decoupled_kd(z_s, z_t, y, t)
+    want_t, want_n = _np_dkd(z_s.detach().numpy(), z_t.numpy(), y.numpy(), t)
+    assert tckd.item() == pytest.approx(want_t, rel=1e-9)
+    assert nckd.item() == pytest.approx(want_n, rel=1e-9)
+    cfg = DKDConfig(alpha=1.5, beta=8.0, temperature=t)
+    got = dkd_objective(z_s, z_t, y, cfg, weight=0.25)
+    ce = -special.log_softmax(z_s.detach().numpy(), axis=1)[np.arange(16), y.numpy()].mean()
+    assert got["loss"].item() == pytest.approx(ce + 0.25 * (1.5 * want_t + 8.0 * want_n), rel=1e-9)
+    (grad_t,) = torch.autograd.grad(got["loss"], z_s)
+    assert torch.isfinite(grad_t).all()
+
+
+def test_dkd_decomposes_kd_per_sample() -> None:
+    """KL(p_t || p_s) = TCKD + (1 - p_t[y]) NCKD for each sample (the paper's Eq. 4)."""
+    z_s, z_t, y = _logits(6, 7, seed=3)
+    t = 2.0
+    for i in range(6):
+        tckd, nckd = decoupled_kd(z_s[i:i + 1], z_t[i:i + 1], y[i:i + 1], t)
+        p_t = F.softmax(z_t[i] / t, 0)
+        kl = t * t * (p_t * (F.log_softmax(z_t[i] / t, 0) - F.log_softmax(z_s[i] / t, 0))).sum()
+        assert (tckd + (1 - p_t[y[i]]) * nckd).item() == pytest.approx(kl.item(), rel=1e-9)
+
+
+def test_dkd_warmup_reaches_one_after_warmup_epochs() -> None:
+    assert warmup_weight(_ctx(0, 3, 4), 20.0) == pytest.approx(1 / 20)
+    assert warmup_weight(_ctx(9, 1, 4), 20.0) == pytest.approx(9.5 / 20)
+    assert warmup_weight(_ctx(19, 3, 4), 20.0) == 1.0 and warmup_weight(_ctx(30, 0, 4), 20.0) == 1.0
+    assert warmup_weight(_ctx(0, 0, 4), 0.0) == 1.0
+    cfg = RunSpec.from_flat("dkd", {}, 0).resolved()[1]
+    assert (cfg.alpha, cfg.beta, cfg.temperature, cfg.warmup) == (1.0, 8.0, 4.0, 20.0)
