@@ -19,7 +19,8 @@ from typing import Any
 from ray.tune import Callback
 
 from . import tracking
-from .mlflow_writer import PATIENCE_ENV, BufferedClient, StoreUnavailable, Write, is_transient, patience_s
+from .mlflow_writer import (PATIENCE_ENV, BufferedClient, StoreUnavailable, Write, is_transient, patience_s,
+                            string_tags)
 from .checkpoint import CHECKPOINT_TAG, checkpoint_location
 from .evaluation import warning_tags
 from .engine import RunSpec, data_recipe
@@ -91,8 +92,8 @@ class MlflowTrialLogger(Callback):
                 return run_id
             seed = self.spec_of(config).seed
             run_id = found[0].info.run_id if found else c.create_run(
-                self.experiment_id, run_name=f"{self.method}-{trial_id}", tags={
-                    **self.tags, "seed": seed, TRIAL_TAG: trial_id, tracking.PARENT_TAG: self.parent_run_id}).info.run_id
+                self.experiment_id, run_name=f"{self.method}-{trial_id}", tags=string_tags({
+                    **self.tags, "seed": seed, TRIAL_TAG: trial_id, tracking.PARENT_TAG: self.parent_run_id})).info.run_id
             write.args["created"] = run_id
         spec = self.spec_of(config)
         tracking.log_params(c, run_id, spec.all_knobs())

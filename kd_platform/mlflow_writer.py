@@ -139,10 +139,17 @@ class RetryingClient:
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("tags") and name == "create_run":  # a tracking server takes strings only
+                kwargs["tags"] = string_tags(kwargs["tags"])
             return call_with_retry(attr, *args, patience=self.patience, retry_applied=name not in self.CREATES,
                                    **kwargs)
         call.__name__ = name
         return call
+
+
+def string_tags(tags: dict[str, Any]) -> dict[str, str]:
+    """Tag values as MLflow stores them; a sqlite store converts them itself, a server refuses others."""
+    return {k: str(v) for k, v in tags.items()}
 
 
 @dataclass

@@ -208,6 +208,7 @@ def test_a_sweep_outlives_a_30s_server_outage_with_every_epoch_once(server, tmp_
     assert not (sweep_dir / "mlflow_unsent.jsonl").exists()
     print(f"\n{len(held)} epoch(s) held during the 30 s outage; sweep wall time in MLflow "
           f"{parent.data.metrics['sweep/wall_s']:.0f}s")
+    print("\n".join(line for line in err.splitlines() if "MLflow store" in line))
 
 
 @pytest.mark.slow
@@ -237,3 +238,47 @@ def test_two_sweeps_at_once_on_one_sqlite_file(tmp_path):
     assert len(parents) == 2 and len({r.info.experiment_id for r in runs}) == 1
     for parent in parents:
         _check_sweep(uri, parent, runs, epochs)
+
+
+class _Trial:
+    """What the MLflow callback reads of a Tune trial."""
+
+    def __init__(self, trial_id: str, lr: float) -> None:
+        self.trial_id, self.config, self.error_file = trial_id, {"lr": lr}, None
+
+
+def test_a_store_that_never_comes_back_is_one_line_and_a_resumed_sweep_sends_the_rest(server, tmp_path,
+                                                                                        monkeypatch):
+    from kd_platform import tracking
+    from kd_platform.mlflow_callback import MlflowTrialLogger
+    from kd_platform.mlflow_writer import StoreUnavailable
+    experiment_id = tracking.ensure_experiment(server.uri, "store-gone")
+    parent = tracking.client(server.uri).create_run(experiment_id, tags={"kind": "sweep"}).info.run_id
+    unsent = tmp_path / "sweep" / "mlflow_unsent.jsonl"
+
+    def logger():  # as a (resumed) sweep driver builds it
+        return MlflowTrialLogger(server.uri, experiment_id, parent, "ce",
+                                 {"dataset": "digits", "arch": "resnet8", "epochs": 3}, 0, 3,
+                                 tags={"method": "ce", "kind": "trial"}, unsent=unsent)
+
+    monkeypatch.setenv("KD_PLATFORM_MLFLOW_PATIENCE_S", "2")
+    first, trial = logger(), _Trial("t1", 0.1)
+    server.stop()  # before the trial starts: its run cannot even be created
+    first.on_trial_start(0, [], trial)
+    for epoch in (1, 2, 3):
+        first.on_trial_result(0, [], trial, {"epoch": epoch, "val/acc/students_mean": 10.0 * epoch})
+    first.on_trial_complete(0, [], trial)
+    first.on_experiment_end([trial])
+    with pytest.raises(StoreUnavailable) as err:
+        first.close()
+    kept = len(unsent.read_text().splitlines())
+    message = str(err.value)
+    assert "\n" not in message and f"{kept} write(s) unsent" in message and str(unsent) in message
+    assert kept == 6  # the run's opening, three epochs, the outcome tags, the end
+    server.start()
+    logger().close()  # the resumed driver's callback reads the file first
+    assert not unsent.exists()
+    (run,) = [r for r in runs_in(server.uri) if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert run.info.status == "FINISHED" and run.data.tags["epochs_run"] == "3"
+    assert run.data.params["lr"] == "0.1" and run.data.tags["ray.trial_id"] == "t1"
+    assert _steps(server.uri, run.info.run_id, "val/acc/students_mean") == [1, 2, 3]
