@@ -366,7 +366,7 @@ class TeacherProvider:
         missing = not (self.cache / description_hash(description) / filename).is_file()
         path, source = cached_file(self.cache, description, filename, make,
                                    teacher_store(self.spec) if missing else None)
-        self.sources[str(description["kind"])] = source
+        self.sources.setdefault(str(description["kind"]), source)  # the first ask is where the run got it
         if source == TRAINED:
             self.built.append(path.parent.name)
         return path
