@@ -17,6 +17,8 @@ from conftest import make_method
 from kd_platform.engine import RunSpec
 from kd_platform.errors import UsageError
 from kd_platform.methods.base import Batch, BuildEnv, StepContext
+from kd_platform.methods.cmkd import CMKDConfig, cmkd_objective, sample_difficulty
+from kd_platform.methods.dist import dist_objective
 from kd_platform.methods.dkd import DKDConfig, decoupled_kd, dkd_objective, warmup_weight
 from kd_platform.methods.sam import SAM, SAMConfig
 from kd_platform.methods.swa import SWA, SWAConfig
@@ -316,3 +318,44 @@ def test_dkd_warmup_reaches_one_after_warmup_epochs() -> None:
     assert warmup_weight(_ctx(0, 0, 4), 0.0) == 1.0
     cfg = RunSpec.from_flat("dkd", {}, 0).resolved()[1]
     assert (cfg.alpha, cfg.beta, cfg.temperature, cfg.warmup) == (1.0, 8.0, 4.0, 20.0)
+
+
+# --- dist and cmkd fidelity knobs --------------------------------------------
+
+
+def test_dist_defaults_to_the_released_t_squared_loss() -> None:
+    cfg = RunSpec.from_flat("dist", {}, 0).resolved()[1]
+    assert cfg.tau_squared is True and cfg.scale == pytest.approx(2.0 * 16)
+    off = RunSpec.from_flat("dist", {"tau_squared": "false"}, 0).resolved()[1]
+    assert off.scale == pytest.approx(2.0)
+    z_s, z_t, y = _logits()
+    ys, yt = special.softmax(z_s.detach().numpy() / 4, axis=1), special.softmax(z_t.numpy() / 4, axis=1)
+
+    def one_minus_pearson(a: np.ndarray, b: np.ndarray) -> float:
+        return 1 - float(np.mean([np.corrcoef(u, v)[0, 1] for u, v in zip(a, b)]))
+
+    rel = one_minus_pearson(ys, yt) + one_minus_pearson(ys.T, yt.T)
+    got = dist_objective(z_s, z_t, y, cfg)
+    assert (got["loss"] - got["ce"]).item() == pytest.approx(2.0 * 16 * rel, rel=1e-9)
+    with pytest.raises(UsageError, match="variant"):
+        RunSpec.from_flat("dist", {"variant": "code"}, 0)
+
+
+@pytest.mark.parametrize("kind", ["entropy", "margin"])
+def test_cmkd_difficulty_temperature(kind: str) -> None:
+    z_s, z_t, y = _logits(8, 5, seed=1)
+    t_d = 4.0
+    p = special.softmax(z_t.numpy() / t_d, axis=1)
+    want = (-(p * np.log(p)).sum(1) / math.log(5) if kind == "entropy"
+            else 1 - p[np.arange(8), y.numpy()])
+    np.testing.assert_allclose(sample_difficulty(z_t, y, kind, t_d).numpy(), want, rtol=1e-12)
+    got = cmkd_objective(z_s, z_t, y, CMKDConfig(difficulty=kind, difficulty_temperature=t_d))
+    assert got["difficulty"].item() == pytest.approx(want.mean(), rel=1e-12)
+    # The default keeps the plain softmax the difficulty was measured on before it was a knob.
+    assert CMKDConfig().difficulty_temperature == 1.0
+    plain = special.softmax(z_t.numpy(), axis=1)
+    base = cmkd_objective(z_s, z_t, y, CMKDConfig(difficulty=kind))
+    want_1 = (-(plain * np.log(plain)).sum(1) / math.log(5) if kind == "entropy"
+              else 1 - plain[np.arange(8), y.numpy()])
+    assert base["difficulty"].item() == pytest.approx(want_1.mean(), rel=1e-12)
+    assert base["loss"].item() != pytest.approx(got["loss"].item(), rel=1e-6)

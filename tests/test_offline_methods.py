@@ -76,25 +76,25 @@ def test_cmkd_fixed_without_spearman_equals_dist() -> None:
     cm = cmkd_objective(z_s, z_t, y, CMKDConfig(weighting="fixed", spearman_share=0.0, temperature=4.0,
                                                 w_kd=2.0, g_intra=1.0))
     (g_cm,) = torch.autograd.grad(cm["loss"], z_s)
-    di = dist_objective(z_s, z_t, y, DISTConfig(tau_squared="true", temperature=4.0, w=2.0, beta=1.0, gamma=1.0))
+    di = dist_objective(z_s, z_t, y, DISTConfig(tau_squared=True, temperature=4.0, w=2.0, beta=1.0, gamma=1.0))
     (g_di,) = torch.autograd.grad(di["loss"], z_s)
     assert cm["loss"].item() == pytest.approx(di["loss"].item(), rel=1e-12)
     torch.testing.assert_close(g_cm, g_di)
 
 
-def test_dist_variants_differ_by_t_squared() -> None:
+def test_dist_tau_squared_multiplies_by_t_squared() -> None:
     z_s, z_t, y = _logits()
-    paper = dist_objective(z_s, z_t, y, DISTConfig(variant="paper", temperature=3.0))
-    code = dist_objective(z_s, z_t, y, DISTConfig(variant="code", temperature=3.0))
-    forced = dist_objective(z_s, z_t, y, DISTConfig(variant="paper", tau_squared="true", temperature=3.0))
-    rel_paper, rel_code = (paper["loss"] - paper["ce"]).item(), (code["loss"] - code["ce"]).item()
-    assert rel_code == pytest.approx(9.0 * rel_paper, rel=1e-12)
-    assert forced["loss"].item() == pytest.approx(code["loss"].item(), rel=1e-12)
+    plain = dist_objective(z_s, z_t, y, DISTConfig(tau_squared=False, temperature=3.0))
+    squared = dist_objective(z_s, z_t, y, DISTConfig(tau_squared=True, temperature=3.0))
+    default = dist_objective(z_s, z_t, y, DISTConfig(temperature=3.0))
+    rel_plain, rel_squared = (plain["loss"] - plain["ce"]).item(), (squared["loss"] - squared["ce"]).item()
+    assert rel_squared == pytest.approx(9.0 * rel_plain, rel=1e-12)
+    assert default["loss"].item() == pytest.approx(squared["loss"].item(), rel=1e-12)
 
 
 def test_dist_matches_scipy_pearson() -> None:
     z_s, z_t, y = _logits(12, 7)
-    cfg = DISTConfig(variant="code", temperature=2.0, w=1.5, beta=0.7, gamma=1.3)
+    cfg = DISTConfig(temperature=2.0, w=1.5, beta=0.7, gamma=1.3)  # the default t^2 scaling
     got = dist_objective(z_s, z_t, y, cfg)
     ys, yt = special.softmax(z_s.detach().numpy() / 2, axis=1), special.softmax(z_t.numpy() / 2, axis=1)
     inter = 1 - np.mean([stats.pearsonr(a, b)[0] for a, b in zip(ys, yt)])

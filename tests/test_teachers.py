@@ -98,7 +98,7 @@ def test_hash_follows_the_teacher_recipe_only(tmp_path: Path) -> None:
     assert base not in hashes and len(set(hashes)) == len(hashes)
     # Knobs of the student or of the distillation leave the teacher alone, across methods too.
     same = [_spec(tmp_path, alpha=0.5, temperature=2.0), _spec(tmp_path, arch="resnet14", lr=0.01, epochs=9),
-            _spec(tmp_path, "dist", variant="code"), _spec(tmp_path, "cmkd"), _spec(tmp_path, "iekd")]
+            _spec(tmp_path, "dist", tau_squared=False), _spec(tmp_path, "cmkd"), _spec(tmp_path, "iekd")]
     assert {teacher_info(s)["teacher.hash"] for s in same} == {base}
     assert teacher_info(RunSpec.from_flat("ce", {}, 0)) == {}
 

@@ -12,13 +12,16 @@ sample by how hard the sample is. With ``ys = softmax(z_s/t)``, ``yt = softmax(z
 
 with DIST's intra-class term. The difficulty ``d_i`` in [0, 1] is the entropy of the
 teacher's prediction over ``log C`` (``difficulty=entropy``) or one minus its probability
-of the true class (``margin``), both from the teacher's plain softmax (T = 1), which is
-what "how sure the teacher is" means independently of the distillation temperature.
+of the true class (``margin``), both from ``softmax(z_t / T_d)`` with the knob
+``difficulty_temperature`` T_d. The paper does not say which temperature; the default T_d = 1
+(the behaviour before it was a knob) measures how hard the sample is for the teacher itself,
+independently of the distillation temperature, while T_d = t would measure it on the
+softened outputs the loss compares (flatter, so every sample looks harder).
 
 The exact weighting used in the paper is unknown, so it is a knob: ``difficulty``
 (default) gives ``w_P = 1 - d``, ``w_S = d`` (ranks matter more on hard samples),
 ``inverse`` swaps them, ``fixed`` uses ``w_P = 1 - s``, ``w_S = s`` with ``s = spearman_share``.
-``weighting=fixed, spearman_share=0`` is DIST with its ``t^2`` scaling (``dist`` with ``tau_squared=true``).
+``weighting=fixed, spearman_share=0`` is DIST with its ``t^2`` scaling (``dist``'s default, ``tau_squared=true``).
 """
 from __future__ import annotations
 
@@ -48,11 +51,13 @@ class CMKDConfig(OfflineConfig):
     weighting: str = knob("difficulty", choices=("difficulty", "inverse", "fixed"),
                           help="difficulty: w_S = d; inverse: w_S = 1 - d; fixed: w_S = spearman_share")
     spearman_share: float = knob(0.5, low=0.0, high=1.0, help="w_S under weighting=fixed")
+    difficulty_temperature: float = knob(1.0, low=0.1, high=20.0,
+                                         help="T_d of the teacher softmax the difficulty is measured on")
 
 
-def sample_difficulty(z_t: Tensor, y: Tensor, kind: str) -> Tensor:
-    """Per-sample difficulty in [0, 1] from the teacher's logits (no graph)."""
-    log_p = F.log_softmax(z_t.detach(), dim=1)
+def sample_difficulty(z_t: Tensor, y: Tensor, kind: str, temperature: float = 1.0) -> Tensor:
+    """Per-sample difficulty in [0, 1] from the teacher's logits at ``temperature`` (no graph)."""
+    log_p = F.log_softmax(z_t.detach() / temperature, dim=1)
     if kind == "entropy":
         return -(log_p.exp() * log_p).sum(dim=1) / math.log(z_t.shape[1])
     if kind == "margin":
@@ -80,7 +85,7 @@ def cmkd_objective(z_s: Tensor, z_t: Tensor, y: Tensor, cfg: CMKDConfig) -> dict
         ys, yt = standardize_rows(ys), standardize_rows(yt)
     lp = 1.0 - pearson_rows(ys, yt)
     ls = 1.0 - spearman_rows(ys, yt, cfg.rank_eps)
-    d = sample_difficulty(z_t, y, cfg.difficulty)
+    d = sample_difficulty(z_t, y, cfg.difficulty, cfg.difficulty_temperature)
     w_p, w_s = correlation_weights(d, cfg.weighting, cfg.spearman_share)
     intra = dist_intra(ys, yt)
     ce = F.cross_entropy(z_s, y)
