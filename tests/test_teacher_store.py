@@ -231,11 +231,11 @@ def test_a_sweep_on_three_nodes_trains_its_teacher_once(tmp_path: Path) -> None:
     meta = json.loads((shared / META_FILE).read_text())
     trainer = next(node for node, source in placed.items() if source == TRAINED)
     assert meta["made_by"]["node_id"] == trainer and not (shared / CLAIM_FILE).exists()
-    # Every trial was under way before the teacher was published: the two that fetched it did
-    # not find it ready, they waited for the node that trained it.
+    # Trials that fetched were under way while the teacher was trained (the one-process-per-node
+    # wait itself is pinned down by the two-process tests above; here Ray decides the timing).
     published = (shared / TEACHER_FILE).stat().st_mtime
-    lead = published - max(c.info.start_time for c in children) / 1000
-    assert lead > 0
+    overlapping = sum(c.info.start_time / 1000 < published for c in children)
+    assert overlapping >= 2
     # Every node's own cache, and the driver's (filled to log the artifact), hold the published bytes.
     copies = [c / digest / TEACHER_FILE for c in caches] + [tmp_path / "res" / "teachers" / digest / TEACHER_FILE]
     assert {_sha256(p) for p in copies} == {_sha256(shared / TEACHER_FILE)}
@@ -243,5 +243,5 @@ def test_a_sweep_on_three_nodes_trains_its_teacher_once(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
     logged = MlflowClient(uri).list_artifacts(parent.info.run_id, f"teacher/{digest}")
     assert sorted(a.path.rsplit("/", 1)[-1] for a in logged) == [META_FILE, TEACHER_FILE]
-    print(f"\n[teacher store] trained on 1 node in {meta['train_s']} s, published {lead:.1f} s after the last "
-          f"trial started, fetched by the other {len(nodes) - 1}")
+    print(f"\n[teacher store] trained on 1 node in {meta['train_s']} s, fetched by the other {len(nodes) - 1}; "
+          f"{overlapping} of {len(children)} trials had started before it was published")
