@@ -401,7 +401,8 @@ def section_epoch(out: Report, sz: Sizes, device: torch.device, root: Path, budg
             spec = RunSpec.from_flat(METHOD, {**knobs, **extra}, 0)
             records: list[dict[str, Any]] = []
             t0 = time.perf_counter()
-            train(spec, lambda metrics, save: records.append(dict(metrics)), device=device, get_teacher=_no_teacher)
+            train(spec, lambda metrics, save: records.append(dict(metrics)), device=device,
+                  teachers=lambda data: _no_teacher)
             wall = time.perf_counter() - t0
             val_s = float(records[-1]["time/val_s"])
             recipe = data_recipe(spec)

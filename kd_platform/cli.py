@@ -169,7 +169,7 @@ def _storage(args: argparse.Namespace) -> str:
 
 
 def _launch(args: argparse.Namespace) -> Any:
-    from .trial import Launch
+    from .launch import Launch
     if args.cpus_per_trial <= 0:
         raise UsageError("--cpus-per-trial must be positive")
     if not (args.address or os.environ.get("RAY_ADDRESS")):

@@ -243,15 +243,17 @@ def make_stepper(spec: RunSpec, method: Method, device: torch.device, world: int
 
 def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None,
           resume_from: Path | None = None, rank: int = 0, world: int = 1,
-          get_teacher: Callable[[str], nn.Module] | None = None) -> dict[str, float]:
-    """Train ``spec`` to its last epoch (resuming from a checkpoint directory if given)."""
+          teachers: Callable[[Any], Callable[[str], nn.Module]] | None = None) -> dict[str, float]:
+    """Train ``spec`` to its last epoch (resuming from a checkpoint directory if given).
+
+    ``teachers`` turns the run's data into its ``BuildEnv.get_teacher``; offline methods need
+    one, and ``teachers.prepare`` makes it in a stage before this one (the engine never trains
+    or fetches a teacher itself)."""
     device = device or torch.device("cpu")
     recipe = data_recipe(spec)
     seed_everything(spec.seed)
     data = build_data(recipe, spec.seed, device, rank, world)
-    if get_teacher is None:
-        from .teachers import TeacherProvider  # imported here: teachers trains with this module
-        get_teacher = TeacherProvider(spec, data, device)
+    get_teacher = teachers(data) if teachers is not None else None
     method = build_method(spec, data, device, get_teacher)
     teacher_tags = getattr(get_teacher, "tags", dict)()  # where the teacher came from, with every report
     layout = _layout(spec, device, data)

@@ -4,33 +4,16 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from . import engine, tracking
+from . import engine, teachers, tracking
 from .checkpoint import CHECKPOINT_TAG, checkpoint_location
-from .evaluation import warning_tags
 from .engine import RunSpec
+from .launch import Launch, device_for, fit_with_train, set_threads
+from .reporting import mlflow_reporter
 from .teachers import record_teacher
-from .trial import Launch, _device, _threads, fit_with_train
 
 log = logging.getLogger(__name__)
-
-
-def mlflow_reporter(uri: str, run_id: str, checkpoint_dir: Path | None) -> engine.Reporter:
-    """Logs each epoch's metrics to ``run_id`` and keeps the latest checkpoint in ``checkpoint_dir``."""
-    c = tracking.client(uri)
-
-    def report(metrics: dict[str, float], save: Callable[[Path], None]) -> None:
-        tracking.log_metrics(c, run_id, metrics, step=int(metrics["epoch"]))
-        warnings = warning_tags(metrics)
-        if warnings:
-            tracking.set_tags(c, run_id, warnings)
-        if checkpoint_dir is not None:
-            save(checkpoint_dir)
-        acc = metrics.get("val/acc/students_mean", float("nan"))
-        log.info("epoch %d  loss %.4f  val/acc/students_mean %.2f  (%.1fs)", metrics["epoch"],
-                 metrics.get("train/loss/loss", float("nan")), acc, metrics["time/epoch_s"])
-    return report
 
 
 def run_single(spec: RunSpec, launch: Launch, uri: str, experiment: str, out: Path,
@@ -47,11 +30,12 @@ def run_single(spec: RunSpec, launch: Launch, uri: str, experiment: str, out: Pa
     try:
         tracking.log_dataset(c, run_id, tracking.describe_data(engine.data_recipe(spec), spec.seed))
         if launch.in_process():
-            _threads(launch.cpus)
+            set_threads(launch.cpus)
             checkpoint_dir = (out / name / "checkpoint").resolve()
             tracking.set_tags(c, run_id, {CHECKPOINT_TAG: str(checkpoint_dir)})
-            final = engine.train(spec, mlflow_reporter(uri, run_id, checkpoint_dir),
-                                 device=_device(launch.gpus))
+            device = device_for(launch.gpus)
+            final = engine.train(spec, mlflow_reporter(uri, run_id, checkpoint_dir), device=device,
+                                 teachers=teachers.prepare(spec, device))
         else:
             from dataclasses import replace
             result = fit_with_train(spec, replace(launch, storage_path=str(out)), name=name, tune_callback=False,

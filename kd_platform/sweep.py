@@ -20,7 +20,8 @@ from . import tracking
 from .ablate import Ablation
 from .errors import UsageError
 from .space import SearchSpace
-from .trial import Launch, run_trial
+from .launch import Launch
+from .trial import run_trial
 
 log = logging.getLogger(__name__)
 STATE_FILE = "kd_sweep.json"

@@ -49,7 +49,7 @@ from .data import DataModule, build_data
 from .engine import RunSpec
 from .errors import UsageError
 from .methods import get_method
-from .methods.base import freeze
+from .methods.base import MethodKind, freeze
 from .models import build_model
 from .models.torchvision_zoo import PUBLISHED, published_teacher
 
@@ -301,14 +301,20 @@ class TeacherProvider:
     ``built`` lists the cache entries this provider had to make (the others it found ready
     or fetched); :meth:`tags` says where each kind of entry came from."""
 
-    def __init__(self, spec: RunSpec, data: Any, device: torch.device) -> None:
+    def __init__(self, spec: RunSpec, data: Any | None, device: torch.device) -> None:
         self.spec, self.device = spec, device
-        self.num_classes, self.in_channels = data.num_classes, data.in_channels
+        if data is not None:
+            self.bind(data)
         self.cache = cache_dir(spec)
         self.checkpoint = spec.assets.get("teacher_checkpoint")
         self.built: list[str] = []
         self.sources: dict[str, str] = {}  # entry kind ("teacher", "iekd_autoencoder") -> its source
         self._teachers: dict[str, nn.Module] = {}
+
+    def bind(self, data: Any) -> "TeacherProvider":
+        """Shape the teachers this provider builds for ``data`` (its classes and channels)."""
+        self.num_classes, self.in_channels = data.num_classes, data.in_channels
+        return self
 
     def __call__(self, arch: str) -> nn.Module:
         if arch not in self._teachers:
@@ -370,3 +376,18 @@ class TeacherProvider:
         if source == TRAINED:
             self.built.append(path.parent.name)
         return path
+
+
+def prepare(spec: RunSpec, device: torch.device) -> Callable[[Any], TeacherProvider] | None:
+    """The teacher stage of a run, before its training: an offline method's teacher is made
+    ready now (found in the cache, fetched from the shared store, or trained into the cache),
+    so the run's own training never starts another. Returns what ``engine.train`` takes as
+    ``teachers`` (the run's provider, once the data is known); None for other methods.
+
+    What is trained on top of the teacher alone (IE-KD's auto-encoder) needs the method's own
+    builder, so it is made through the same provider when the method is built."""
+    if get_method(spec.method).kind != MethodKind.OFFLINE:
+        return None
+    provider = TeacherProvider(spec, None, device)
+    provider.teacher_path(spec.resolved()[1].teacher_arch)
+    return provider.bind

@@ -37,7 +37,7 @@ def _loss_terms(spec: RunSpec) -> set[str]:
 @pytest.mark.parametrize("method", method_names())
 def test_method_learns_on_digits_and_logs_every_term(method, tmp_path, teacher_cache):
     from kd_platform.single import run_single
-    from kd_platform.trial import Launch
+    from kd_platform.launch import Launch
     torch.set_num_threads(2)
     knobs = {"epochs": 3, "lr": 0.05}
     if get_method(method).kind == "offline":

@@ -93,7 +93,7 @@ def test_a_run_of_identical_students_is_tagged(tmp_path):
     from conftest import sqlite_uri
     from mlflow.tracking import MlflowClient
     from kd_platform.single import run_single
-    from kd_platform.trial import Launch
+    from kd_platform.launch import Launch
     uri = sqlite_uri(tmp_path / "m.db")
     spec = RunSpec.from_flat("okdph", {"epochs": 1, "same_init": True, "views": "shared", "hwm_grad": "false"}, 0)
     result = run_single(spec, Launch(), uri, "okdph", tmp_path / "res")

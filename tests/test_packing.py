@@ -12,7 +12,7 @@ import pytest
 
 from conftest import private_ray_tmpdir, run_cli, runs_in, sqlite_uri
 from kd_platform.sweep import plan_packing
-from kd_platform.trial import Launch
+from kd_platform.launch import Launch
 
 # Both epochs for every trial: ASHA must not stop one before the others have started.
 SPACE = """\

@@ -51,7 +51,8 @@ class OfflineMethod(Method):
     def __init__(self, cfg: OfflineConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)
         if env.get_teacher is None:
-            raise UsageError(f"method '{self.name}' needs a trained teacher, which the engine provides")
+            raise UsageError(f"method '{self.name}' needs a trained teacher (engine.train's teachers=, "
+                             "from kd_platform.teachers.prepare)")
         self.student = env.make_model(env.recipe.arch)
         self.teacher = env.get_teacher(cfg.teacher_arch)
 
