@@ -9,24 +9,21 @@ batches for the validation and test splits. Its ``path`` says how the images get
 """
 from __future__ import annotations
 
-import importlib
 import logging
-import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor
 
-from ..errors import UsageError
 from ..methods.base import Batch
 from ..recipe import Recipe
+from ..registry import Registry
 
 log = logging.getLogger(__name__)
 
-_BUILDERS: dict[str, Callable[..., "DataModule"]] = {}
+_BUILDERS: Registry[Callable[..., "DataModule"]] = Registry("dataset", __name__, __path__)
 _CHECKS: dict[str, Callable[[Recipe], None]] = {}
-_loaded = False
 
 
 class DataModule(Protocol):
@@ -64,7 +61,7 @@ def register_dataset(name: str, check: Callable[[Recipe], None] | None = None) -
     """Decorator registering ``builder(recipe, seed, device, rank, world) -> DataModule``;
     ``check(recipe)`` raises a UsageError for knobs the dataset cannot honour."""
     def wrap(builder: Callable[..., DataModule]) -> Callable[..., DataModule]:
-        _BUILDERS[name] = builder
+        _BUILDERS.add(name, builder)
         if check is not None:
             _CHECKS[name] = check
         return builder
@@ -72,25 +69,14 @@ def register_dataset(name: str, check: Callable[[Recipe], None] | None = None) -
 
 
 def dataset_names() -> list[str]:
-    _load_all()
-    return sorted(_BUILDERS)
-
-
-def _load_all() -> None:
-    global _loaded
-    if not _loaded:
-        for info in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{info.name}")
-        _loaded = True
+    return _BUILDERS.names()
 
 
 def check_recipe(recipe: Recipe) -> None:
     """Fail now, with a UsageError, if the data of ``recipe`` (the recipe the data sees) cannot
     be built as asked: an unknown dataset, ``data_path=device`` with an augmentation that has
     no device form, or a knob the dataset itself refuses (digits has no loader path)."""
-    _load_all()
-    if recipe.dataset not in _BUILDERS:
-        raise UsageError(f"unknown dataset '{recipe.dataset}'; known: {', '.join(sorted(_BUILDERS))}")
+    _BUILDERS.get(recipe.dataset)
     recipe.check_data_path()
     if recipe.dataset in _CHECKS:
         _CHECKS[recipe.dataset](recipe)
@@ -98,4 +84,4 @@ def check_recipe(recipe: Recipe) -> None:
 
 def build_data(recipe: Recipe, seed: int, device: torch.device, rank: int = 0, world: int = 1) -> DataModule:
     check_recipe(recipe)
-    return _BUILDERS[recipe.dataset](recipe, seed, device, rank, world)
+    return _BUILDERS.get(recipe.dataset)(recipe, seed, device, rank, world)

@@ -13,47 +13,29 @@ package; the registry imports every module here on first use.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Callable
 
 from torch import nn
 
-from ..errors import UsageError
+from ..registry import Registry
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
-_loaded = False
+_BUILDERS: Registry[Callable[..., nn.Module]] = Registry("architecture", __name__, __path__)
 
 
 def register_model(name: str) -> Callable:
     """Decorator registering ``builder(num_classes, in_channels) -> nn.Module`` under ``name``."""
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _BUILDERS:
-            raise ValueError(f"model '{name}' registered twice")
-        _BUILDERS[name] = builder
-        return builder
+        return _BUILDERS.add(name, builder)
     return wrap
 
 
-def _load_all() -> None:
-    global _loaded
-    if not _loaded:
-        for info in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{info.name}")
-        _loaded = True
-
-
 def model_names() -> list[str]:
-    _load_all()
-    return sorted(_BUILDERS)
+    return _BUILDERS.names()
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     """A freshly initialised network ``name`` for ``num_classes`` classes."""
-    _load_all()
-    if name not in _BUILDERS:
-        raise UsageError(f"unknown architecture '{name}'; known: {', '.join(sorted(_BUILDERS))}")
-    return _BUILDERS[name](num_classes=num_classes, in_channels=in_channels)
+    return _BUILDERS.get(name)(num_classes=num_classes, in_channels=in_channels)
 
 
 def build_multibranch(name: str, num_classes: int, in_channels: int = 3, branches: int = 3) -> nn.Module:
