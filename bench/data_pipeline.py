@@ -2,12 +2,16 @@
 in the real on-disk format to a temporary directory (no download, so it runs anywhere):
 
     python bench/data_pipeline.py [--measure paths] [--device cuda]
+    python bench/data_pipeline.py --dataset imagenet [--device cuda]
     python bench/data_pipeline.py --measure steps [--method okdph] [--arch resnet32] [--data-path loader]
 
 ``paths`` (the default): images/s of the loader path with no worker processes against the
 device path, both with one torch thread, i.e. per CPU thread the loader would use; the
 ratio is how many loader workers the device path replaces. On CPU the device path's
 batches are built on that one thread too; with ``--device cuda`` they are built on the GPU.
+``--dataset imagenet`` writes JPEGs of ImageNet's sizes (sides 300-500 px) in its folder
+layout: the loader path decodes them with PIL and crops per image, the device path decodes
+each batch with ``torchvision.io.decode_jpeg`` on the device and crops there.
 
 ``steps``: is the data the bottleneck? Images/s of the data path alone (decode, augment,
 collate, transfer) against images/s of full training steps. A data/steps ratio near or
@@ -27,9 +31,17 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from dataset_files import write_cifar10, write_cifar100  # noqa: E402 - the tests' writers of the real formats
+from dataset_files import write_cifar10, write_cifar100, write_imagenet  # noqa: E402 - the tests' writers
 
-WRITERS = {"cifar10": (write_cifar10, 10), "cifar100": (write_cifar100, 100)}
+IMAGENET_CLASSES, IMAGENET_SIDES, IMAGENET_PER_CLASS = 10, (300, 500), 40
+
+
+def write_imagenet_sized(root: Path, per_class_train: int, per_class_test: int) -> None:
+    write_imagenet(root, per_class_train, per_class_test, classes=IMAGENET_CLASSES, sides=IMAGENET_SIDES)
+
+
+WRITERS = {"cifar10": (write_cifar10, 10), "cifar100": (write_cifar100, 100),
+           "imagenet": (write_imagenet_sized, IMAGENET_CLASSES)}
 WARMUP_BATCHES = 2  # the first batches pay for worker start-up and first-use decoding
 
 
@@ -115,8 +127,9 @@ def main() -> None:
     p.add_argument("--dataset", choices=tuple(WRITERS), default="cifar100")
     p.add_argument("--train-per-class", type=int, default=None,
                    help="training images per class (default: the real set's 500 for cifar100, 5000 for "
-                        "cifar10 with --measure paths; a tenth of that with --measure steps)")
-    p.add_argument("--augment", default="standard")
+                        "cifar10, 40 (of 10 classes) for imagenet with --measure paths; a tenth of that with "
+                        "--measure steps)")
+    p.add_argument("--augment", default=None, help="default: rrc for imagenet, standard otherwise")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--views", type=int, default=1, help="views per batch (--measure paths)")
     p.add_argument("--batches", type=int, default=20, help="timed batches, at least")
@@ -128,8 +141,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     classes = WRITERS[args.dataset][1]
+    args.augment = args.augment or ("rrc" if args.dataset == "imagenet" else "standard")
     if args.train_per_class is None:
-        full = 50_000 // classes
+        full = 50_000 // classes if args.dataset != "imagenet" else IMAGENET_PER_CLASS
         args.train_per_class = full if args.measure == "paths" else full // 10
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:

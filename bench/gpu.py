@@ -11,6 +11,9 @@ budget (default 330 s) is spent:
 
 1. data path: training images/s of the loader (default workers, and one process) against
    the device-resident path, ``standard`` augmentation, batch 128;
+1b. the same for ImageNet-sized JPEGs (written, sides 300-500 px), augment ``rrc``: the
+   loader decodes with PIL in its workers, the device path decodes batches with
+   ``torchvision.io.decode_jpeg`` on the GPU and crops there;
 2. OKDPH resnet32 with 2 and 4 students on synthetic device batches: step time and
    images/s, fused against sequential peers, bf16 against fp32, channels-last on and off;
 3. one full epoch of the ``cifar100-resnet32`` OKDPH preset through ``engine.train`` on
@@ -56,6 +59,7 @@ from kd_platform.methods.base import Batch, StepContext  # noqa: E402
 METHOD = "okdph"
 PRESET = "cifar100-resnet32"
 NUM_CLASSES, IMAGE = 100, 32
+IMAGENET_CROP = 224
 
 
 # --------------------------------------------------------------------------- sizes
@@ -84,14 +88,16 @@ class Sizes:
     procs: int               # section 4: concurrent trainings against one
     proc_seconds: float
     compile_section: bool
+    imagenet_train: int = 0  # section 1b: JPEGs written
+    imagenet_batch: int = 256
 
 
 GPU = Sizes("gpu", 330, 10_000, 3.0, "resnet32", 128, (2, 4), ("off", "bf16"), ("false", "true"),
-            5, 1.5, 20, 50_000, 10_000, None, None, True, 4, 10.0, True)
+            5, 1.5, 20, 50_000, 10_000, None, None, True, 4, 10.0, True, 3_000, 256)
 CPU = Sizes("cpu", 330, 3_000, 2.0, "resnet8", 128, (2, 4), ("off",), ("false",),
-            2, 2.0, 5, 1_280, 500, None, None, False, 2, 5.0, False)
+            2, 2.0, 5, 1_280, 500, None, None, False, 2, 5.0, False, 400, 64)
 QUICK = Sizes("cpu-quick", 120, 1_000, 0.5, "resnet8", 32, (2,), ("off",), ("false",),
-              1, 0.3, 3, 640, 200, "resnet8", 64, False, 2, 1.5, False)
+              1, 0.3, 3, 640, 200, "resnet8", 64, False, 2, 1.5, False, 48, 16)
 
 
 class Budget:
@@ -176,32 +182,27 @@ def data_rate(data: Any, device: torch.device, views: int, warmup: int, seconds:
         epoch += 1
 
 
-def section_data(out: Report, sz: Sizes, device: torch.device, root: Path, budget: Budget) -> None:
-    s = out.section("1", f"data path: CIFAR-100 files ({sz.data_train} training images written), augment "
-                         f"standard, batch 128, on {device.type}")
+def measure_rows(out: Report, s: dict[str, Any], rows: list[tuple[str, dict[str, Any], int | None]],
+                 knobs: dict[str, Any], how: Callable[[str, int, int], str], device: torch.device,
+                 seconds: float, budget: Budget) -> dict[str, float]:
+    """Training images/s of ``METHOD``'s data for each row ``(key, extra knobs, torch threads)``;
+    ``how(key, loader workers, threads)`` labels a row."""
     from kd_platform.methods import get_method
-    # The loader with worker processes last: its workers outlive the measurement for a while.
-    rows = [("device", {"data_path": "device"}, None), ("device_1thread", {"data_path": "device"}, 1),
-            ("loader_1proc", {"data_path": "loader", "loader_workers": 0}, 1),
-            ("loader", {"data_path": "loader"}, None)]
-    if device.type == "cuda":  # the device path's work is on the GPU: one host thread changes nothing
-        rows = [r for r in rows if r[0] != "device_1thread"]
     rates: dict[str, float] = {}
     threads = torch.get_num_threads()
-    for key, knobs, nthreads in rows:
+    for key, extra, nthreads in rows:
         if budget.left() < 5:
             out.note(f"time budget spent: data path '{key}' skipped")
             continue
         try:
-            spec = RunSpec.from_flat(METHOD, {"dataset": "cifar100", "data_dir": str(root), "augment": "standard",
-                                              "batch_size": 128, **knobs}, 0)
+            spec = RunSpec.from_flat(METHOD, {**knobs, **extra}, 0)
             recipe = data_recipe(spec)
             views = get_method(METHOD).views_for(spec.resolved()[1])
             if nthreads:
                 torch.set_num_threads(nthreads)
             data = build_data(recipe, 0, device)
-            workers = getattr(data, "workers", 0) if getattr(data, "path", "") == "loader" else 0
-            rate = data_rate(data, device, views, max(2, workers + 1), sz.data_seconds, budget)
+            workers = getattr(data, "workers", 0)  # loader processes, or the ImageNet device path's file readers
+            rate = data_rate(data, device, views, max(2, workers + 1), seconds, budget)
             del data
             gc.collect()
         except Exception as exc:  # noqa: BLE001 - a path that cannot run is a finding, not a crash
@@ -210,20 +211,80 @@ def section_data(out: Report, sz: Sizes, device: torch.device, root: Path, budge
         finally:
             torch.set_num_threads(threads)
         rates[key] = rate
-        how = {"loader": f"loader, {workers} worker process{'es' if workers != 1 else ''} (loader_workers default)",
-               "loader_1proc": "loader, no worker process, 1 thread (per CPU thread)",
-               "device": f"device-resident, {threads} threads" if device.type == "cpu" else "device-resident (GPU)",
-               "device_1thread": "device-resident, 1 thread"}[key]
-        s[key] = {"img_s": rate, "how": how}
-        out.line(f"  {how:<58} {rate:>10.0f} img/s")
+        s[key] = {"img_s": rate, "how": how(key, workers, threads)}
+        out.line(f"  {s[key]['how']:<58} {rate:>10.0f} img/s")
+    return rates
+
+
+def _loader_how(key: str, workers: int) -> str | None:
+    return {"loader": f"loader, {workers} worker process{'es' if workers != 1 else ''} (loader_workers default)",
+            "loader_1proc": "loader, no worker process, 1 thread (per CPU thread)"}.get(key)
+
+
+# The loader with worker processes last: its workers outlive the measurement for a while.
+DATA_ROWS = [("device", {"data_path": "device"}, None), ("device_1thread", {"data_path": "device"}, 1),
+             ("loader_1proc", {"data_path": "loader", "loader_workers": 0}, 1), ("loader", {"data_path": "loader"}, None)]
+
+
+def data_ratios(out: Report, prefix: str, rates: dict[str, float], device: torch.device) -> None:
     if "device" in rates and "loader" in rates:
-        out.ratio("data.device_over_loader", "device / loader img/s", rates["device"] / rates["loader"])
+        out.ratio(f"{prefix}.device_over_loader", "device / loader img/s", rates["device"] / rates["loader"])
     if "device" in rates and "loader_1proc" in rates and device.type == "cuda":
-        out.ratio("data.device_over_loader_per_process", "device / loader img/s, one loader process",
+        out.ratio(f"{prefix}.device_over_loader_per_process", "device / loader img/s, one loader process",
                   rates["device"] / rates["loader_1proc"], "loader processes the device path replaces")
     if "device_1thread" in rates and "loader_1proc" in rates:
-        out.ratio("data.device_over_loader_per_thread", "device / loader img/s per CPU thread",
+        out.ratio(f"{prefix}.device_over_loader_per_thread", "device / loader img/s per CPU thread",
                   rates["device_1thread"] / rates["loader_1proc"], "loader workers one device-path thread replaces")
+
+
+def _rows_for(device: torch.device) -> list[tuple[str, dict[str, Any], int | None]]:
+    # On a GPU the device path's work is there: one host thread changes nothing.
+    return [r for r in DATA_ROWS if not (device.type == "cuda" and r[0] == "device_1thread")]
+
+
+def section_data(out: Report, sz: Sizes, device: torch.device, root: Path, budget: Budget) -> None:
+    s = out.section("1", f"data path: CIFAR-100 files ({sz.data_train} training images written), augment "
+                         f"standard, batch 128, on {device.type}")
+
+    def how(key: str, workers: int, threads: int) -> str:
+        return _loader_how(key, workers) or {
+            "device": f"device-resident, {threads} threads" if device.type == "cpu" else "device-resident (GPU)",
+            "device_1thread": "device-resident, 1 thread"}[key]
+    knobs = {"dataset": "cifar100", "data_dir": str(root), "augment": "standard", "batch_size": 128}
+    rates = measure_rows(out, s, _rows_for(device), knobs, how, device, sz.data_seconds, budget)
+    data_ratios(out, "data", rates, device)
+
+
+def write_imagenet(root: Path, n_train: int, n_val: int, classes: int = 10, seed: int = 0) -> None:
+    """``imagenet/{train,val}/<wnid>/*.JPEG``: JPEGs of ImageNet's sizes (sides 300-500 px) of
+    smooth noise, which compresses about as well as photographs do."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            folder = root / "imagenet" / split / f"n{i % classes:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            h, w = (int(v) for v in rng.integers(300, 501, 2))
+            coarse = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+            Image.fromarray(coarse).resize((w, h), Image.BILINEAR).save(folder / f"{i}.JPEG", quality=90)
+
+
+def section_imagenet(out: Report, sz: Sizes, device: torch.device, root: Path, budget: Budget) -> None:
+    s = out.section("1b", f"ImageNet data path: {sz.imagenet_train} JPEGs of ImageNet's sizes, augment rrc "
+                          f"(RandomResizedCrop {IMAGENET_CROP} + flip), batch {sz.imagenet_batch}, on {device.type}")
+
+    def how(key: str, workers: int, threads: int) -> str:
+        where = "the GPU" if device.type == "cuda" else f"the CPU, {threads if key == 'device' else 1} thread(s)"
+        return _loader_how(key, workers) or f"device: decode_jpeg and crops on {where}"
+    t = time.perf_counter()
+    write_imagenet(root, sz.imagenet_train, 20)
+    out.line(f"  wrote {sz.imagenet_train} JPEGs in {time.perf_counter() - t:.1f} s")
+    knobs = {"dataset": "imagenet", "data_dir": str(root), "augment": "rrc", "batch_size": sz.imagenet_batch,
+             "val_fraction": 0.0}
+    # The smoke test skips the rows that start worker processes: seconds each on a busy machine.
+    rows = [r for r in _rows_for(device) if r[2] == 1 or sz is not QUICK]
+    rates = measure_rows(out, s, rows, knobs, how, device, sz.data_seconds, budget)
+    data_ratios(out, "imagenet", rates, device)
 
 
 # --------------------------------------------------------------------------- training steps
@@ -647,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"in {time.perf_counter() - t:.1f} s")
         sections: list[tuple[str, Callable[[], None]]] = [
             ("1", lambda: section_data(out, sz, device, tmp / "small", budget)),
+            ("1b", lambda: section_imagenet(out, sz, device, tmp / "imagenet", budget)),
             ("2", lambda: section_steps(out, sz, device, budget)),
             ("3", lambda: section_epoch(out, sz, device, tmp / "full", budget)),
             ("4", lambda: section_concurrency(out, sz, device, budget, tmp)),

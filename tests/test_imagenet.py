@@ -113,12 +113,13 @@ def test_missing_and_malformed_folders_are_one_line_errors(tmp_path):
                    torch.device("cpu"))
 
 
-@pytest.mark.parametrize("path", ["loader", "device"])
-def test_a_corrupt_jpeg_is_a_one_line_error_naming_it(tmp_path, path):
+@pytest.mark.parametrize("path,workers", [("loader", 0), ("device", 0), ("device", 1)])
+def test_a_corrupt_jpeg_is_a_one_line_error_naming_it(tmp_path, path, workers):
     write_imagenet(tmp_path, per_class_train=3, per_class_val=1)
     bad = tmp_path / "imagenet" / "train" / IMAGENET_WNIDS[2] / "broken.JPEG"
     bad.write_bytes(b"\xff\xd8" + bytes(range(256)) * 8)  # a JPEG's first marker, then noise
-    data = build_data(recipe(tmp_path, data_path=path, val_fraction=0.0, batch_size=9), 0, torch.device("cpu"))
+    data = build_data(recipe(tmp_path, data_path=path, val_fraction=0.0, batch_size=9, loader_workers=workers), 0,
+                      torch.device("cpu"))
     with pytest.raises(UsageError) as exc:
         for _ in data.train_batches(0, 1):
             pass
@@ -128,9 +129,9 @@ def test_a_corrupt_jpeg_is_a_one_line_error_naming_it(tmp_path, path):
 # ---------------------------------------------------------------- the transforms
 
 
-@pytest.mark.parametrize("path", ["loader", "device"])
-def test_train_and_eval_views_have_the_crop_shape(root, path):
-    data = build_data(recipe(root, data_path=path), 0, torch.device("cpu"))
+@pytest.mark.parametrize("path,workers", [("loader", 0), ("device", 0), ("device", 2)])
+def test_train_and_eval_views_have_the_crop_shape(root, path, workers):
+    data = build_data(recipe(root, data_path=path, loader_workers=workers), 0, torch.device("cpu"))
     assert data.steps_per_epoch() == 3
     batches = list(data.train_batches(0, 2))
     assert len(batches) == 3

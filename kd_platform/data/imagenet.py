@@ -31,7 +31,6 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import read_file
 
 from ..errors import UsageError
 from ..methods.base import Batch
@@ -175,12 +174,21 @@ class _FileBytes(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, bool, int]:
+    def __getitem__(self, i: int) -> tuple[bytes, bool, int]:
         try:
-            data = read_file(self.paths[i])
-        except RuntimeError as err:
-            raise UsageError(f"image file {self.paths[i]} cannot be read: {str(err).splitlines()[0]}") from None
+            with open(self.paths[i], "rb") as fh:
+                data = fh.read()
+        except OSError as err:
+            raise UsageError(f"image file {self.paths[i]} cannot be read: {err.strerror}") from None
         return data, device_decodable(data), i
+
+
+def _packed(items: list[tuple[bytes, bool, int]]) -> tuple[Tensor, list[int], list[bool], list[int]]:
+    """A batch of files as ONE byte tensor with their lengths: a tensor per file would cost a
+    shared-memory file descriptor each on its way out of the worker."""
+    joined = b"".join(d for d, _, _ in items)
+    flat = torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
+    return flat, [len(d) for d, _, _ in items], [ok for _, ok, _ in items], [i for _, _, i in items]
 
 
 class _Listed:
@@ -194,10 +202,6 @@ class _Listed:
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)
-
-
-def _as_list(items: list) -> list:
-    return items
 
 
 class ImageNetDeviceData:
@@ -220,18 +224,18 @@ class ImageNetDeviceData:
         self.val_is_test = self._evals.val_is_test
         self.normalise = Normaliser(MEAN, STD)
         workers = default_workers(world) if recipe.loader_workers < 0 else recipe.loader_workers
-        self._workers, self._pin = workers, device.type == "cuda"
+        self.workers, self._pin = workers, device.type == "cuda"
         self._train_batches = _Listed()
         self._train = self._loader(splits["train"], self._train_batches, persistent=True)
 
     def _loader(self, split: Split, batches: _Listed, persistent: bool) -> DataLoader:
-        return DataLoader(_FileBytes(split.source.paths), batch_sampler=batches, collate_fn=_as_list,
-                          num_workers=self._workers, pin_memory=self._pin,
-                          persistent_workers=persistent and self._workers > 0)
+        return DataLoader(_FileBytes(split.source.paths), batch_sampler=batches, collate_fn=_packed,
+                          num_workers=self.workers, pin_memory=self._pin,
+                          persistent_workers=persistent and self.workers > 0)
 
-    def _decoded(self, items: list[tuple[Tensor, bool, int]], paths: Sequence[str]) -> list[Tensor]:
-        return decode_batch([d for d, _, _ in items], [paths[i] for _, _, i in items], self.device,
-                            [ok for _, ok, _ in items])
+    def _decoded(self, packed: tuple[Tensor, list[int], list[bool], list[int]], paths: Sequence[str]) -> list[Tensor]:
+        flat, lengths, on_device, files = packed
+        return decode_batch(list(flat.split(lengths)), [paths[i] for i in files], self.device, on_device)
 
     def steps_per_epoch(self) -> int:
         return batches_per_epoch(len(self.splits["train"]), self.batch_size, self.world)
