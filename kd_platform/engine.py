@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import faults
 from .checkpoint import STATE_FILE, load_checked, save_atomic
 from .data import build_data, check_recipe, dataset_names
 from .errors import UsageError
@@ -146,6 +145,19 @@ class Reporter(Protocol):
         """Record one epoch's metrics; call ``save(directory)`` to write the checkpoint."""
 
 
+class RunHooks:
+    """What a caller plugs into the epoch loop besides its :class:`Reporter` (which reports and
+    checkpoints); these defaults do nothing. ``faults.hooks()`` is one set: the reliability
+    tests make a run die or its loss turn NaN through them."""
+
+    def epoch_start(self, epoch: int) -> None:
+        """Before the first step of ``epoch`` (0-based)."""
+
+    def loss(self, epoch: int, loss: torch.Tensor) -> torch.Tensor:
+        """Every step's total loss, before the backward; returns the loss to use."""
+        return loss
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -206,6 +218,7 @@ class Stepper:
     opt: torch.optim.Optimizer
     amp_dtype: torch.dtype | None
     channels_last: bool
+    hooks: RunHooks = field(default_factory=RunHooks)
 
     def __call__(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         if self.channels_last:
@@ -219,11 +232,12 @@ class Stepper:
         with torch.autocast(batch.y.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             terms = self.model(batch, ctx)
-        terms["loss"] = faults.corrupt_loss(ctx.epoch, terms["loss"])
+        terms["loss"] = self.hooks.loss(ctx.epoch, terms["loss"])
         return terms
 
 
-def make_stepper(spec: RunSpec, method: Method, device: torch.device, world: int = 1) -> Stepper:
+def make_stepper(spec: RunSpec, method: Method, device: torch.device, world: int = 1,
+                 hooks: RunHooks | None = None) -> Stepper:
     """Lay ``method`` out for ``spec``'s recipe on ``device`` (channels-last, DDP over ``world``
     workers, compilation) and give it its optimiser."""
     recipe, _ = spec.resolved()
@@ -238,12 +252,13 @@ def make_stepper(spec: RunSpec, method: Method, device: torch.device, world: int
         model.compile()
     opt = torch.optim.SGD(list(method.trainable_parameters()), lr=recipe.lr, momentum=recipe.momentum,
                           nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
-    return Stepper(method, model, opt, recipe.autocast_dtype(device), channels_last)
+    return Stepper(method, model, opt, recipe.autocast_dtype(device), channels_last, hooks or RunHooks())
 
 
 def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None,
           resume_from: Path | None = None, rank: int = 0, world: int = 1,
-          teachers: Callable[[Any], Callable[[str], nn.Module]] | None = None) -> dict[str, float]:
+          teachers: Callable[[Any], Callable[[str], nn.Module]] | None = None,
+          hooks: RunHooks | None = None) -> dict[str, float]:
     """Train ``spec`` to its last epoch (resuming from a checkpoint directory if given).
 
     ``teachers`` turns the run's data into its ``BuildEnv.get_teacher``; offline methods need
@@ -259,7 +274,8 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
     layout = _layout(spec, device, data)
     log.info("%s: fused peers %s, data path %s", spec.method, "on" if layout["fused"] else "off",
              layout["data_path"] or "in memory")
-    stepper = make_stepper(spec, method, device, world)
+    hooks = hooks or RunHooks()
+    stepper = make_stepper(spec, method, device, world, hooks)
     opt = stepper.opt
     sched = _scheduler(opt, recipe)
     start_epoch, best = 0, -math.inf
@@ -281,7 +297,7 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
         method.train()
         sums: dict[str, torch.Tensor] = {}
         seen = 0
-        faults.at_epoch_start(epoch)
+        hooks.epoch_start(epoch)
         for step, batch in enumerate(data.train_batches(epoch, method.num_views())):
             ctx = StepContext(epoch, recipe.epochs, step, steps, epoch * steps + step)
             terms = stepper(batch, ctx)

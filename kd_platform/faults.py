@@ -64,3 +64,20 @@ def at_epoch_start(epoch: int) -> None:
 
 def corrupt_loss(epoch: int, loss: torch.Tensor) -> torch.Tensor:
     return loss * float("nan") if _planned("nan") == epoch + 1 else loss
+
+
+class _Injection:
+    """The engine's ``RunHooks`` that fire the faults of ``$KD_PLATFORM_FAULT``."""
+
+    def epoch_start(self, epoch: int) -> None:
+        at_epoch_start(epoch)
+
+    def loss(self, epoch: int, loss: torch.Tensor) -> torch.Tensor:
+        return corrupt_loss(epoch, loss)
+
+
+def hooks(knobs: Mapping[str, Any]) -> _Injection:
+    """Bind the knobs of the run this process is about to train and return the hooks that
+    inject its planned faults (``engine.train``'s ``hooks``)."""
+    bind(knobs)
+    return _Injection()

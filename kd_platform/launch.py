@@ -155,7 +155,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(config["cpus"])
     spec = RunSpec(**config["spec"])
-    faults.bind(spec.all_knobs())
+    injected = faults.hooks(spec.all_knobs())
     # Every rank must call report (it is a barrier); only rank 0 attaches the checkpoint.
     placement = {"node_id": node_id(), "gpu_ids": gpu_ids(), **_worker_placement(world)}
     reporter = with_placement(checkpoint_reporter(_report_committed, attach=rank == 0), placement)
@@ -168,4 +168,4 @@ def train_worker(config: dict[str, Any]) -> None:
     device = rt.get_device()
     train_from(train.get_checkpoint(),
                lambda resume: engine.train(spec, reporter, device=device, resume_from=resume, rank=rank, world=world,
-                                           teachers=teachers.prepare(spec, device)))
+                                           teachers=teachers.prepare(spec, device), hooks=injected))

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import engine, teachers, tracking
+from . import engine, faults, teachers, tracking
 from .checkpoint import CHECKPOINT_TAG, checkpoint_location
 from .engine import RunSpec
 from .launch import Launch, device_for, fit_with_train, set_threads
@@ -35,7 +35,7 @@ def run_single(spec: RunSpec, launch: Launch, uri: str, experiment: str, out: Pa
             tracking.set_tags(c, run_id, {CHECKPOINT_TAG: str(checkpoint_dir)})
             device = device_for(launch.gpus)
             final = engine.train(spec, mlflow_reporter(uri, run_id, checkpoint_dir), device=device,
-                                 teachers=teachers.prepare(spec, device))
+                                 teachers=teachers.prepare(spec, device), hooks=faults.hooks(spec.all_knobs()))
         else:
             from dataclasses import replace
             result = fit_with_train(spec, replace(launch, storage_path=str(out)), name=name, tune_callback=False,

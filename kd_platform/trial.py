@@ -27,7 +27,7 @@ def run_trial(config: dict[str, Any], *, method: str, fixed: dict[str, Any], see
     config = dict(config)
     seed = int(config.pop("seed", seed))  # an ablation repeats each cell over seeds
     spec = RunSpec.from_flat(method, {**fixed, **config}, seed)
-    faults.bind(spec.all_knobs())
+    injected = faults.hooks(spec.all_knobs())
     if launch.in_process():
         set_threads(launch.cpus)
         device = device_for(launch.gpus)
@@ -35,6 +35,6 @@ def run_trial(config: dict[str, Any], *, method: str, fixed: dict[str, Any], see
                                   {"node_id": node_id(), "gpu_ids": gpu_ids()})
         train_from(tune.get_checkpoint(),
                    lambda resume: engine.train(spec, reporter, device=device, resume_from=resume,
-                                               teachers=teachers.prepare(spec, device)))
+                                               teachers=teachers.prepare(spec, device), hooks=injected))
     else:
         fit_with_train(spec, launch, name=f"train-{tune.get_context().get_trial_id()}", tune_callback=True)
