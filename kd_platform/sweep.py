@@ -134,7 +134,11 @@ def _plural(x: float, word: str) -> str:
 
 def _max_resources() -> dict[str, float] | None:
     """The most an autoscaling cluster can grow to (what Ray Train itself checks), or None
-    where the cluster publishes no autoscaler config (a fixed or local cluster)."""
+    where the cluster publishes no autoscaler config (a fixed or local cluster).
+
+    Private Ray API, on purpose: ``ray.cluster_resources()`` only counts the nodes already
+    up, and no public call exposes the autoscaler's maximum; Ray Train reads this one for
+    the same question. Any failure here only means "not known"."""
     try:
         from ray._private.state import state
         found = state.get_max_resources_from_cluster_config()
@@ -320,7 +324,8 @@ def _fail_stale_optuna_trials(s: SweepSettings) -> None:
     storage = _optuna_storage(s)
     study_id = storage.get_study_id_from_name(s.name)
     for trial in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
         log.info("optuna trial %d was interrupted with its driver; marked FAIL", trial.number)
 
 
@@ -344,7 +349,12 @@ def _ablation_tuner(s: SweepSettings, trainable: Any, logger: Any) -> Any:
 
 
 def _replace_callbacks(tuner: Any, logger: Any) -> None:
-    """A restored Tuner unpickles the old callback; point it at this process's logger state."""
+    """A restored Tuner unpickles the old callback; point it at this process's logger state.
+
+    Private Ray API, on purpose: ``Tuner.restore`` takes no ``run_config`` or callbacks (Ray
+    2.58), and the unpickled callback holds the killed driver's state (its MLflow client,
+    its buffers). Without a public hook this swaps it for the live one, and does nothing if
+    Ray's internals move (the old callback then keeps logging, with reopened runs)."""
     internal = getattr(tuner, "_local_tuner", None)
     run_config = getattr(internal, "_run_config", None)
     if run_config is not None:
