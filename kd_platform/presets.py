@@ -1,11 +1,16 @@
 """Recipe presets: ``presets/<name>.yaml``, one per row of the recipes table in METHODS.md.
 
-A preset file has three keys::
+A preset file has these keys::
 
-    methods: [ce, dml, okdph]          # the methods the recipe is meant for ("all": every one)
+    kinds: [single, online]             # the kinds of method the recipe serves ("all": every kind)
+    exclude: [pcl]                      # optional: methods of those kinds it cannot serve, and why
     knobs: {dataset: cifar100, ...}     # recipe knobs and method knobs, one flat mapping
     per_method:                         # optional: knobs that differ for some methods
       pcl: {nesterov: true}
+
+A recipe names kinds, not methods, so a method added later is served by every recipe of its
+kind without touching the presets; ``exclude`` is for structural limits (a method that needs
+a network form the recipe's architecture lacks).
 
 The same recipe serves every method on the same data, so that comparisons are fair; the
 few published exceptions (PCL and DKEL train with Nesterov momentum; OKDPH's released code
@@ -22,9 +27,10 @@ from typing import Any
 import yaml
 
 from .errors import UsageError
+from .methods.base import MethodKind
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
-_TOP_KEYS = ("methods", "knobs", "per_method")
+_TOP_KEYS = ("kinds", "exclude", "knobs", "per_method")
 
 
 def preset_names() -> list[str]:
@@ -44,6 +50,13 @@ def _read(name: str) -> dict[str, Any]:
     extra = set(raw) - set(_TOP_KEYS)
     if extra:
         raise UsageError(f"preset file {path}: unknown key '{sorted(extra)[0]}'; known: {', '.join(_TOP_KEYS)}")
+    kinds = raw.get("kinds")
+    if kinds != "all" and (not isinstance(kinds, list) or not kinds
+                           or not all(k in {m.value for m in MethodKind} for k in kinds)):
+        raise UsageError(f"preset file {path}: 'kinds' must be 'all' or a list of "
+                         f"{', '.join(m.value for m in MethodKind)}")
+    if not isinstance(raw.get("exclude") or [], list):
+        raise UsageError(f"preset file {path}: 'exclude' must be a list of method names")
     per_method = raw.get("per_method") or {}
     if not isinstance(per_method, dict) or not all(isinstance(v, dict) for v in per_method.values()):
         raise UsageError(f"preset file {path}: 'per_method' must map method names to knob mappings")
@@ -57,12 +70,11 @@ def load_preset(name: str) -> dict[str, Any]:
 
 
 def preset_methods(name: str) -> list[str]:
-    """The methods preset ``name`` is written for."""
-    from .methods import method_names
-    methods = _read(name).get("methods") or []
-    if methods == "all":
-        return method_names()
-    return [str(m) for m in methods]
+    """The methods preset ``name`` serves: every method of its kinds but those it excludes."""
+    from .methods import get_method, method_names
+    raw = _read(name)
+    kinds, exclude = raw["kinds"], {str(m) for m in raw.get("exclude") or []}
+    return [m for m in method_names() if (kinds == "all" or get_method(m).kind in kinds) and m not in exclude]
 
 
 def preset_for_method(name: str, method: str) -> dict[str, Any]:
