@@ -7,12 +7,21 @@ in one run on the same machine.
 ``--train`` also runs the sweep with every trial inside a one-worker Ray Train
 ``TorchTrainer``, which is what decides whether one-worker trials run in-process.
 ASHA is given a grace period of every epoch so that both sides train the same epochs.
+
+    python bench/overhead.py --default-sweep --before REV [--rounds 2]
+
+times the default sweep command as a user types it (``python -m platform.sweep okdph``:
+digits, a local Ray cluster, a sqlite MLflow store) at commit REV (checked out in a temporary
+git worktree) and in this tree, alternating, so that both see the same machine load.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,13 +56,62 @@ def sweep(trials: int, epochs: int, work: Path, use_train: bool) -> float:
     return wall
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def default_sweep(tree: Path, work: Path) -> tuple[float, float]:
+    """The default sweep command run in ``tree``: (command wall s, the sweep's own reported s)."""
+    cmd = [sys.executable, "-m", "platform.sweep", "okdph", "--out", str(work / "res"),
+           "--tracking-uri", f"sqlite:///{work / 'm.db'}", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - t0
+    found = re.search(r"^Sweep \S+: \d+ trials .* in (\d+)s$", done.stdout, re.M)
+    if done.returncode != 0 or not found:
+        raise SystemExit(f"the sweep in {tree} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return wall, float(found.group(1))
+
+
+def compare_default_sweep(before: str, rounds: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "before"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), before], check=True,
+                       capture_output=True)
+        try:
+            runs: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+            for i in range(rounds):
+                for label, tree in (("before", old), ("after", REPO)):
+                    runs[label].append(default_sweep(tree, Path(tmp) / f"{label}{i}"))
+                    print(f"round {i + 1} {label}: command {runs[label][-1][0]:.1f} s, sweep {runs[label][-1][1]:.0f} s",
+                          flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], capture_output=True)
+    print(f"\ndefault sweep (python -m platform.sweep okdph: 8 trials x 4 epochs on digits), {rounds} rounds "
+          f"alternating, {os.cpu_count()} CPUs; before = {before}")
+    print(f"{'':8s} {'command wall s (median)':>24s} {'sweep s (median)':>17s}   every round")
+    for label, got in runs.items():
+        print(f"{label:8s} {statistics.median(w for w, _ in got):24.1f} {statistics.median(r for _, r in got):17.0f}"
+              f"   {', '.join(f'{w:.0f}' for w, _ in got)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train", action="store_true", help="also time one-worker TorchTrainer trials")
+    p.add_argument("--default-sweep", action="store_true",
+                   help="time the default sweep command at --before REV against this tree instead")
+    p.add_argument("--before", metavar="REV", help="with --default-sweep: the commit to compare against")
+    p.add_argument("--rounds", type=int, default=2, help="with --default-sweep: before/after pairs (default 2)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.default_sweep:
+        if not args.before:
+            p.error("--default-sweep needs --before REV")
+        compare_default_sweep(args.before, args.rounds)
+        return
     import ray
     t0 = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=True, logging_level=logging.WARNING)

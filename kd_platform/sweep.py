@@ -11,6 +11,9 @@ import json
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -114,6 +117,38 @@ def _init_ray(address: str | None, dashboard: bool) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         ray.init(include_dashboard=dashboard, logging_level=logging.WARNING, configure_logging=True)
+
+
+class RayStart:
+    """``ray.init`` on a background thread, so that the sweep's driver does its own setup while
+    Ray's head processes come up (several seconds on a small machine); ``wait`` joins it."""
+
+    def __init__(self, address: str | None, dashboard: bool) -> None:
+        self.error: BaseException | None = None
+        logging.getLogger("ray._private.worker").addFilter(_not_sigterm_note)
+        self.thread = threading.Thread(target=self._run, args=(address, dashboard), name="ray-init", daemon=True)
+        self.thread.start()
+
+    def _run(self, address: str | None, dashboard: bool) -> None:
+        try:
+            _init_ray(address, dashboard)
+        except BaseException as exc:  # raised again in the sweep's thread by wait()
+            self.error = exc
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        # Ray sets this handler only from the main thread: a SIGTERM ends the driver through
+        # sys.exit, so that Ray and the MLflow runs are shut down as on Ctrl-C.
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+
+
+def _not_sigterm_note(record: logging.LogRecord) -> bool:
+    """Ray's note that it set no SIGTERM handler off the main thread (RayStart.wait sets it)."""
+    return "SIGTERM handler is not set" not in record.getMessage()
 
 
 @dataclass(frozen=True)
@@ -247,25 +282,25 @@ def _parent_run(s: SweepSettings, c: Any, experiment_id: str, trials_per_gpu: fl
 
 def run_sweep(s: SweepSettings) -> SweepOutcome:
     """Run (or resume) the sweep described by ``s``; every input was validated beforehand."""
-    import optuna
+    t0 = time.perf_counter()
+    ray_start = RayStart(s.address, dashboard=not s.launch.in_process())
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from .mlflow_callback import MlflowTrialLogger
     from .mlflow_writer import UNSENT_FILE
 
-    t0 = time.perf_counter()
-    # Ray first: the default concurrency comes from the cluster's resources, and it is what
-    # the parent run logs. A failure here leaves nothing in MLflow.
-    _init_ray(s.address, dashboard=not s.launch.in_process())
+    # While Ray's processes start, this thread imports Tune and opens the MLflow store. The
+    # experiment and the parent run wait for Ray: the default concurrency comes from the
+    # cluster's resources and the parent run logs it, and a cluster that cannot be reached
+    # leaves no run in MLflow.
+    c = tracking.client(s.tracking_uri)
+    ray_start.wait()
     import ray
     packing = plan_packing(s.launch, s.samples, ray.cluster_resources(), s.max_concurrent, _max_resources(),
                            resumed=s.resume)
     s.max_concurrent = packing.max_concurrent
     if packing.line:
         print(packing.line, flush=True)
-    c = tracking.client(s.tracking_uri)
     experiment_id = tracking.ensure_experiment(s.tracking_uri, s.experiment)
     s.sweep_dir.mkdir(parents=True, exist_ok=True)
     s.parent_run_id = _parent_run(s, c, experiment_id, packing.trials_per_gpu)
@@ -283,13 +318,8 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
         elif s.ablation:
             tuner = _ablation_tuner(s, trainable, logger)
         else:
-            searcher = OptunaSearch(
-                space=s.space.optuna_distributions(), metric=s.space.metric, mode=s.space.mode,
-                sampler=optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(2, min(10, s.samples // 2))),
-                study_name=s.name, storage=_optuna_storage(s))
-            scheduler = ASHAScheduler(time_attr="epoch", metric=s.space.metric, mode=s.space.mode,
-                                      max_t=s.epochs + 1, grace_period=min(s.space.grace_period, s.epochs),
-                                      reduction_factor=s.space.reduction_factor)
+            searcher = optuna_search(s.space, tpe_sampler(s.seed, s.samples), s.name, _optuna_storage(s))
+            scheduler = asha_scheduler(s.space, s.epochs)
             tuner = tune.Tuner(
                 trainable,
                 # Reusing trial actors spares every in-process trial a fresh process that
@@ -310,6 +340,30 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
     outcome = _finish(s, logger.client, experiment_id, results, logger, time.perf_counter() - t0)
     logger.close()
     return outcome
+
+
+def startup_trials(samples: int) -> int:
+    """TPE's random trials before it models the results: half the sweep, between 2 and 10."""
+    return max(2, min(10, samples // 2))
+
+
+def tpe_sampler(seed: int, samples: int) -> Any:
+    import optuna
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(samples))
+
+
+def optuna_search(space: SearchSpace, sampler: Any, study_name: str, storage: Any = None) -> Any:
+    """Tune's Optuna searcher over the space's distributions (``storage`` None: in memory)."""
+    from ray.tune.search.optuna import OptunaSearch
+    return OptunaSearch(space=space.optuna_distributions(), metric=space.metric, mode=space.mode,
+                        sampler=sampler, study_name=study_name, storage=storage)
+
+
+def asha_scheduler(space: SearchSpace, epochs: int) -> Any:
+    """ASHA on the epoch counter with the space's grace period and reduction factor."""
+    from ray.tune.schedulers import ASHAScheduler
+    return ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode, max_t=epochs + 1,
+                         grace_period=min(space.grace_period, epochs), reduction_factor=space.reduction_factor)
 
 
 def _optuna_storage(s: SweepSettings) -> Any:

@@ -1,0 +1,345 @@
+"""How much the search saves on the embedded default (OKDPH on digits, search_spaces/okdph.yaml):
+TPE + ASHA, random + ASHA, TPE without early stopping and the grid of the space's listed values,
+each at the same total epoch budget, over several search seeds.
+
+    python bench/search_efficiency.py [--knobs omega,beta,gamma,temperature] [--search-seeds 3]
+                                      [--budget-fraction 0.3333] [--workers 2] [--cache PATH]
+
+What is trained and what is replayed: every configuration of the grid is trained once (training
+seed 0, the space's epochs) through the engine, as a trial trains it, and its per-epoch validation
+curve is kept in ``--cache``. The strategies then run as real Ray Tune experiments with the
+platform's own searcher and scheduler (``kd_platform.sweep.optuna_search``, ``tpe_sampler`` and
+``asha_scheduler``); each trial reports the recorded curve of its configuration epoch by epoch, so
+every TPE, random and ASHA decision is made by the real Optuna and Tune components, and only the
+training itself is looked up. A trial stopped by ASHA after k epochs reports exactly what a real
+trial reports (the first k epochs of the same deterministic run). Continuous knobs (omega, beta) are
+sampled from their ranges as in a sweep and evaluated at the nearest listed value.
+
+Accounting: each reported epoch costs one epoch of budget; after each one, the strategy's best is
+the best trial's latest value (what the sweep reports as best, Tune's scope "last"). The grid runs
+its configurations in declared order, every one to the last epoch.
+
+The knobs the grid crosses default to four of the space's seven (4 x 4 x 3 x 5 = 240
+configurations, 960 epochs): the whole product of all seven is 2,880 configurations, about ten
+hours of training on a 2-core CPU. The swept knobs left out are pinned to their declared defaults,
+as an ablation pins them. ``--knobs`` picks others.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+DEFAULT_KNOBS = "omega,beta,gamma,temperature"
+WITHIN = 0.5  # points of validation accuracy
+Report = tuple[str, float]  # (trial, the metric it reported for one more epoch)
+
+
+# --- accounting -------------------------------------------------------------------------------
+
+def best_trace(reports: Sequence[Report]) -> list[float]:
+    """After each reported epoch (so after 1, 2, ... epochs of budget), the best trial's latest value."""
+    latest: dict[str, float] = {}
+    trace = []
+    for trial, value in reports:
+        latest[trial] = value
+        trace.append(max(latest.values()))
+    return trace
+
+
+def epochs_to_reach(trace: Sequence[float], target: float) -> int | None:
+    """The budget (epochs) after which the best first reaches ``target``; None if it never does."""
+    for spent, best in enumerate(trace, 1):
+        if best >= target - 1e-9:
+            return spent
+    return None
+
+
+def grid_reports(grid: Sequence[dict[str, Any]], curves: dict[str, list[float]]) -> list[Report]:
+    """The grid in declared order, every configuration trained to the last epoch."""
+    return [(config_key(c), v) for c in grid for v in curves[config_key(c)]]
+
+
+# --- the grid and its curves ------------------------------------------------------------------
+
+def config_key(config: dict[str, Any]) -> str:
+    return json.dumps({k: config[k] for k in sorted(config)}, sort_keys=True)
+
+
+def snap(config: dict[str, Any], values: dict[str, list[Any]]) -> dict[str, Any]:
+    """A sampled configuration at the grid's listed values (a number: the nearest one)."""
+    out = {}
+    for knob, listed in values.items():
+        v = config[knob]
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = min(listed, key=lambda x: abs(float(x) - float(v)))
+        out[knob] = v
+    return out
+
+
+@dataclasses.dataclass
+class Bench:
+    """The benchmark's space (only the grid's knobs swept), its grid and what a trial fixes."""
+    space: Any
+    values: dict[str, list[Any]]
+    fixed: dict[str, Any]
+    epochs: int
+    pinned: dict[str, Any] = dataclasses.field(default_factory=dict)  # swept knobs the grid leaves out
+    seed: int = 0
+
+    @property
+    def grid(self) -> list[dict[str, Any]]:
+        keys = list(self.values)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*self.values.values())]
+
+    def fingerprint(self) -> str:
+        import torch
+        text = json.dumps([self.space.method, self.fixed, self.epochs, self.seed, self.space.metric,
+                           torch.__version__], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def make_bench(knobs: Sequence[str], space: Any = None, epochs: int | None = None) -> Bench:
+    """The grid over ``knobs``' listed values, the other swept knobs pinned as an ablation pins them."""
+    from kd_platform.ablate import plan_ablation
+    from kd_platform.space import load_space
+    space = space or load_space("okdph")
+    plan = plan_ablation(space, ",".join(knobs), 1, 0)
+    epochs = epochs or space.epochs
+    fixed = {**space.fixed, **plan.pinned, "epochs": epochs}
+    searched = dataclasses.replace(space, swept={k: space.swept[k] for k in knobs}, fixed=fixed)
+    return Bench(searched, dict(plan.grid), fixed, epochs, dict(plan.pinned))
+
+
+def train_curve(method: str, flat: dict[str, Any], seed: int, metric: str) -> list[float]:
+    """One configuration trained through the engine, as a trial trains it: its metric per epoch."""
+    import torch
+    from kd_platform.engine import RunSpec, train
+    torch.set_num_threads(1)
+    curve: list[float] = []
+    train(RunSpec.from_flat(method, flat, seed), lambda m, save: curve.append(float(m[metric])))
+    return curve
+
+
+def load_curves(bench: Bench, cache: Path, workers: int, say: Callable[[str], None] = print) -> dict[str, list[float]]:
+    """Every grid configuration's curve: from ``cache`` where it holds them, else trained now
+    (``workers`` at once) and added to it as each one finishes."""
+    stored: dict[str, Any] = json.loads(cache.read_text()) if cache.is_file() else {}
+    curves = stored.get("curves", {}) if stored.get("fingerprint") == bench.fingerprint() else {}
+    todo = [c for c in bench.grid if config_key(c) not in curves]
+    if not todo:
+        return curves
+    say(f"training {len(todo)} of {len(bench.grid)} configurations ({bench.epochs} epochs each, {workers} at once)")
+    t0 = time.perf_counter()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        jobs = {pool.submit(train_curve, bench.space.method, {**bench.fixed, **c}, bench.seed, bench.space.metric):
+                config_key(c) for c in todo}
+        for done, job in enumerate(as_completed(jobs), 1):
+            curves[jobs[job]] = job.result()
+            cache.write_text(json.dumps({"fingerprint": bench.fingerprint(), "curves": curves}))
+            if done % 20 == 0 or done == len(todo):
+                say(f"  {done}/{len(todo)} trained ({time.perf_counter() - t0:.0f} s)")
+    return curves
+
+
+# --- the strategies, through real Ray Tune, Optuna and ASHA --------------------------------------
+
+def replay_trial(config: dict[str, Any], *, curves: dict[str, list[float]], values: dict[str, list[Any]],
+                 metric: str) -> None:
+    """A Tune trainable that reports its configuration's recorded curve, one epoch per report."""
+    from ray import tune
+    for epoch, value in enumerate(curves[config_key(snap(config, values))], 1):
+        tune.report({metric: value, "epoch": epoch})
+
+
+def _callbacks(budget: int) -> tuple[Any, Any]:
+    """A callback that logs every result the driver processes, in order, and a stopper that ends
+    the experiment once ``budget`` epochs have been reported."""
+    from ray import tune
+    from ray.tune.stopper import Stopper
+
+    class Log(tune.Callback):
+        def __init__(self) -> None:
+            self.reports: list[Report] = []
+            self.configs: dict[str, dict[str, Any]] = {}
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            self.reports.append((trial.trial_id, float(result[METRIC[0]])))
+            self.configs[trial.trial_id] = dict(trial.config)
+
+    class Budget(Stopper):
+        def __init__(self, log: Log) -> None:
+            self.log = log
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return len(self.log.reports) >= budget
+
+    log = Log()
+    return log, Budget(log)
+
+
+METRIC: list[str] = [""]  # the metric the log reads (set per run; callbacks are built in the driver)
+
+STRATEGIES = {  # name: (sampler, early stopping)
+    "TPE + ASHA": ("tpe", True),
+    "random + ASHA": ("random", True),
+    "TPE, no early stopping": ("tpe", False),
+}
+
+
+def quiet_tune() -> None:
+    """Replayed trials are instant: Tune's per-result files and snapshot warnings would dominate."""
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+@dataclasses.dataclass
+class Run:
+    reports: list[Report]                # in the order the driver saw them (past the budget too)
+    configs: dict[str, dict[str, Any]]   # per trial, the configuration the searcher suggested
+    tune_epochs: dict[str, int]          # per trial, the epochs Tune's own results count
+
+    def within(self, budget: int) -> list[Report]:
+        return self.reports[:budget]
+
+
+def run_strategy(bench: Bench, curves: dict[str, list[float]], name: str, budget: int, search_seed: int,
+                 storage: str) -> Run:
+    """One strategy through a real Tune experiment."""
+    import optuna
+    from ray import tune
+    from kd_platform.sweep import asha_scheduler, optuna_search, tpe_sampler
+    if __name__ != "__main__":  # imported from bench/ (a test): Ray's workers cannot import it by name
+        from ray import cloudpickle
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    sampler_kind, early = STRATEGIES[name]
+    samples = budget  # every trial reports at least one epoch: never more trials than epochs
+    sampler = tpe_sampler(search_seed, samples) if sampler_kind == "tpe" else \
+        optuna.samplers.RandomSampler(seed=search_seed)
+    METRIC[0] = bench.space.metric
+    log, stopper = _callbacks(budget)
+    label = f"{sampler_kind}-{'asha' if early else 'fifo'}-{search_seed}"
+    trainable = tune.with_resources(tune.with_parameters(replay_trial, curves=curves, values=bench.values,
+                                                         metric=bench.space.metric), {"CPU": 1})
+    tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+        search_alg=optuna_search(bench.space, sampler, label),
+        scheduler=asha_scheduler(bench.space, bench.epochs) if early else None,
+        num_samples=samples, max_concurrent_trials=1, reuse_actors=True),
+        run_config=tune.RunConfig(name=label, storage_path=storage, callbacks=[log], stop=stopper, verbose=0))
+    results = tuner.fit()
+    return Run(log.reports, log.configs, {r.metrics["trial_id"]: int(r.metrics["training_iteration"])
+                                          for r in results if r.metrics})
+
+
+# --- the table --------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Row:
+    strategy: str
+    budget: int
+    best: list[float]             # per search seed
+    reach: list[int | None]       # per search seed: epochs to come within WITHIN of the grid's best
+    trials: list[int]
+
+    def cells(self) -> list[str]:
+        best = f"{statistics.mean(self.best):.2f}" + (f" [{min(self.best):.2f}-{max(self.best):.2f}]"
+                                                      if len(set(self.best)) > 1 else "")
+        reach = ", ".join("-" if r is None else str(r) for r in self.reach)
+        return [self.strategy, str(self.budget), f"{statistics.mean(self.trials):.0f}", best, reach]
+
+
+def summarise(name: str, runs: Sequence[Sequence[Report]], budget: int, target: float) -> Row:
+    traces = [best_trace(r) for r in runs]
+    return Row(name, budget, [t[-1] for t in traces], [epochs_to_reach(t, target) for t in traces],
+               [len({trial for trial, _ in r}) for r in runs])
+
+
+def table(rows: Sequence[Row]) -> str:
+    head = ["strategy", "budget (epochs)", "trials", "best val acc", "epochs to within 0.5 of grid best, per seed"]
+    body = [r.cells() for r in rows]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(x, widths)) + " |" for x in [head, *body]]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def evaluate(bench: Bench, curves: dict[str, list[float]], seeds: Sequence[int], budget_fraction: float,
+             storage: str, strategies: Sequence[str] = tuple(STRATEGIES)) -> tuple[list[Row], dict[str, Any]]:
+    """Every strategy over ``seeds`` at an equal budget (``budget_fraction`` of the grid's epochs),
+    the grid in declared order at that budget, and the complete grid."""
+    grid = grid_reports(bench.grid, curves)
+    finals = {config_key(c): curves[config_key(c)][-1] for c in bench.grid}
+    grid_best = max(finals.values())
+    target = grid_best - WITHIN
+    budget = max(1, math.floor(len(grid) * budget_fraction + 1e-9))
+    rows = [summarise(name, [run_strategy(bench, curves, name, budget, seed, storage).within(budget) for seed in seeds],
+                      budget, target) for name in strategies]
+    rows.append(summarise("grid, declared order", [grid[:budget]], budget, target))
+    rows.append(summarise("grid, complete", [grid], len(grid), target))
+    facts = {"grid_configs": len(bench.grid), "grid_epochs": len(grid), "grid_best": grid_best,
+             "best_config": json.loads(max(finals, key=finals.get)), "budget": budget,
+             "near_best": sum(v >= target - 1e-9 for v in finals.values())}
+    return rows, facts
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--knobs", default=DEFAULT_KNOBS, help=f"swept knobs the grid crosses (default {DEFAULT_KNOBS})")
+    p.add_argument("--search-seeds", type=int, default=3, help="search seeds per strategy (default 3)")
+    p.add_argument("--budget-fraction", type=float, default=1 / 3,
+                   help="every strategy's budget, as a fraction of the grid's epochs (default 1/3)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="trainings at once for the curves")
+    p.add_argument("--cache", type=Path, default=Path("kd_results/search_efficiency_curves.json"),
+                   help="where the trained curves are kept (default kd_results/search_efficiency_curves.json)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    t0 = time.perf_counter()
+    bench = make_bench([k.strip() for k in args.knobs.split(",") if k.strip()])
+    curves = load_curves(bench, args.cache, args.workers)
+    train_s = time.perf_counter() - t0
+    import ray
+    quiet_tune()
+    ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as storage:
+        rows, facts = evaluate(bench, curves, range(args.search_seeds), args.budget_fraction, storage)
+    ray.shutdown()
+    import torch
+    sizes = " x ".join(f"{k} {len(v)}" for k, v in bench.values.items())
+    print(f"\nSearch efficiency: {bench.space.method} on {bench.fixed.get('dataset')}, {bench.epochs} epochs per "
+          f"trial, metric {bench.space.metric} ({os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"python {sys.version.split()[0]})")
+    print(f"grid: {sizes} = {facts['grid_configs']} configurations, {facts['grid_epochs']} epochs; "
+          f"best {facts['grid_best']:.2f} at {facts['best_config']}; {facts['near_best']} configurations lie "
+          f"within {WITHIN} points of it")
+    if bench.pinned:
+        print(f"pinned (declared defaults): {', '.join(f'{k}={v}' for k, v in bench.pinned.items())}")
+    print(f"each strategy: {facts['budget']} epochs (a {args.budget_fraction:.3g} of the grid's), search seeds "
+          f"{', '.join(map(str, range(args.search_seeds)))}; curves trained once (training seed {bench.seed}) and "
+          f"replayed to real Ray Tune + Optuna + ASHA")
+    print(table(rows))
+    tpe = rows[0]
+    met = all(r is not None for r in tpe.reach)
+    print(f"goal (TPE + ASHA within {WITHIN} points of the grid's best on at most a third of the grid's epochs, "
+          f"{facts['grid_epochs'] // 3}): {'met' if met and facts['budget'] <= facts['grid_epochs'] // 3 else 'not met'}"
+          f" in {sum(r is not None for r in tpe.reach)} of {len(tpe.reach)} seeds")
+    print(f"done in {time.perf_counter() - t0:.0f} s (curves {train_s:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
