@@ -28,6 +28,7 @@ from .knobs import build_config, knob_specs
 from .methods import get_method
 from .methods.base import Batch, BuildEnv, Method, StepContext
 from .models import build_model, model_names
+from .models.base import ZooNet
 from .models.stacked import is_stackable
 from .recipe import Recipe
 
@@ -141,20 +142,29 @@ def data_recipe(spec: RunSpec) -> Recipe:
 
 
 class Reporter(Protocol):
-    def __call__(self, metrics: dict[str, float], save: Callable[[Path], None]) -> None:
+    def __call__(self, metrics: dict[str, Any], save: Callable[[Path], None]) -> None:
         """Record one epoch's metrics; call ``save(directory)`` to write the checkpoint."""
 
 
-class RunHooks:
+class RunHooks(Protocol):
     """What a caller plugs into the epoch loop besides its :class:`Reporter` (which reports and
-    checkpoints); these defaults do nothing. ``faults.hooks()`` is one set: the reliability
-    tests make a run die or its loss turn NaN through them."""
+    checkpoints). ``faults.hooks()`` is one set: the reliability tests make a run die or its
+    loss turn NaN through them."""
 
     def epoch_start(self, epoch: int) -> None:
         """Before the first step of ``epoch`` (0-based)."""
 
     def loss(self, epoch: int, loss: torch.Tensor) -> torch.Tensor:
         """Every step's total loss, before the backward; returns the loss to use."""
+
+
+class NoHooks:
+    """The :class:`RunHooks` of a run nobody hooks into."""
+
+    def epoch_start(self, epoch: int) -> None:
+        pass
+
+    def loss(self, epoch: int, loss: torch.Tensor) -> torch.Tensor:
         return loss
 
 
@@ -173,7 +183,7 @@ def _scheduler(opt: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_sch
 
 
 def build_method(spec: RunSpec, data: Any, device: torch.device,
-                 get_teacher: Callable[[str], nn.Module] | None = None) -> Method:
+                 get_teacher: Callable[[str], ZooNet] | None = None) -> Method:
     recipe, cfg = spec.resolved()
     env = BuildEnv(recipe=recipe, num_classes=data.num_classes, in_channels=data.in_channels,
                    image_size=data.image_size,
@@ -218,7 +228,7 @@ class Stepper:
     opt: torch.optim.Optimizer
     amp_dtype: torch.dtype | None
     channels_last: bool
-    hooks: RunHooks = field(default_factory=RunHooks)
+    hooks: RunHooks = field(default_factory=NoHooks)
 
     def __call__(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         if self.channels_last:
@@ -252,12 +262,12 @@ def make_stepper(spec: RunSpec, method: Method, device: torch.device, world: int
         model.compile()
     opt = torch.optim.SGD(list(method.trainable_parameters()), lr=recipe.lr, momentum=recipe.momentum,
                           nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
-    return Stepper(method, model, opt, recipe.autocast_dtype(device), channels_last, hooks or RunHooks())
+    return Stepper(method, model, opt, recipe.autocast_dtype(device), channels_last, hooks or NoHooks())
 
 
 def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None,
           resume_from: Path | None = None, rank: int = 0, world: int = 1,
-          teachers: Callable[[Any], Callable[[str], nn.Module]] | None = None,
+          teachers: Callable[[Any], Callable[[str], ZooNet]] | None = None,
           hooks: RunHooks | None = None) -> dict[str, float]:
     """Train ``spec`` to its last epoch (resuming from a checkpoint directory if given).
 
@@ -270,11 +280,12 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
     data = build_data(recipe, spec.seed, device, rank, world)
     get_teacher = teachers(data) if teachers is not None else None
     method = build_method(spec, data, device, get_teacher)
-    teacher_tags = getattr(get_teacher, "tags", dict)()  # where the teacher came from, with every report
+    # Where the teacher came from, with every report.
+    teacher_tags: dict[str, str] = getattr(get_teacher, "tags", dict)()
     layout = _layout(spec, device, data)
     log.info("%s: fused peers %s, data path %s", spec.method, "on" if layout["fused"] else "off",
              layout["data_path"] or "in memory")
-    hooks = hooks or RunHooks()
+    hooks = hooks or NoHooks()
     stepper = make_stepper(spec, method, device, world, hooks)
     opt = stepper.opt
     sched = _scheduler(opt, recipe)

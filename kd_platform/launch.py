@@ -99,7 +99,7 @@ def _worker_placement(world: int) -> dict[str, str]:
             "train_worker_gpus": ";".join(str(g) for _, g in ranks)}
 
 
-def train_from(checkpoint: Any, run: Callable[[Path | None], None]) -> None:
+def train_from(checkpoint: Any, run: Callable[[Path | None], Any]) -> None:
     if checkpoint is None:
         run(None)
     else:

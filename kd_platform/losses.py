@@ -1,9 +1,19 @@
 """Loss functions shared by several methods. The target side is always detached."""
 from __future__ import annotations
 
+import functools
+import operator
+from typing import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def total(terms: Iterable[Tensor]) -> Tensor:
+    """The sum of loss terms in order, as ``sum`` adds them but typed as a tensor (``sum`` of
+    no terms would be the integer 0, which cannot be back-propagated)."""
+    return functools.reduce(operator.add, terms)
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Callable, ClassVar, Iterable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from ..models.base import ZooNet
 from ..recipe import Recipe
 
 
@@ -28,9 +29,9 @@ class BuildEnv:
     num_classes: int
     in_channels: int
     image_size: int
-    make_model: Callable[[str], nn.Module]
+    make_model: Callable[[str], ZooNet]
     """Fresh network of the named architecture, shaped for this dataset."""
-    get_teacher: Callable[[str], nn.Module] | None = None
+    get_teacher: Callable[[str], ZooNet] | None = None
     """Trained, frozen teacher of the named architecture (offline methods only)."""
     fused: bool = False
     """Train homogeneous peers as one stacked model (methods with ``fusable_peers`` only)."""
@@ -85,14 +86,14 @@ class Method(nn.Module):
         self.cfg = cfg
 
     @classmethod
-    def student_names(cls, cfg: MethodConfig) -> tuple[str, ...]:
+    def student_names(cls, cfg: Any) -> tuple[str, ...]:
         """Names (keys of ``eval_networks``) averaged into the primary metric ``students_mean``;
         known from the knobs alone, so metric names are known before anything is built. The
         peers of an online method are ``student1..N`` (:func:`peer_names`)."""
         return ()
 
     @classmethod
-    def group_names(cls, cfg: MethodConfig) -> dict[str, tuple[str, ...]]:
+    def group_names(cls, cfg: Any) -> dict[str, tuple[str, ...]]:
         """Further named groups of networks whose mean and best accuracy are logged as
         ``<group>_mean`` / ``<group>_best`` (e.g. DKEL's teacher branches)."""
         return {}
@@ -114,7 +115,7 @@ class Method(nn.Module):
         return self.training_step(batch, ctx)
 
     @classmethod
-    def views_for(cls, cfg: MethodConfig) -> int:
+    def views_for(cls, cfg: Any) -> int:
         """How many independently augmented views of each batch a method with knobs ``cfg``
         wants; known before the method is built, so the data can be chosen for it."""
         return 1

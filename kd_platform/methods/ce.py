@@ -21,6 +21,7 @@ class CEConfig(MethodConfig):
 class CE(Method):
     name = "ce"
     Config = CEConfig
+    cfg: CEConfig
     kind = MethodKind.SINGLE
 
     @classmethod

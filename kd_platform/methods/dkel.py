@@ -45,8 +45,17 @@ from torch import Tensor
 from ..knobs import knob
 from ..models import build_multibranch
 from . import register_method
-from ._online import (MultiBranchConfig, ema_update_, freeze_parameters, gradients_for, mean_teacher_rampup,
-                      multibranch_eval_networks, multibranch_logits, peer_teacher_loss, plain_sgd_step_)
+from ._online import (
+    MultiBranchConfig,
+    ema_update_,
+    freeze_parameters,
+    gradients_for,
+    mean_teacher_rampup,
+    multibranch_eval_networks,
+    multibranch_logits,
+    peer_teacher_loss,
+    plain_sgd_step_,
+)
 from .base import Batch, BuildEnv, Method, MethodKind, StepContext, peer_names
 
 # The released script's ramp-up constants, kept literal under variant=code.
@@ -69,6 +78,7 @@ class DKELConfig(MultiBranchConfig):
 class DKEL(Method):
     name = "dkel"
     Config = DKELConfig
+    cfg: DKELConfig
     kind = MethodKind.ONLINE
 
     @classmethod
@@ -90,7 +100,7 @@ class DKEL(Method):
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
 
     @classmethod
-    def views_for(cls, cfg: DKELConfig) -> int:  # type: ignore[override]
+    def views_for(cls, cfg: DKELConfig) -> int:
         return cfg.branches if cfg.views == "per_network" else 1
 
     def rampup(self, epoch: float) -> float:

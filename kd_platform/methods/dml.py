@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..knobs import knob
-from ..losses import mean_kd_to_peers
+from ..losses import mean_kd_to_peers, total
 from . import register_method
 from ._online import detached_mean, peer_eval_networks
 from ._peers import Peers
@@ -32,6 +32,7 @@ class DMLConfig(MethodConfig):
 class DML(Method):
     name = "dml"
     Config = DMLConfig
+    cfg: DMLConfig
     kind = MethodKind.ONLINE
     fusable_peers = True
 
@@ -47,7 +48,7 @@ class DML(Method):
         logits = self.peers([batch.x])
         ce = [F.cross_entropy(z, batch.y) for z in logits]
         kd = [mean_kd_to_peers(logits, i, self.cfg.temperature) for i in range(len(logits))]
-        loss = sum(c + k for c, k in zip(ce, kd))
+        loss = total(c + k for c, k in zip(ce, kd))
         return {"loss": loss, "ce": detached_mean(ce), "kd": detached_mean(kd)}
 
     def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..knobs import knob
-from ..losses import mean_kd_to_peers
+from ..losses import mean_kd_to_peers, total
 from . import register_method
 from ._online import detached_mean, peer_eval_networks
 from .base import Batch, BuildEnv, Method, MethodKind, StepContext, peer_names
@@ -46,6 +46,7 @@ class IEDMLConfig(IEKnobs):
 class IEDML(Method):
     name = "iedml"
     Config = IEDMLConfig
+    cfg: IEDMLConfig
     kind = MethodKind.ONLINE
 
     @classmethod
@@ -80,7 +81,7 @@ class IEDML(Method):
         ce = [F.cross_entropy(z, batch.y) for z in logits]
         kd = [mean_kd_to_peers(logits, i, cfg.temperature) for i in range(N_NETWORKS)]
         inh, exp, recon = self.ie_terms(fmaps)
-        loss = sum(c + k + cfg.l_inh * a - cfg.l_exp * b for c, k, a, b in zip(ce, kd, inh, exp)) + sum(recon)
+        loss = total(c + k + cfg.l_inh * a - cfg.l_exp * b for c, k, a, b in zip(ce, kd, inh, exp)) + total(recon)
         return {"loss": loss, "ce": detached_mean(ce), "kd": detached_mean(kd), "inherit": detached_mean(inh),
                 "explore": detached_mean(exp), "reconstruction": detached_mean(recon)}
 

@@ -74,6 +74,7 @@ def fit_autoencoder(ae: FactorAutoEncoder, fmaps: Callable[[int], Iterable[Tenso
 class IEKD(OfflineMethod):
     name = "iekd"
     Config = IEKDConfig
+    cfg: IEKDConfig
 
     def __init__(self, cfg: IEKDConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)

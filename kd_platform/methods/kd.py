@@ -36,6 +36,7 @@ def kd_objective(z_s: Tensor, z_t: Tensor, y: Tensor, cfg: KDConfig) -> dict[str
 class KD(OfflineMethod):
     name = "kd"
     Config = KDConfig
+    cfg: KDConfig
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         return kd_objective(*self.logits(batch.x), batch.y, self.cfg)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..knobs import knob
-from ..losses import kd_loss
+from ..losses import kd_loss, total
 from . import register_method
 from ._online import detached_mean, peer_eval_networks
 from ._peers import Peers
@@ -35,6 +35,7 @@ class KDCLConfig(MethodConfig):
 class KDCL(Method):
     name = "kdcl"
     Config = KDCLConfig
+    cfg: KDCLConfig
     kind = MethodKind.ONLINE
     fusable_peers = True
 
@@ -52,7 +53,7 @@ class KDCL(Method):
         target = torch.stack([z.detach() for z in logits]).mean(0)
         ce = [F.cross_entropy(z, batch.y) for z in logits]
         kd = [kd_loss(z, target, t) for z in logits]
-        loss = sum((1 - a) * c + a * k for c, k in zip(ce, kd))
+        loss = total((1 - a) * c + a * k for c, k in zip(ce, kd))
         return {"loss": loss, "ce": detached_mean(ce), "kd": detached_mean(kd)}
 
     def eval_networks(self) -> dict[str, Callable[[Tensor], Tensor]]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..knobs import knob
-from ..losses import kd_loss
+from ..losses import kd_loss, total
 from . import register_method
 from ._online import peer_eval_networks
 from ._peers import Peers
@@ -53,6 +53,7 @@ def _pick(value: str, paper: str, code: str, variant: str) -> str:
 class OKDPH(Method):
     name = "okdph"
     Config = OKDPHConfig
+    cfg: OKDPHConfig
     kind = MethodKind.ONLINE
     fusable_peers = True
 
@@ -67,7 +68,7 @@ class OKDPH(Method):
         self.hwm_grad = _pick(cfg.hwm_grad, "true", "false", cfg.variant) == "true"
 
     @classmethod
-    def views_for(cls, cfg: OKDPHConfig) -> int:  # type: ignore[override]
+    def views_for(cls, cfg: OKDPHConfig) -> int:
         per_network = _pick(cfg.views, "shared", "per_network", cfg.variant) == "per_network"
         return cfg.n_students + 1 if per_network else 1
 
@@ -87,7 +88,7 @@ class OKDPH(Method):
         ce = [F.cross_entropy(z, y) for z in logits]
         kd = [kd_loss(z, target, cfg.temperature) for z in logits]
         ce_h = F.cross_entropy(z_h, y)
-        loss = sum(cfg.omega * c + (1 - cfg.omega) * ce_h + cfg.beta * k for c, k in zip(ce, kd))
+        loss = total(cfg.omega * c + (1 - cfg.omega) * ce_h + cfg.beta * k for c, k in zip(ce, kd))
         return {"loss": loss, "ce_students": torch.stack(ce).mean().detach(),
                 "ce_hwm": ce_h.detach(), "kd": torch.stack(kd).mean().detach()}
 

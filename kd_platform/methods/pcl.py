@@ -33,8 +33,15 @@ from torch import Tensor
 
 from ..models import build_multibranch
 from . import register_method
-from ._online import (MultiBranchConfig, ema_update_, frozen_copy, mean_teacher_rampup,
-                      multibranch_eval_networks, multibranch_logits, peer_teacher_loss)
+from ._online import (
+    MultiBranchConfig,
+    ema_update_,
+    frozen_copy,
+    mean_teacher_rampup,
+    multibranch_eval_networks,
+    multibranch_logits,
+    peer_teacher_loss,
+)
 from .base import Batch, BuildEnv, Method, MethodKind, StepContext, peer_names
 
 
@@ -47,6 +54,7 @@ class PCLConfig(MultiBranchConfig):
 class PCL(Method):
     name = "pcl"
     Config = PCLConfig
+    cfg: PCLConfig
     kind = MethodKind.ONLINE
 
     @classmethod
@@ -59,7 +67,7 @@ class PCL(Method):
         self.temporal = frozen_copy(self.net)
 
     @classmethod
-    def views_for(cls, cfg: PCLConfig) -> int:  # type: ignore[override]
+    def views_for(cls, cfg: PCLConfig) -> int:
         return cfg.branches if cfg.views == "per_network" else 1
 
     def rampup(self, epoch: float) -> float:

@@ -18,13 +18,14 @@ from typing import Callable
 from torch import nn
 
 from ..registry import Registry
+from .base import ZooNet
 
-_BUILDERS: Registry[Callable[..., nn.Module]] = Registry("architecture", __name__, __path__)
+_BUILDERS: Registry[Callable[..., ZooNet]] = Registry("architecture", __name__, __path__)
 
 
 def register_model(name: str) -> Callable:
-    """Decorator registering ``builder(num_classes, in_channels) -> nn.Module`` under ``name``."""
-    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator registering ``builder(num_classes, in_channels) -> ZooNet`` under ``name``."""
+    def wrap(builder: Callable[..., ZooNet]) -> Callable[..., ZooNet]:
         return _BUILDERS.add(name, builder)
     return wrap
 
@@ -33,7 +34,7 @@ def model_names() -> list[str]:
     return _BUILDERS.names()
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+def build_model(name: str, num_classes: int, in_channels: int = 3) -> ZooNet:
     """A freshly initialised network ``name`` for ``num_classes`` classes."""
     return _BUILDERS.get(name)(num_classes=num_classes, in_channels=in_channels)
 

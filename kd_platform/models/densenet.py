@@ -73,5 +73,5 @@ class CifarDenseNet(ZooNet):
 
 
 @register_model("densenet40_12")
-def densenet40_12(num_classes: int, in_channels: int = 3) -> nn.Module:
+def densenet40_12(num_classes: int, in_channels: int = 3) -> ZooNet:
     return CifarDenseNet(40, 12, num_classes, in_channels)

@@ -81,5 +81,5 @@ class CifarMobileNetV2(ZooNet):
 
 
 @register_model("mobilenetv2")
-def mobilenetv2(num_classes: int, in_channels: int = 3) -> nn.Module:
+def mobilenetv2(num_classes: int, in_channels: int = 3) -> ZooNet:
     return CifarMobileNetV2(num_classes, in_channels)

@@ -18,7 +18,6 @@ multi-branch builder splits the same specs into a shared trunk and per-branch la
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Iterator
 
 import torch.nn.functional as F
@@ -145,7 +144,7 @@ def _register(name: str, spec: ResNetSpec) -> None:
     RESNET_SPECS[name] = spec
 
     @register_model(name)
-    def build(num_classes: int, in_channels: int = 3) -> nn.Module:
+    def build(num_classes: int, in_channels: int = 3) -> ZooNet:
         return CifarResNet(spec, num_classes, in_channels)
 
 

@@ -35,5 +35,5 @@ class ResNet18(ZooNet):
 
 
 @register_model("resnet18")
-def build(num_classes: int, in_channels: int = 3) -> nn.Module:
+def build(num_classes: int, in_channels: int = 3) -> ZooNet:
     return ResNet18(num_classes, in_channels)

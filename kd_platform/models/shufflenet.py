@@ -148,10 +148,10 @@ class CifarShuffleNetV2(_Shuffle):
 
 
 @register_model("shufflenetv1")
-def shufflenetv1(num_classes: int, in_channels: int = 3) -> nn.Module:
+def shufflenetv1(num_classes: int, in_channels: int = 3) -> ZooNet:
     return CifarShuffleNetV1(num_classes, in_channels)
 
 
 @register_model("shufflenetv2")
-def shufflenetv2(num_classes: int, in_channels: int = 3) -> nn.Module:
+def shufflenetv2(num_classes: int, in_channels: int = 3) -> ZooNet:
     return CifarShuffleNetV2(num_classes, in_channels)

@@ -65,7 +65,7 @@ class CifarVGG(ZooNet):
 
 def _register(name: str) -> None:
     @register_model(name)
-    def build(num_classes: int, in_channels: int = 3) -> nn.Module:
+    def build(num_classes: int, in_channels: int = 3) -> ZooNet:
         return CifarVGG(_CONFIGS[name], num_classes, in_channels)
 
 

@@ -72,7 +72,7 @@ class WideResNet(ZooNet):
 
 def _register(depth: int, widen: int) -> None:
     @register_model(f"wrn_{depth}_{widen}")
-    def build(num_classes: int, in_channels: int = 3) -> nn.Module:
+    def build(num_classes: int, in_channels: int = 3) -> ZooNet:
         return WideResNet(depth, widen, num_classes, in_channels)
 
 
@@ -84,5 +84,5 @@ RESNET_SPECS["wrn_20_8"] = ResNetSpec(Bottleneck, (2, 2, 2), (16, 16, 32, 64), w
 
 
 @register_model("wrn_20_8")
-def wrn_20_8(num_classes: int, in_channels: int = 3) -> nn.Module:
+def wrn_20_8(num_classes: int, in_channels: int = 3) -> ZooNet:
     return CifarResNet(RESNET_SPECS["wrn_20_8"], num_classes, in_channels)
