@@ -90,11 +90,15 @@ def wait_for_mlflow(lab: testhosts.Lab, timeout: float = 300) -> None:
          timeout, lambda: f"the head's MLflow server did not answer within {timeout:.0f}s")
 
 
+# `bash -i` reads ~/.bashrc, where the setup commands put the venv on PATH (the README's line).
+STOP_WORKER = "bash -ic 'ray stop'"
+
+
 def stop_workers(lab: testhosts.Lab) -> None:
     """The README's step after ``ray down``, which runs ``ray stop`` on the head only (the local provider's
     "terminate" just forgets a node): ``ray stop`` on each worker over SSH."""
     for w in lab.hosts[1:]:
-        checked(testhosts.sh(*lab.ssh_args(), f"{testhosts.SSH_USER}@{w.ip}", "~/kd-venv/bin/ray stop", check=False),
+        checked(testhosts.sh(*lab.ssh_args(), f"{testhosts.SSH_USER}@{w.ip}", STOP_WORKER, check=False),
                 f"ray stop on {w.name}")
 
 

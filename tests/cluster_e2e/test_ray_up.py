@@ -1,6 +1,6 @@
 """``ray up cluster-local.yaml`` on three test hosts, a sweep across them, ``ray down``.
 
-Opt-in (about five minutes, and it needs root): ``KD_CLUSTER_E2E=1 python -m pytest -q tests/cluster_e2e``.
+Opt-in (about eight minutes on 2 busy cores, and it needs root): ``KD_CLUSTER_E2E=1 python -m pytest -q tests/cluster_e2e``.
 How the hosts stand in for machines, and what differs: testhosts.py.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(2400, method="signal"),  # signal: a timeout still runs the teardown
     pytest.mark.skipif(os.environ.get("KD_CLUSTER_E2E") != "1",
-                       reason="the ray up test runs with KD_CLUSTER_E2E=1 (root, about five minutes)"),
+                       reason="the ray up test runs with KD_CLUSTER_E2E=1 (root, about eight minutes)"),
     pytest.mark.skipif(bool(testhosts.missing_requirements()), reason=testhosts.missing_requirements() or "ok"),
 ]
 
