@@ -168,8 +168,8 @@ class BufferedClient:
 
     ``opener(write) -> run id`` runs an ``open`` write; ``had_step(trial, step)`` says whether a
     resumed run already holds a step (so a metrics write queued before its run was found is
-    not sent twice). ``spill_to``: a file that holds the queue whenever a try fails (so that a
-    driver killed while the store is away loses nothing), removed once the queue is empty."""
+    not sent twice). ``spill_to``: a file that holds the queue whenever a write is left in it (so
+    that a driver killed while the store is away loses nothing), removed once the queue is empty."""
 
     def __init__(self, client: Any, opener: Callable[[Write], str] | None = None,
                  had_step: Callable[[str, int], bool] | None = None, spill_to: Path | None = None) -> None:
@@ -227,7 +227,8 @@ class BufferedClient:
 
     def submit(self, write: Write) -> None:
         self.pending.append(write)
-        self.pump()
+        if not self.pump() and self.spill_to:
+            self.spill(self.spill_to)
 
     def pump(self, force: bool = False) -> bool:
         """Send queued writes in order until one fails transiently; True when none is left. While
@@ -263,8 +264,6 @@ class BufferedClient:
             log.warning("MLflow store %s; holding %d write(s) and trying again (the sweep goes on)",
                         short_reason(exc), len(self.pending))
         log.debug("MLflow write failed: %s", exc)
-        if self.spill_to:
-            self.spill(self.spill_to)
         self.next_try = time.monotonic() + self.delay
         self.delay = min(2 * self.delay, MAX_BACKOFF_S)
 
