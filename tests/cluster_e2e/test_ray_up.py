@@ -1,6 +1,7 @@
 """``ray up cluster-local.yaml`` on three test hosts, a sweep across them, ``ray down``.
 
-Opt-in (about eight minutes on 2 busy cores, and it needs root): ``KD_CLUSTER_E2E=1 python -m pytest -q tests/cluster_e2e``.
+Opt-in (about eight minutes on 2 busy cores, and it needs root):
+``KD_CLUSTER_E2E=1 python -m pytest -q tests/cluster_e2e``.
 How the hosts stand in for machines, and what differs: testhosts.py.
 """
 from __future__ import annotations

@@ -236,7 +236,7 @@ class Lab:
     def _wait_for_ssh(self, h: Host, timeout: float = 30) -> None:
         end = time.monotonic() + timeout
         while True:
-            r = sh(*self.ssh_args(), f"{SSH_USER}@{h.ip}", "echo $HOME; ls ~/.ssh", check=False)
+            r = sh(*self.ssh_args(), f"{SSH_USER}@{h.ip}", "true", check=False)
             if r.returncode == 0:
                 return
             if h.proc.poll() is not None or time.monotonic() > end:
