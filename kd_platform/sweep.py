@@ -121,22 +121,33 @@ def _init_ray(address: str | None, dashboard: bool) -> None:
 
 class RayStart:
     """``ray.init`` on a background thread, so that the sweep's driver does its own setup while
-    Ray's head processes come up (several seconds on a small machine); ``wait`` joins it."""
+    Ray's head processes come up (several seconds on a small machine); ``wait`` waits for it.
+
+    The thread that starts a local cluster stays alive, idle, until the process ends: Ray's
+    head processes are started with a parent-death signal, which Linux sends when the thread
+    that forked them exits, not the process."""
 
     def __init__(self, address: str | None, dashboard: bool) -> None:
         self.error: BaseException | None = None
+        self.ready = threading.Event()
         logging.getLogger("ray._private.worker").addFilter(_not_sigterm_note)
-        self.thread = threading.Thread(target=self._run, args=(address, dashboard), name="ray-init", daemon=True)
-        self.thread.start()
+        threading.Thread(target=self._run, args=(address, dashboard), name="ray-init", daemon=True).start()
 
     def _run(self, address: str | None, dashboard: bool) -> None:
+        import ray
+        started = not ray.is_initialized()
         try:
             _init_ray(address, dashboard)
         except BaseException as exc:  # raised again in the sweep's thread by wait()
             self.error = exc
+            started = False
+        finally:
+            self.ready.set()
+        if started:
+            threading.Event().wait()
 
     def wait(self) -> None:
-        self.thread.join()
+        self.ready.wait()
         if self.error is not None:
             raise self.error
         # Ray sets this handler only from the main thread: a SIGTERM ends the driver through
