@@ -8,11 +8,12 @@ in one run on the same machine.
 ``TorchTrainer``, which is what decides whether one-worker trials run in-process.
 ASHA is given a grace period of every epoch so that both sides train the same epochs.
 
-    python bench/overhead.py --default-sweep --before REV [--rounds 2]
+    python bench/overhead.py --default-sweep --before REV [--after REV] [--rounds 2]
 
 times the default sweep command as a user types it (``python -m platform.sweep okdph``:
-digits, a local Ray cluster, a sqlite MLflow store) at commit REV (checked out in a temporary
-git worktree) and in this tree, alternating, so that both see the same machine load.
+digits, a local Ray cluster, a sqlite MLflow store) at commit REV and at --after (this
+tree by default), each checked out in a temporary git worktree, alternating, so that both
+see the same machine load.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def default_sweep(tree: Path, work: Path) -> tuple[float, float]:
     """The default sweep command run in ``tree``: (command wall s, the sweep's own reported s)."""
     cmd = [sys.executable, "-m", "platform.sweep", "okdph", "--out", str(work / "res"),
            "--tracking-uri", f"sqlite:///{work / 'm.db'}", "--quiet"]
+    work.mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(tree)}
     env.pop("RAY_ADDRESS", None)
     t0 = time.perf_counter()
@@ -74,22 +76,28 @@ def default_sweep(tree: Path, work: Path) -> tuple[float, float]:
     return wall, float(found.group(1))
 
 
-def compare_default_sweep(before: str, rounds: int) -> None:
+def compare_default_sweep(before: str, after: str | None, rounds: int) -> None:
+    """``before`` and ``after`` (None: this working tree) each checked out in a temporary worktree."""
     with tempfile.TemporaryDirectory() as tmp:
-        old = Path(tmp) / "before"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), before], check=True,
-                       capture_output=True)
+        trees = {"before": Path(tmp) / "before", "after": Path(tmp) / "after" if after else REPO}
+        for label, rev in (("before", before), ("after", after)):
+            if rev:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(trees[label]), rev],
+                               check=True, capture_output=True)
         try:
             runs: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
             for i in range(rounds):
-                for label, tree in (("before", old), ("after", REPO)):
+                for label, tree in trees.items():
                     runs[label].append(default_sweep(tree, Path(tmp) / f"{label}{i}"))
                     print(f"round {i + 1} {label}: command {runs[label][-1][0]:.1f} s, sweep {runs[label][-1][1]:.0f} s",
                           flush=True)
         finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], capture_output=True)
+            for label, tree in trees.items():
+                if tree != REPO:
+                    subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
+                                   capture_output=True)
     print(f"\ndefault sweep (python -m platform.sweep okdph: 8 trials x 4 epochs on digits), {rounds} rounds "
-          f"alternating, {os.cpu_count()} CPUs; before = {before}")
+          f"alternating, {os.cpu_count()} CPUs; before = {before}, after = {after or 'this tree'}")
     print(f"{'':8s} {'command wall s (median)':>24s} {'sweep s (median)':>17s}   every round")
     for label, got in runs.items():
         print(f"{label:8s} {statistics.median(w for w, _ in got):24.1f} {statistics.median(r for _, r in got):17.0f}"
@@ -104,13 +112,14 @@ def main() -> None:
     p.add_argument("--default-sweep", action="store_true",
                    help="time the default sweep command at --before REV against this tree instead")
     p.add_argument("--before", metavar="REV", help="with --default-sweep: the commit to compare against")
+    p.add_argument("--after", metavar="REV", help="with --default-sweep: the commit to compare (default this tree)")
     p.add_argument("--rounds", type=int, default=2, help="with --default-sweep: before/after pairs (default 2)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.default_sweep:
         if not args.before:
             p.error("--default-sweep needs --before REV")
-        compare_default_sweep(args.before, args.rounds)
+        compare_default_sweep(args.before, args.after, args.rounds)
         return
     import ray
     t0 = time.perf_counter()
