@@ -123,7 +123,8 @@ def main() -> None:
         return
     import ray
     t0 = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, logging_level=logging.WARNING)
+    # As the sweep command starts it: the dashboard only for TorchTrainer trials.
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=args.train, logging_level=logging.WARNING)
     ray_start = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -134,7 +135,7 @@ def main() -> None:
             rows.append(("sweep, 1-worker TorchTrainer trials", sweep(args.trials, args.epochs, work, use_train=True)))
     print(f"\n{args.trials} OKDPH trials x {args.epochs} epochs on digits, one at a time, 1 thread each "
           f"({os.cpu_count()} CPUs, torch {torch.__version__}, python {sys.version.split()[0]})")
-    print(f"ray.init (once per sweep command): {ray_start:.1f}s")
+    print(f"ray.init (once per sweep command{', with the dashboard' if args.train else ''}): {ray_start:.1f}s")
     print(f"{'':38s} {'wall s':>8s} {'vs bare':>8s} {'overhead/trial s':>17s}")
     for label, wall in rows:
         print(f"{label:38s} {wall:8.1f} {wall / bare_s:8.2f} {(wall - bare_s) / args.trials:17.1f}")

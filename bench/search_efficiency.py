@@ -155,6 +155,36 @@ def load_curves(bench: Bench, cache: Path, workers: int, say: Callable[[str], No
     return curves
 
 
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Rank correlation (ties take their mean rank): how well one ordering predicts the other."""
+    def ranks(v: Sequence[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    a, b = ranks(xs), ranks(ys)
+    ma, mb = statistics.mean(a), statistics.mean(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    var = math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+    return cov / var if var else float("nan")
+
+
+def early_rank_agreement(curves: dict[str, list[float]]) -> list[float]:
+    """Per epoch before the last, the rank correlation of the grid's values then with its final
+    values: what ASHA relies on when it stops trials at a rung."""
+    keys = list(curves)
+    epochs = min(len(c) for c in curves.values())
+    final = [curves[k][-1] for k in keys]
+    return [spearman([curves[k][e] for k in keys], final) for e in range(epochs - 1)]
+
+
 # --- the strategies, through real Ray Tune, Optuna and ASHA --------------------------------------
 
 def replay_trial(config: dict[str, Any], *, curves: dict[str, list[float]], values: dict[str, list[Any]],
@@ -344,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"replayed to real Ray Tune + Optuna + ASHA (grace period {bench.space.grace_period}, reduction factor "
           f"{bench.space.reduction_factor})")
     print(table(rows))
+    agreement = ", ".join(f"epoch {e + 1}: {r:.2f}" for e, r in enumerate(early_rank_agreement(curves)))
+    print(f"rank correlation of the grid's values at each earlier epoch with its final values: {agreement}")
     tpe = next((r for r in rows if r.strategy == "TPE + ASHA"), None)
     if tpe and facts["budget"] <= facts["grid_epochs"] // 3:
         hits = sum(r is not None for r in tpe.reach)

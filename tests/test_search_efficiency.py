@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import importlib.util
 import json
+import math
 import sys
 
 import pytest
@@ -77,3 +78,12 @@ def test_strategy_through_real_tune(strategy, tiny, ray_local, tmp_path):
         assert all(len(v) == 2 for v in by_trial.values())
     row = se.summarise(strategy, [run.within(4)], 4, 90.0 - se.WITHIN)
     assert row.best == [se.best_trace(run.within(4))[-1]] and row.budget == 4
+
+
+def test_rank_agreement_by_hand():
+    assert se.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert se.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    # ranks [0.5, 0.5, 2] against [0, 1, 2]: covariance 1.5, variances 1.5 and 2
+    assert se.spearman([5, 5, 9], [1, 2, 3]) == pytest.approx(1.5 / math.sqrt(1.5 * 2))
+    curves = {"a": [1.0, 9.0], "b": [2.0, 8.0], "c": [3.0, 7.0]}
+    assert se.early_rank_agreement(curves) == [pytest.approx(-1.0)]
