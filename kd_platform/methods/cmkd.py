@@ -98,6 +98,7 @@ def cmkd_objective(z_s: Tensor, z_t: Tensor, y: Tensor, cfg: CMKDConfig) -> dict
 class CMKD(OfflineMethod):
     name = "cmkd"
     Config = CMKDConfig
+    cfg: CMKDConfig
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         return cmkd_objective(*self.logits(batch.x), batch.y, self.cfg)

@@ -53,6 +53,7 @@ def dist_objective(z_s: Tensor, z_t: Tensor, y: Tensor, cfg: DISTConfig) -> dict
 class DIST(OfflineMethod):
     name = "dist"
     Config = DISTConfig
+    cfg: DISTConfig
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         return dist_objective(*self.logits(batch.x), batch.y, self.cfg)

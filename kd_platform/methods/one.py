@@ -87,7 +87,7 @@ class ONE(Method):
     kind = MethodKind.ONLINE
 
     @classmethod
-    def student_names(cls, cfg: ONEConfig) -> tuple[str, ...]:  # type: ignore[override]
+    def student_names(cls, cfg: ONEConfig) -> tuple[str, ...]:
         return peer_names(cfg.branches)
 
     def __init__(self, cfg: ONEConfig, env: BuildEnv) -> None:
