@@ -12,10 +12,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .console import OneLineParser, run_command
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .spec import Assets
 
 
 def _positive_int(text: str) -> int:
@@ -85,34 +88,34 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="offline methods: where trained teachers are kept and reused (default OUT/teachers)")
 
 
-def _teacher_assets(args: argparse.Namespace, fixed: dict[str, Any], swept: Sequence[str] = ()) -> dict[str, str]:
-    """The teacher cache and checkpoint of an offline method as ``asset.*`` entries of the
-    fixed knobs (absolute, since Ray's processes change directory); a checkpoint that cannot
-    be the method's teacher fails here, before any run exists."""
-    from .engine import ASSET_PREFIX, RunSpec
+def _teacher_assets(args: argparse.Namespace, fixed: dict[str, Any], swept: Sequence[str] = ()) -> "Assets":
+    """The teacher cache, store and checkpoint of an offline method (absolute, since Ray's
+    processes change directory); a checkpoint that cannot be the method's teacher fails here,
+    before any run exists."""
     from .methods import get_method
+    from .spec import Assets, RunSpec
     from .teachers import check_teacher_checkpoint
     if get_method(args.method).kind != "offline":
         if args.teacher_checkpoint or args.teacher_cache:
             raise UsageError(f"method '{args.method}' has no teacher; drop --teacher-checkpoint/--teacher-cache")
-        return {}
+        return Assets()
     cache = (args.teacher_cache or args.out / "teachers").resolve()
-    assets = {f"{ASSET_PREFIX}teacher_cache": str(cache)}
+    assets = {"teacher_cache": str(cache)}
     if args.storage_path:  # storage every node reaches: teachers trained on one node are fetched by the others
         from .teacher_store import store_uri
         store = store_uri(_storage(args))
         if store != str(cache):
-            assets[f"{ASSET_PREFIX}teacher_store"] = store
+            assets["teacher_store"] = store
     if args.teacher_checkpoint:
         if "teacher_arch" in swept:
             raise UsageError("--teacher-checkpoint fixes the teacher, so teacher_arch cannot be swept")
         path = args.teacher_checkpoint.resolve()
         check_teacher_checkpoint(path, RunSpec.from_flat(args.method, fixed, args.seed))
-        assets[f"{ASSET_PREFIX}teacher_checkpoint"] = str(path)
+        assets["teacher_checkpoint"] = str(path)
     elif "teacher_arch" not in swept:
         from .models.torchvision_zoo import check_published_teacher
         check_published_teacher(RunSpec.from_flat(args.method, fixed, args.seed))
-    return assets
+    return Assets(**assets)
 
 
 def _load_space(args: argparse.Namespace) -> Any:
@@ -145,6 +148,7 @@ def _check_data(method: str, fixed: dict[str, Any], seed: int) -> None:
     """Open the dataset once here, so that a missing directory or a corrupt file is a one-line
     error now rather than a failed trial later (and a download happens once, not per trial)."""
     import torch
+
     from .data import build_data
     from .engine import RunSpec, data_recipe
     recipe = data_recipe(RunSpec.from_flat(method, fixed, seed))
@@ -251,7 +255,7 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
     if "val_fraction" in space.swept or float(space.fixed.get("val_fraction", 0.1)) <= 0:
         raise UsageError("a sweep tunes on the validation split: keep val_fraction > 0 fixed "
                          "(val_fraction=0 is for a final 'python -m platform.train' run)")
-    space.fixed.update(_teacher_assets(args, space.fixed, list(space.swept)))
+    assets = _teacher_assets(args, space.fixed, list(space.swept))
     uri = _checked_uri(args)
     _check_data(args.method, space.fixed, args.seed)
     ablation = _ablation(args, space, uri)
@@ -264,7 +268,7 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
     # No --max-concurrent: run_sweep fits as many trials as the Ray cluster's CPUs and GPUs hold.
     return SweepSettings(args.method, space, samples, epochs, args.max_concurrent, args.seed, uri,
                          args.experiment or args.method, args.out.resolve(), name, launch, address=args.address,
-                         verbose=0 if args.quiet else 1, ablation=ablation)
+                         verbose=0 if args.quiet else 1, ablation=ablation, assets=assets)
 
 
 def _ablation(args: argparse.Namespace, space: Any, uri: str) -> Any:
@@ -325,7 +329,7 @@ def _train(argv: Sequence[str] | None) -> int:
     args = train_parser().parse_args(argv)
     space = _load_space(args)
     flat = {**space.fixed, "epochs": _epochs(args, space)}
-    spec = RunSpec.from_flat(args.method, {**flat, **_teacher_assets(args, flat)}, args.seed)
+    spec = RunSpec.from_flat(args.method, flat, args.seed, _teacher_assets(args, flat))
     uri = _checked_uri(args)
     _check_data(args.method, flat, args.seed)
     launch = _launch(args)

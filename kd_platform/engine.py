@@ -7,12 +7,11 @@ to a :class:`Reporter`. It knows nothing of any particular method, of Ray or of 
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -21,124 +20,19 @@ import torch
 from torch import nn
 
 from .checkpoint import STATE_FILE, load_checked, save_atomic
-from .data import build_data, check_recipe, dataset_names
+from .data import build_data
 from .errors import UsageError
 from .evaluation import evaluate
-from .knobs import build_config, knob_specs
 from .methods import get_method
 from .methods.base import Batch, BuildEnv, Method, StepContext
-from .models import build_model, model_names
+from .models import build_model
 from .models.base import ZooNet
-from .models.stacked import is_stackable
 from .recipe import Recipe
+from .spec import FUSED_AUTO, Assets, RunSpec, data_recipe, resolve_fused  # noqa: F401  (the engine's API)
 
 log = logging.getLogger(__name__)
-ASSET_PREFIX = "asset."
-
-
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite; the run cannot recover from that."""
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """The whole description of one run: method, method knobs, recipe knobs and seed."""
-    method: str
-    knobs: dict[str, Any] = field(default_factory=dict)
-    recipe: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    assets: dict[str, str] = field(default_factory=dict)
-    """Files a run uses but that are not knobs (absolute paths): ``teacher_cache``, the
-    directory of trained teachers, ``teacher_store``, the storage shared by a cluster's nodes
-    behind it (a path or URI), and ``teacher_checkpoint``, a user's own teacher."""
-
-    @staticmethod
-    def from_flat(method: str, flat: dict[str, Any], seed: int) -> "RunSpec":
-        """Split one flat mapping of knobs into method knobs and recipe knobs, validating both.
-
-        Keys ``asset.<name>`` are assets, not knobs: riding in the flat mapping lets them
-        travel wherever fixed knobs go (Tune trials, a resumed sweep's state file)."""
-        assets = {k[len(ASSET_PREFIX):]: str(v) for k, v in flat.items() if k.startswith(ASSET_PREFIX)}
-        flat = {k: v for k, v in flat.items() if not k.startswith(ASSET_PREFIX)}
-        method_keys = set(knob_specs(get_method(method).Config))
-        recipe_keys = set(knob_specs(Recipe))
-        spec = RunSpec(method, {k: v for k, v in flat.items() if k in method_keys},
-                       {k: v for k, v in flat.items() if k in recipe_keys and k not in method_keys}, seed,
-                       assets)
-        unknown = set(flat) - method_keys - recipe_keys
-        if unknown:
-            raise UsageError(f"unknown knob '{sorted(unknown)[0]}' for method '{method}'")
-        _check_names(*spec.resolved())
-        check_recipe(data_recipe(spec))
-        _check_fused(spec)
-        return spec
-
-    def resolved(self) -> tuple[Recipe, Any]:
-        return build_config(Recipe, self.recipe), build_config(get_method(self.method).Config, self.knobs)
-
-    def all_knobs(self) -> dict[str, Any]:
-        """Every knob with its resolved value (defaults filled in), as logged to MLflow."""
-        recipe, cfg = self.resolved()
-        return {**asdict(recipe), **asdict(cfg), "seed": self.seed}
-
-
-def _check_names(recipe: Recipe, cfg: Any) -> None:
-    """Architectures and datasets are free-form strings in the knobs; check them against
-    the registries here so a typo fails before anything starts."""
-    if recipe.dataset not in dataset_names():
-        raise UsageError(f"knob 'dataset': unknown dataset '{recipe.dataset}'; known: {', '.join(dataset_names())}")
-    archs = {"arch": recipe.arch, **{k: v for k, v in asdict(cfg).items() if k.endswith("_arch")}}
-    for key, name in archs.items():
-        if name not in model_names():
-            raise UsageError(f"knob '{key}': unknown architecture '{name}'; known: {', '.join(model_names())}")
-
-
-FUSED_AUTO: dict[str, bool] = {"cpu": False, "cuda": False}
-"""What ``fused=auto`` means per device type. On the CPU a stacked step is no faster (grouped
-convolutions there are not better kernels; see bench/gpu.py's CPU figures). On CUDA it stays
-off until bench/gpu.py has measured the fused step faster on a GPU and the figures are in
-bench/RESULTS.md."""
-
-
-@functools.lru_cache(maxsize=None)
-def _stackable_arch(arch: str) -> bool:
-    """Whether ``arch`` stacks; asked at every parse of a run, so each architecture is built once."""
-    return is_stackable(build_model(arch, 2, 3))
-
-
-def _check_fused(spec: RunSpec) -> None:
-    recipe, _ = spec.resolved()
-    if recipe.fused != "true":
-        return
-    from .methods import method_names
-    if not get_method(spec.method).fusable_peers:
-        fusable = [m for m in method_names() if get_method(m).fusable_peers]
-        raise UsageError(f"knob 'fused': method '{spec.method}' has no homogeneous peers to fuse into one model "
-                         f"(methods that have: {', '.join(fusable)})")
-    if not _stackable_arch(recipe.arch):
-        stackable = [a for a in model_names() if _stackable_arch(a)]
-        raise UsageError(f"knob 'fused': architecture '{recipe.arch}' cannot be stacked (its layers mix "
-                         f"channels outside convolutions); stackable: {', '.join(stackable)}")
-
-
-def resolve_fused(spec: RunSpec, device: torch.device) -> bool:
-    """Whether this run trains its peers fused: ``fused`` resolved for the method, the
-    architecture and the device."""
-    recipe, _ = spec.resolved()
-    if recipe.fused == "false" or not get_method(spec.method).fusable_peers:
-        return False
-    if recipe.fused == "true":
-        return True
-    return FUSED_AUTO.get(device.type, False) and _stackable_arch(recipe.arch)
-
-
-def data_recipe(spec: RunSpec) -> Recipe:
-    """The recipe the data module is built from: ``view_augments`` only reach a method that
-    asks for per-network views, so a single-view run is not held to augmentations it never uses."""
-    recipe, cfg = spec.resolved()
-    if recipe.view_augments and get_method(spec.method).views_for(cfg) == 1:
-        recipe = replace(recipe, view_augments="")
-    return recipe
 
 
 class Reporter(Protocol):

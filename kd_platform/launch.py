@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 
 from . import engine, faults, teachers
-from .engine import RunSpec
 from .reporting import mlflow_reporter
+from .spec import RunSpec
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def train_worker(config: dict[str, Any]) -> None:
     ctx = train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(config["cpus"])
-    spec = RunSpec(**config["spec"])
+    spec = RunSpec.from_dict(config["spec"])
     injected = faults.hooks(spec.all_knobs())
     # Every rank must call report (it is a barrier); only rank 0 attaches the checkpoint.
     placement = {"node_id": node_id(), "gpu_ids": gpu_ids(), **_worker_placement(world)}

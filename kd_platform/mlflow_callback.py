@@ -19,11 +19,10 @@ from typing import Any
 from ray.tune import Callback
 
 from . import tracking
-from .mlflow_writer import (PATIENCE_ENV, BufferedClient, StoreUnavailable, Write, is_transient, patience_s,
-                            string_tags)
 from .checkpoint import CHECKPOINT_TAG, checkpoint_location
 from .evaluation import warning_tags
-from .engine import RunSpec, data_recipe
+from .mlflow_writer import PATIENCE_ENV, BufferedClient, StoreUnavailable, Write, is_transient, patience_s, string_tags
+from .spec import Assets, RunSpec, data_recipe
 from .teachers import record_teacher
 
 TRIAL_TAG = "ray.trial_id"
@@ -37,8 +36,9 @@ log = logging.getLogger(__name__)
 class MlflowTrialLogger(Callback):
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, method: str,
                  fixed: dict[str, Any], seed: int, epochs: int, tags: dict[str, str],
-                 unsent: Path | None = None) -> None:
+                 unsent: Path | None = None, assets: Assets | None = None) -> None:
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
+        self.assets = assets or Assets()
         self.method, self.fixed, self.seed, self.epochs, self.tags = method, fixed, seed, epochs, tags
         self.runs: dict[str, str] = {}
         self.last_epoch: dict[str, int] = {}
@@ -108,7 +108,7 @@ class MlflowTrialLogger(Callback):
     def spec_of(self, config: dict[str, Any]) -> RunSpec:
         config = dict(config)
         seed = int(config.pop("seed", self.seed))  # ablations repeat each cell over seeds
-        return RunSpec.from_flat(self.method, {**self.fixed, **config}, seed)
+        return RunSpec.from_flat(self.method, {**self.fixed, **config}, seed, self.assets)
 
     def log_dataset(self, c: Any, run_id: str, spec: RunSpec) -> None:
         """The trial's data as the run's dataset input; described once per data recipe and seed

@@ -8,9 +8,9 @@ from typing import Any
 
 from . import engine, faults, teachers, tracking
 from .checkpoint import CHECKPOINT_TAG, checkpoint_location
-from .engine import RunSpec
 from .launch import Launch, device_for, fit_with_train, set_threads
 from .reporting import mlflow_reporter
+from .spec import RunSpec
 from .teachers import record_teacher
 
 log = logging.getLogger(__name__)

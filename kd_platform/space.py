@@ -14,11 +14,11 @@ from typing import Any
 
 import yaml
 
-from .engine import RunSpec
 from .errors import UsageError
 from .knobs import KnobSpec, knob_specs
 from .methods import get_method
 from .recipe import Recipe
+from .spec import RunSpec
 
 SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 KINDS = {"uniform": ("low", "high"), "loguniform": ("low", "high"), "int": ("low", "high"),
@@ -51,7 +51,7 @@ class SearchSpace:
 
     def optuna_distributions(self) -> dict[str, Any]:
         from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-        out = {}
+        out: dict[str, Any] = {}
         for key, d in self.swept.items():
             if d["type"] == "choice":
                 out[key] = CategoricalDistribution(list(d["values"]))
@@ -145,6 +145,7 @@ class _UntrainedTeachers:
 def _network_names(method: str, knobs: tuple) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
     """``(evaluated networks, groups, online with peers)`` of ``method`` built with ``knobs``."""
     import torch
+
     from .engine import build_method
     cls = get_method(method)
     try:

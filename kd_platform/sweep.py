@@ -22,8 +22,9 @@ from typing import Any
 from . import tracking
 from .ablate import Ablation
 from .errors import UsageError
-from .space import SearchSpace
 from .launch import Launch
+from .space import SearchSpace
+from .spec import Assets
 from .trial import run_trial
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class SweepSettings:
     parent_run_id: str | None = None
     verbose: int = 1
     ablation: Ablation | None = None
+    assets: Assets = field(default_factory=Assets)
 
     @property
     def trial_fixed(self) -> dict[str, Any]:
@@ -71,7 +73,7 @@ class SweepSettings:
                 "samples": self.samples, "epochs": self.epochs, "max_concurrent": self.max_concurrent,
                 "seed": self.seed, "tracking_uri": self.tracking_uri, "experiment": self.experiment,
                 "name": self.name, "launch": asdict(self.launch), "parent_run_id": self.parent_run_id,
-                "ablation": self.ablation.to_json() if self.ablation else None}
+                "ablation": self.ablation.to_json() if self.ablation else None, "assets": asdict(self.assets)}
 
     @staticmethod
     def from_sweep_dir(path: Path) -> "SweepSettings":
@@ -80,14 +82,23 @@ class SweepSettings:
             raise UsageError(f"--resume: '{path}' holds no sweep (no {STATE_FILE})")
         try:
             d = json.loads(state.read_text())
-            space = SearchSpace(d["method"], d["space_source"], d["swept"], d["fixed"], d["metric"], d["mode"],
+            fixed, assets = _without_asset_keys(d["fixed"], d.get("assets"))
+            space = SearchSpace(d["method"], d["space_source"], d["swept"], fixed, d["metric"], d["mode"],
                                 d["samples"], d["epochs"], d["grace_period"], d["reduction_factor"])
             return SweepSettings(d["method"], space, d["samples"], d["epochs"], d["max_concurrent"], d["seed"],
                                  d["tracking_uri"], d["experiment"], path.parent, d["name"], Launch(**d["launch"]),
                                  resume=True, parent_run_id=d["parent_run_id"],
-                                 ablation=Ablation(**d["ablation"]) if d.get("ablation") else None)
+                                 ablation=Ablation(**d["ablation"]) if d.get("ablation") else None,
+                                 assets=assets)
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"--resume: '{state}' is unreadable ({exc})") from None
+
+
+def _without_asset_keys(fixed: dict[str, Any], assets: dict[str, Any] | None) -> tuple[dict[str, Any], Assets]:
+    """Sweeps started before assets had their own entry kept them as ``asset.<name>`` fixed
+    knobs; such a sweep resumes with them moved where they belong now."""
+    old = {k[len("asset."):]: v for k, v in fixed.items() if k.startswith("asset.")}
+    return {k: v for k, v in fixed.items() if not k.startswith("asset.")}, Assets.from_json({**old, **(assets or {})})
 
 
 @dataclass
@@ -251,7 +262,7 @@ def plan_packing(launch: Launch, samples: int, resources: dict[str, float], max_
 def _trainable(s: SweepSettings) -> Any:
     from ray import tune
     fn = tune.with_parameters(run_trial, method=s.method, fixed=s.trial_fixed,
-                              seed=s.seed, launch=s.launch)
+                              seed=s.seed, launch=s.launch, assets=s.assets)
     if s.launch.in_process():
         resources = {"CPU": s.launch.cpus, "GPU": s.launch.gpus}
     else:  # the trial only drives a TorchTrainer whose workers reserve the real resources
@@ -321,7 +332,7 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
                                    s.seed, s.epochs, tags={"method": s.method, "seed": s.seed,
                                                            "git_commit": tracking.git_commit(),
                                                            "sweep": s.name, "kind": "trial"},
-                                   unsent=s.sweep_dir / UNSENT_FILE)
+                                   unsent=s.sweep_dir / UNSENT_FILE, assets=s.assets)
         trainable = _trainable(s)
         if s.resume and tune.Tuner.can_restore(s.experiment_path):
             tuner = tune.Tuner.restore(s.experiment_path, trainable=trainable, resume_errored=True,

@@ -43,15 +43,16 @@ import torch
 from torch import Tensor, nn
 
 from . import engine, tracking
-from .teacher_store import ERRORS as STORE_ERRORS, TRAINED, TeacherStore, fetch_or_make, origin
 from .checkpoint import STATE_FILE, load_checked, save_atomic
 from .data import DataModule, build_data
-from .engine import RunSpec
 from .errors import UsageError
 from .methods import get_method
 from .methods.base import MethodKind, freeze
 from .models import build_model
 from .models.torchvision_zoo import PUBLISHED, published_teacher
+from .spec import RunSpec
+from .teacher_store import ERRORS as STORE_ERRORS
+from .teacher_store import TRAINED, TeacherStore, fetch_or_make, origin
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,13 @@ def default_cache() -> Path:
 
 def cache_dir(spec: RunSpec) -> Path:
     """This node's cache: ``$KD_TEACHER_CACHE`` where the node sets it, else the run's asset."""
-    return Path(os.environ.get(CACHE_ENV) or spec.assets.get("teacher_cache") or default_cache())
+    return Path(os.environ.get(CACHE_ENV) or spec.assets.teacher_cache or default_cache())
 
 
 def teacher_store(spec: RunSpec) -> TeacherStore | None:
     """The shared tier of the run's cache (asset ``teacher_store``), or None without one or
     when it cannot be opened (then each node trains its own, with a warning)."""
-    uri = spec.assets.get("teacher_store")
+    uri = spec.assets.teacher_store
     if not uri:
         return None
     try:
@@ -132,7 +133,7 @@ def teacher_info(spec: RunSpec) -> dict[str, str]:
     The path is where the teacher is (or will be, once a run has trained it)."""
     if get_method(spec.method).kind != "offline":
         return {}
-    user = spec.assets.get("teacher_checkpoint")
+    user = spec.assets.teacher_checkpoint
     if user:
         return {"teacher.hash": file_hash(Path(user)), "teacher.path": user}
     digest = description_hash(teacher_description(spec))
@@ -155,13 +156,13 @@ def record_teacher(client: Any, run_id: str, spec: RunSpec, artifact_run_id: str
         tags, digest, path = dict(info), info["teacher.hash"], Path(info["teacher.path"])
         tags.update({k: v for k, v in (result or {}).items() if k.startswith("teacher.") and k.endswith(".source")})
         target = artifact_run_id or run_id
-        store = None if spec.assets.get("teacher_checkpoint") or path.is_file() else teacher_store(spec)
+        store = None if spec.assets.teacher_checkpoint or path.is_file() else teacher_store(spec)
         if store is not None:
             store.fetch(digest, (META_FILE, TEACHER_FILE), path.parent)
         if path.is_file():
             where = f"{ARTIFACT_DIR}/{digest}"
             if logged is None or digest not in logged:
-                user = bool(spec.assets.get("teacher_checkpoint"))
+                user = bool(spec.assets.teacher_checkpoint)
                 for file in [path] if user else [path, path.parent / META_FILE]:
                     client.log_artifact(target, str(file), where)
                 if logged is not None:
@@ -306,7 +307,7 @@ class TeacherProvider:
         if data is not None:
             self.bind(data)
         self.cache = cache_dir(spec)
-        self.checkpoint = spec.assets.get("teacher_checkpoint")
+        self.checkpoint = spec.assets.teacher_checkpoint
         self.built: list[str] = []
         self.sources: dict[str, str] = {}  # entry kind ("teacher", "iekd_autoencoder") -> its source
         self._teachers: dict[str, nn.Module] = {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from . import engine, faults, teachers
-from .engine import RunSpec
 from .launch import (
     Launch,
     checkpoint_reporter,
@@ -18,15 +17,17 @@ from .launch import (
     train_from,
     with_placement,
 )
+from .spec import Assets, RunSpec
 
 
-def run_trial(config: dict[str, Any], *, method: str, fixed: dict[str, Any], seed: int, launch: Launch) -> None:
+def run_trial(config: dict[str, Any], *, method: str, fixed: dict[str, Any], seed: int, launch: Launch,
+              assets: Assets | None = None) -> None:
     """Tune's trainable: the swept ``config`` on top of the ``fixed`` knobs."""
     from ray import tune
     quiet_ray_loggers()
     config = dict(config)
     seed = int(config.pop("seed", seed))  # an ablation repeats each cell over seeds
-    spec = RunSpec.from_flat(method, {**fixed, **config}, seed)
+    spec = RunSpec.from_flat(method, {**fixed, **config}, seed, assets)
     injected = faults.hooks(spec.all_knobs())
     if launch.in_process():
         set_threads(launch.cpus)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import DataStub, runs_in, sqlite_uri
+
 from kd_platform.engine import RunSpec, build_method
 from kd_platform.knobs import knob_specs
 from kd_platform.methods import get_method, method_names
 from kd_platform.methods.base import Batch, StepContext
+from kd_platform.spec import Assets
 
 pytestmark = pytest.mark.slow
 CHANCE = 10.0  # digits has 10 balanced classes
@@ -36,15 +37,17 @@ def _loss_terms(spec: RunSpec) -> set[str]:
 
 @pytest.mark.parametrize("method", method_names())
 def test_method_learns_on_digits_and_logs_every_term(method, tmp_path, teacher_cache):
-    from kd_platform.single import run_single
     from kd_platform.launch import Launch
+    from kd_platform.single import run_single
     torch.set_num_threads(2)
     knobs = {"epochs": 3, "lr": 0.05}
+    assets = Assets()
     if get_method(method).kind == "offline":
-        knobs.update({"asset.teacher_cache": str(teacher_cache), "teacher_epochs": 3})
+        knobs["teacher_epochs"] = 3
+        assets = Assets(teacher_cache=str(teacher_cache))
     if "ae_epochs" in knob_specs(get_method(method).Config):
         knobs["ae_epochs"] = 3  # IE-KD's stage-A auto-encoder: enough to learn on digits
-    spec = RunSpec.from_flat(method, knobs, seed=0)
+    spec = RunSpec.from_flat(method, knobs, seed=0, assets=assets)
     uri = sqlite_uri(tmp_path / "m.db")
     result = run_single(spec, Launch(), uri, method, tmp_path / "res")
     (run,) = runs_in(uri)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DataStub
 from scipy import special, stats
 
-from conftest import DataStub
 from kd_platform.engine import RunSpec, build_method
 from kd_platform.methods.base import Batch, StepContext
 from kd_platform.methods.cmkd import CMKDConfig, cmkd_objective, correlation_weights, sample_difficulty
@@ -18,6 +18,7 @@ from kd_platform.methods.ie_parts import FactorAutoEncoder, to_factor
 from kd_platform.methods.iekd import fit_autoencoder
 from kd_platform.methods.kd import KDConfig, kd_objective
 from kd_platform.models import build_model
+from kd_platform.spec import Assets
 from kd_platform.teachers import TeacherProvider
 
 CPU = torch.device("cpu")
@@ -43,8 +44,8 @@ def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _method(name: str, teacher: Path, cache: Path, seed: int = 0, **knobs):
-    spec = RunSpec.from_flat(name, {"teacher_arch": "resnet8", **knobs, "asset.teacher_cache": str(cache),
-                                    "asset.teacher_checkpoint": str(teacher)}, seed)
+    spec = RunSpec.from_flat(name, {"teacher_arch": "resnet8", **knobs}, seed,
+                             Assets(teacher_cache=str(cache), teacher_checkpoint=str(teacher)))
     torch.manual_seed(seed)
     return build_method(spec, DataStub(), CPU, TeacherProvider(spec, DataStub(), CPU))
 

@@ -14,14 +14,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DataStub, private_ray_tmpdir, run_cli, runs_in, sqlite_uri
+
 from kd_platform import teachers
 from kd_platform.cli import sweep_settings
 from kd_platform.engine import RunSpec
+from kd_platform.spec import Assets
 from kd_platform.teacher_store import CLAIM_FILE, FETCHED, TRAINED, TeacherStore, fetch_or_make
-from kd_platform.teachers import (CACHED, CHECKPOINT, META_FILE, TEACHER_FILE, TeacherProvider, cached_file,
-                                  description_hash)
+from kd_platform.teachers import (
+    CACHED,
+    CHECKPOINT,
+    META_FILE,
+    TEACHER_FILE,
+    TeacherProvider,
+    cached_file,
+    description_hash,
+)
 
 CPU = torch.device("cpu")
 DESCRIPTION = {"format": 1, "kind": "teacher", "what": "a stand-in entry"}
@@ -117,7 +125,7 @@ def test_an_unusable_store_costs_only_the_sharing(tmp_path: Path, caplog: pytest
                                store)
     assert source == TRAINED and path.is_file()
     assert "unusable" in caplog.text
-    spec = RunSpec.from_flat("kd", {"asset.teacher_store": "nosuchscheme://bucket/teachers"}, 0)
+    spec = RunSpec.from_flat("kd", {}, 0, Assets(teacher_store="nosuchscheme://bucket/teachers"))
     assert teachers.teacher_store(spec) is None and "cannot be opened" in caplog.text
 
 
@@ -125,7 +133,7 @@ TINY = {"teacher_arch": "resnet8", "teacher_epochs": 1}
 
 
 def _provider(cache: Path, store: Path) -> TeacherProvider:
-    spec = RunSpec.from_flat("kd", {**TINY, "asset.teacher_cache": str(cache), "asset.teacher_store": str(store)}, 0)
+    spec = RunSpec.from_flat("kd", TINY, 0, Assets(teacher_cache=str(cache), teacher_store=str(store)))
     provider = TeacherProvider(spec, DataStub(), CPU)
     provider("resnet8")
     return provider
@@ -151,8 +159,7 @@ def test_providers_and_the_run_record_say_where_the_teacher_came_from(tmp_path: 
     uri = sqlite_uri(tmp_path / "mlruns.db")
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("t")).info.run_id
-    spec = RunSpec.from_flat("kd", {**TINY, "asset.teacher_cache": str(tmp_path / "driver"),
-                                    "asset.teacher_store": str(store)}, 0)
+    spec = RunSpec.from_flat("kd", TINY, 0, Assets(teacher_cache=str(tmp_path / "driver"), teacher_store=str(store)))
     teachers.record_teacher(client, run_id, spec, result={"teacher.source": FETCHED, "epoch": 1})
     tags = client.get_run(run_id).data.tags
     assert tags["teacher.source"] == FETCHED and tags["teacher.hash"] == digest
@@ -169,9 +176,9 @@ def test_iekd_autoencoder_is_shared_too(tmp_path: Path) -> None:
     torch.save(build_model("resnet8", 10, 1).state_dict(), file)
 
     def build(node: str) -> TeacherProvider:
-        spec = RunSpec.from_flat("iekd", {**TINY, "ae_epochs": 1, "asset.teacher_checkpoint": str(file),
-                                          "asset.teacher_cache": str(tmp_path / node),
-                                          "asset.teacher_store": str(tmp_path / "store")}, 0)
+        spec = RunSpec.from_flat("iekd", {**TINY, "ae_epochs": 1}, 0,
+                                 Assets(teacher_checkpoint=str(file), teacher_cache=str(tmp_path / node),
+                                        teacher_store=str(tmp_path / "store")))
         provider = TeacherProvider(spec, DataStub(), CPU)
         build_method(spec, DataStub(), CPU, provider)
         return provider
@@ -185,15 +192,15 @@ def test_iekd_autoencoder_is_shared_too(tmp_path: Path) -> None:
 
 def test_the_store_is_the_storage_path_when_one_is_given(tmp_path: Path) -> None:
     common = ["kd", "--tracking-uri", sqlite_uri(tmp_path / "m.db"), "--out", str(tmp_path / "out"), "--samples", "1"]
-    fixed = sweep_settings([*common, "--storage-path", str(tmp_path / "shared")]).space.fixed
-    assert fixed["asset.teacher_store"] == str((tmp_path / "shared" / "teachers").resolve())
-    assert fixed["asset.teacher_cache"] == str((tmp_path / "out" / "teachers").resolve())
-    bucket = sweep_settings([*common, "--storage-path", "s3://bucket/kd/"]).space.fixed
-    assert bucket["asset.teacher_store"] == "s3://bucket/kd/teachers"
+    assets = sweep_settings([*common, "--storage-path", str(tmp_path / "shared")]).assets
+    assert assets.teacher_store == str((tmp_path / "shared" / "teachers").resolve())
+    assert assets.teacher_cache == str((tmp_path / "out" / "teachers").resolve())
+    bucket = sweep_settings([*common, "--storage-path", "s3://bucket/kd/"]).assets
+    assert bucket.teacher_store == "s3://bucket/kd/teachers"
     # No shared storage named, or the store is the cache itself: one tier, as on one machine.
-    assert "asset.teacher_store" not in sweep_settings(common).space.fixed
-    same = sweep_settings([*common, "--storage-path", str(tmp_path / "out")]).space.fixed
-    assert "asset.teacher_store" not in same
+    assert sweep_settings(common).assets.teacher_store == ""
+    same = sweep_settings([*common, "--storage-path", str(tmp_path / "out")]).assets
+    assert same.teacher_store == ""
 
 
 @pytest.mark.slow

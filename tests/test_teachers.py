@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, DataStub, sqlite_uri
+
 from kd_platform import teachers
 from kd_platform.cli import sweep_main, train_main
 from kd_platform.engine import RunSpec, build_method
 from kd_platform.models import build_model
+from kd_platform.spec import Assets
 from kd_platform.teachers import TEACHER_FILE, TeacherProvider, teacher_info
 
 CPU = torch.device("cpu")
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spec(cache: Path, method: str = "kd", seed: int = 0, **knobs) -> RunSpec:
-    return RunSpec.from_flat(method, {**TINY, **knobs, "asset.teacher_cache": str(cache)}, seed)
+    return RunSpec.from_flat(method, {**TINY, **knobs}, seed, Assets(teacher_cache=str(cache)))
 
 
 def _canonical_sha256(obj: dict) -> str:
@@ -111,8 +112,7 @@ def _saved_teacher(path: Path, arch: str) -> Path:
 
 def test_user_checkpoint_is_used_as_is(tmp_path: Path) -> None:
     file = _saved_teacher(tmp_path / "mine.pt", "resnet8")
-    spec = RunSpec.from_flat("kd", {**TINY, "asset.teacher_cache": str(tmp_path / "cache"),
-                                    "asset.teacher_checkpoint": str(file)}, 0)
+    spec = RunSpec.from_flat("kd", TINY, 0, Assets(teacher_cache=str(tmp_path / "cache"), teacher_checkpoint=str(file)))
     provider = TeacherProvider(spec, DataStub(), CPU)
     net = provider("resnet8")
     expected = torch.load(file, weights_only=True)
@@ -126,8 +126,8 @@ def test_iekd_autoencoder_is_cached_per_teacher_and_recipe(tmp_path: Path) -> No
     file = _saved_teacher(tmp_path / "mine.pt", "resnet8")
 
     def build(**knobs) -> TeacherProvider:
-        spec = RunSpec.from_flat("iekd", {**TINY, "ae_epochs": 1, **knobs, "asset.teacher_cache": str(tmp_path),
-                                          "asset.teacher_checkpoint": str(file)}, 0)
+        spec = RunSpec.from_flat("iekd", {**TINY, "ae_epochs": 1, **knobs}, 0,
+                                 Assets(teacher_cache=str(tmp_path), teacher_checkpoint=str(file)))
         provider = TeacherProvider(spec, DataStub(), CPU)
         build_method(spec, DataStub(), CPU, provider)
         return provider
