@@ -11,16 +11,15 @@ import torch
 from torchvision import models as tvm
 from torchvision.transforms import v2
 
-from conftest import run_cli, runs_in, sqlite_uri
-from dataset_files import IMAGENET_WNIDS, file_recipe, write_imagenet
 from kd_platform.data import build_data
 from kd_platform.data.imagenet_augment import RATIO, SCALE, crop_boxes, device_decodable, draw_crops, eval_crop
-from kd_platform.engine import ASSET_PREFIX, RunSpec, train
+from kd_platform.engine import RunSpec, train
 from kd_platform.errors import UsageError
 from kd_platform.methods import get_method
 from kd_platform.models import build_model
 from kd_platform.models.torchvision_zoo import WEIGHTS, check_published_teacher, hub_file
 from kd_platform.presets import preset_for_method, preset_methods
+from kd_platform.spec import Assets
 from kd_platform.teachers import TeacherProvider, prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -225,8 +224,8 @@ def test_zoo_networks_load_torchvision_state_dicts_and_compute_torchvision_outpu
 def _offline_spec(root: Path, tmp_path: Path, arch: str, **kw) -> RunSpec:
     return RunSpec.from_flat("kd", {"dataset": "imagenet", "data_dir": str(root), "augment": "rrc",
                                     "crop_size": CROP, "arch": "tv_resnet18", "teacher_arch": arch,
-                                    "batch_size": 4, "loader_workers": 0, "val_fraction": 1 / 3,
-                                    f"{ASSET_PREFIX}teacher_cache": str(tmp_path / "teachers"), **kw}, seed=0)
+                                    "batch_size": 4, "loader_workers": 0, "val_fraction": 1 / 3, **kw}, seed=0,
+                             assets=Assets(teacher_cache=str(tmp_path / "teachers")))
 
 
 def test_a_published_teacher_loads_from_the_hub_cache_without_network(root, tmp_path, torch_home, no_network):
@@ -292,9 +291,9 @@ def test_every_preset_trains_one_epoch_with_a_published_teacher(preset, method, 
              "data_path": "device" if preset == PRESETS[1] else "loader"}
     offline = get_method(method).kind == "offline"
     if offline:
-        knobs.update(teacher_arch="tv_resnet18", **{f"{ASSET_PREFIX}teacher_cache": str(tmp_path / "t")})
+        knobs["teacher_arch"] = "tv_resnet18"
     reports = []
-    spec = RunSpec.from_flat(method, knobs, seed=0)
+    spec = RunSpec.from_flat(method, knobs, seed=0, assets=Assets(teacher_cache=str(tmp_path / "t")))
     final = train(spec, lambda m, save: reports.append(m), teachers=prepare(spec, torch.device("cpu")))
     assert len(reports) == 1 and math.isfinite(final["train/loss/loss"])
     assert 0 <= final["test/acc/students_mean"] <= 100
