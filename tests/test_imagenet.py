@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, runs_in, sqlite_uri
+from dataset_files import IMAGENET_WNIDS, file_recipe, write_imagenet
 from torchvision import models as tvm
 from torchvision.transforms import v2
 
