@@ -91,9 +91,10 @@ class MlflowTrialLogger(Callback):
                 self.runs[trial_id] = run_id
                 return run_id
             seed = self.spec_of(config).seed
+            tags = string_tags({**self.tags, "seed": seed, TRIAL_TAG: trial_id,
+                                tracking.PARENT_TAG: self.parent_run_id})
             run_id = found[0].info.run_id if found else c.create_run(
-                self.experiment_id, run_name=f"{self.method}-{trial_id}", tags=string_tags({
-                    **self.tags, "seed": seed, TRIAL_TAG: trial_id, tracking.PARENT_TAG: self.parent_run_id})).info.run_id
+                self.experiment_id, run_name=f"{self.method}-{trial_id}", tags=tags).info.run_id
             write.args["created"] = run_id
         spec = self.spec_of(config)
         tracking.log_params(c, run_id, spec.all_knobs())

@@ -71,10 +71,11 @@ def patience_s() -> float:
 
 
 def _text(exc: BaseException) -> str:
-    parts = []
-    while exc is not None and len(parts) < 5:
-        parts.append(f"{type(exc).__name__}: {exc}")
-        exc = exc.__cause__ or exc.__context__
+    parts: list[str] = []
+    link: BaseException | None = exc
+    while link is not None and len(parts) < 5:
+        parts.append(f"{type(link).__name__}: {link}")
+        link = link.__cause__ or link.__context__
     return " | ".join(parts).lower()
 
 
@@ -312,7 +313,8 @@ class BufferedClient:
             return 0
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps({**asdict(w), "run": self.run_id(w.run)}, default=str) + "\n" for w in self.pending))
+        lines = (json.dumps({**asdict(w), "run": self.run_id(w.run)}, default=str) + "\n" for w in self.pending)
+        tmp.write_text("".join(lines))
         tmp.replace(path)
         return len(self.pending)
 

@@ -250,6 +250,7 @@ def describe_data(recipe: Any, seed: int) -> Any:
     profile = {"num_rows": sum(sizes.values()), **{f"{k}_size": v for k, v in sizes.items()},
                "num_classes": data.num_classes, "image_shape": [data.in_channels, data.image_size,
                                                                 data.image_size]}
+    source: dict[str, Any]
     if recipe.data_dir:
         source_type, source = "local", {"uri": str(Path(recipe.data_dir).expanduser().resolve())}
     else:  # shipped with a package (digits): the module that loads it is its source

@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, free_port, runs_in, sqlite_uri
 
 SPACE = """\
@@ -117,6 +116,7 @@ def test_writes_held_while_the_server_is_down_are_sent_exactly_once(server, tmp_
 
 def test_a_lock_longer_than_sqlites_busy_wait_is_waited_out(tmp_path):
     from mlflow.tracking import MlflowClient
+
     from kd_platform import tracking
     uri = sqlite_uri(tmp_path / "mlruns.db")
     run_id = _new_run(uri)
