@@ -26,7 +26,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +115,7 @@ def hvp(net: nn.Module, batches: Batches, v: Sequence[Tensor]) -> list[Tensor]:
     for x, y in batches:
         grads = torch.autograd.grad(_loss(net, x, y, n), params, create_graph=True, allow_unused=True)
         pairs = [(g, u) for g, u in zip(grads, v) if g is not None]
-        dot = sum((g * u).sum() for g, u in pairs)
+        dot = cast(Tensor, sum((g * u).sum() for g, u in pairs))  # typed `| Literal[0]` for an empty sum
         used = [p for p, g in zip(params, grads) if g is not None]
         hv = iter(torch.autograd.grad(dot, used, allow_unused=True))
         for o, g in zip(out, grads):
@@ -127,7 +127,7 @@ def hvp(net: nn.Module, batches: Batches, v: Sequence[Tensor]) -> list[Tensor]:
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+    return cast(Tensor, sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
 
 
 def _norm(a: Sequence[Tensor]) -> Tensor:

@@ -85,7 +85,7 @@ def knob_plot(runs: pd.DataFrame, knob: str, metric: str, categorical: bool, log
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     stopped = stopped if stopped is not None else runs.iloc[:0]
-    hollow = {"s": 18, "facecolors": "none", "edgecolors": "0.5", "label": "stopped early (last epoch)"}
+    hollow: dict[str, Any] = {"s": 18, "facecolors": "none", "edgecolors": "0.5", "label": "stopped early (last epoch)"}
     if categorical:
         values = sorted(pd.concat([runs[knob], stopped[knob]]).dropna().unique(), key=lambda v: (str(type(v)), v))
         pos = {v: i for i, v in enumerate(values)}

@@ -273,7 +273,8 @@ def _verdict(table: pd.DataFrame, keys: list[str], metric: str, alpha: float = s
         sig = significant(table, alpha)
         if len(sig):
             cells = "; ".join(
-                f"{_cell_name(r, keys)}: {md.mean_ci(r['diff_vs_default'], r['diff_ci95_low'], r['diff_ci95_high'], True)}"
+                f"{_cell_name(r, keys)}: "
+                f"{md.mean_ci(r['diff_vs_default'], r['diff_ci95_low'], r['diff_ci95_high'], True)}"
                 f" (p_holm = {md.p_value(r['p_holm'])})" for _, r in sig.iterrows())
             parts.append(f"Differences in `{metric}` to the default that survive the Holm correction at "
                          f"α = {alpha:g} ({tests}): {cells}.")

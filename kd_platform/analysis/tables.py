@@ -150,7 +150,7 @@ def compare_cells(table: pd.DataFrame, values: list[np.ndarray], is_default: pd.
     seeds get NaN intervals and p-values; the default's own comparison is NaN but its
     difference is 0. Every cell's bootstrap uses the same ``seed``, so a cell's interval does
     not depend on which other cells the table holds."""
-    opts = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed, "min_n": min_seeds}
+    opts: dict[str, Any] = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed, "min_n": min_seeds}
     out = table.copy()
     cis = [stats.bootstrap_mean_ci(v, **opts) for v in values]
     out["ci95_low"] = [lo for lo, _ in cis]

@@ -46,7 +46,7 @@ IMAGE_SIZE = 32
 @dataclass(frozen=True)
 class CifarFormat:
     title: str
-    tv_class: type
+    tv_class: type[datasets.CIFAR10]  # CIFAR100 subclasses it
     num_classes: int
     label_key: str
     mean: tuple[float, float, float]

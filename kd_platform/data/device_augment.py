@@ -78,7 +78,7 @@ class BatchAugment:
         """``batch`` ``uint8 (B, C, H, W)`` augmented with the parameters ``p`` of its samples
         (on the batch's device)."""
         if "box" in p:
-            return train_crops(batch, p["box"], p["flip"], self.size)
+            return train_crops(batch.unbind(0), p["box"], p["flip"], self.size)
         out = self._warp(batch, p) if "dy" in p else batch
         return self._cutout(out, p["cy"], p["cx"]) if "cy" in p else out
 

@@ -30,8 +30,7 @@ from . import PathNote
 from .augment import Normaliser, mean_colour, view_pipeline_names
 from .device_augment import BatchAugment, Params
 from .sources import ImageSource
-from .split import (EVAL_BATCH_SIZE, EvalSplits, Split, batches_per_epoch, epoch_order, fixed_subset,
-                    generator)
+from .split import EVAL_BATCH_SIZE, EvalSplits, Split, batches_per_epoch, epoch_order, fixed_subset, generator
 
 
 def distinct_sources(splits: dict[str, Split]) -> list[ImageSource]:

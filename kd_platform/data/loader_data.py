@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -30,8 +30,7 @@ from ..methods.base import Batch
 from ..recipe import Recipe
 from . import PathNote
 from .augment import Normaliser, Pipeline, build_pipeline, view_pipeline_names
-from .split import (EVAL_BATCH_SIZE, EvalSplits, Split, batches_per_epoch, epoch_order, fixed_subset,
-                    generator)
+from .split import EVAL_BATCH_SIZE, EvalSplits, Split, batches_per_epoch, epoch_order, fixed_subset, generator
 
 MAX_AUTO_WORKERS = 8
 
@@ -183,7 +182,7 @@ class LoaderDataModule:
         self._train = self._loader(train_set, self._sampler, persistent=True)
         self._eval: dict[str, DataLoader] = {}
 
-    def _loader(self, dataset: Dataset, batch_sampler: object, persistent: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_sampler: Iterable[list[Any]], persistent: bool) -> DataLoader:
         return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.workers, pin_memory=self.pin,
                           persistent_workers=persistent and self.workers > 0)
 
