@@ -9,7 +9,7 @@ import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -113,7 +113,8 @@ def multibranch_logits(net: nn.Module, views: Sequence[Tensor]) -> tuple[list[Te
     """
     if len(views) == 1:
         return net(views[0])
-    return net.classify([branch(net.trunk(v)) for branch, v in zip(net.branches, views)])
+    branches = cast(nn.ModuleList, net.branches)  # nn.Module's __getattr__ is typed Tensor | Module
+    return net.classify([branch(net.trunk(v)) for branch, v in zip(branches, views)])
 
 
 def multibranch_eval_networks(net: nn.Module, prefix: str, ensemble: str | None,
@@ -121,7 +122,7 @@ def multibranch_eval_networks(net: nn.Module, prefix: str, ensemble: str | None,
     """``{prefix}{b}`` for every branch, optionally the ensemble head and the branches' logit mean."""
     run = memo_forward(net)
     out: dict[str, Logits] = {f"{prefix}{b + 1}": (lambda x, b=b: run(x)[0][b])
-                              for b in range(net.num_branches)}
+                              for b in range(cast(int, net.num_branches))}
     if ensemble:
         out[ensemble] = lambda x: run(x)[1]
     if mean:

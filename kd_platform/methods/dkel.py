@@ -80,6 +80,8 @@ class DKEL(Method):
     Config = DKELConfig
     cfg: DKELConfig
     kind = MethodKind.ONLINE
+    teacher_init_steps: Tensor  # registered buffers (long scalars)
+    ema_updates: Tensor
 
     @classmethod
     def student_names(cls, cfg: DKELConfig) -> tuple[str, ...]:

@@ -85,6 +85,8 @@ class InheritExploreSplit(nn.Module):
     restores the same split.
     """
 
+    order: Tensor  # registered buffer: the channel permutation
+
     def __init__(self, channels: int, k: int, split: float = 0.5, mode: str = "natural") -> None:
         super().__init__()
         if channels < 2:

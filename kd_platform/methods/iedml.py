@@ -55,8 +55,9 @@ class IEDML(Method):
 
     def __init__(self, cfg: IEDMLConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)
-        self.nets = nn.ModuleList(env.make_model(env.recipe.arch) for _ in range(N_NETWORKS))
-        channels = self.nets[0].feature_channels
+        nets = [env.make_model(env.recipe.arch) for _ in range(N_NETWORKS)]
+        self.nets = nn.ModuleList(nets)
+        channels = nets[0].feature_channels
         k = factor_channels(channels, cfg.rate)
         self.autoencoders = nn.ModuleList(FactorAutoEncoder(channels, k) for _ in range(N_NETWORKS))
         self.splits = nn.ModuleList(InheritExploreSplit(channels, k, cfg.split, cfg.split_mode)

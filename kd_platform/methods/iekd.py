@@ -113,7 +113,7 @@ class IEKD(OfflineMethod):
             fmap_t = self.teacher.features(x)
             f_t = to_factor(self.teacher_encoder(fmap_t))
         if fmap_s.shape[-2:] != fmap_t.shape[-2:]:
-            fmap_s = F.adaptive_avg_pool2d(fmap_s, fmap_t.shape[-2:])
+            fmap_s = F.adaptive_avg_pool2d(fmap_s, (fmap_t.shape[-2], fmap_t.shape[-1]))
         f_i, f_e = self.split(fmap_s)
         return factor_distance(f_i, f_t, self.cfg.distance), factor_distance(f_e, f_t, self.cfg.distance)
 

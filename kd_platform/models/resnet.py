@@ -86,7 +86,7 @@ def _projection(in_planes: int, out_planes: int, stride: int) -> nn.Module:
 class ResNetSpec:
     """``widths[0]`` is the stem width, ``widths[1:]`` the stages' planes (before expansion)."""
 
-    block: type[nn.Module]
+    block: type[BasicBlock] | type[Bottleneck]
     blocks_per_stage: tuple[int, int, int]
     widths: tuple[int, int, int, int]
     width_factor: int = 1
