@@ -16,7 +16,6 @@ from typing import Any, Callable
 import torch
 
 from . import engine, faults, teachers
-from .reporting import mlflow_reporter
 from .spec import RunSpec
 
 
@@ -109,18 +108,24 @@ def train_from(checkpoint: Any, run: Callable[[Path | None], Any]) -> None:
 
 def fit_with_train(spec: RunSpec, launch: Launch, name: str, tune_callback: bool,
                    mlflow: dict[str, str] | None = None) -> Any:
-    """Run ``spec`` on ``launch.workers`` Ray Train workers with DDP (gloo on CPU, nccl on GPU)."""
+    """Run ``spec`` on ``launch.workers`` Ray Train workers with DDP (gloo on CPU, nccl on GPU).
+
+    Rank 0's report of every epoch goes to Tune (``tune_callback``, a sweep's trial) or to the
+    MLflow run ``mlflow`` names (``{"uri", "run_id"}``, a plain run), from Train's controller."""
     from ray import train
     from ray.train.torch import TorchConfig, TorchTrainer
-    callbacks = []
+    callbacks: list[Any] = []
     if tune_callback:
         from ray.tune.integration.ray_train import TuneReportCallback
         callbacks.append(TuneReportCallback())
+    if mlflow:
+        from .train_mlflow import MlflowFromController
+        callbacks.append(MlflowFromController(mlflow["uri"], mlflow["run_id"]))
     use_gpu = launch.gpus > 0
     resources = {"CPU": launch.cpus, **({"GPU": launch.gpus} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker=train_worker,
-        train_loop_config={"spec": asdict(spec), "cpus": launch.cpus, "mlflow": mlflow},
+        train_loop_config={"spec": asdict(spec), "cpus": launch.cpus},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=train.ScalingConfig(num_workers=launch.workers, use_gpu=use_gpu,
                                            resources_per_worker=resources),
@@ -159,12 +164,6 @@ def train_worker(config: dict[str, Any]) -> None:
     # Every rank must call report (it is a barrier); only rank 0 attaches the checkpoint.
     placement = {"node_id": node_id(), "gpu_ids": gpu_ids(), **_worker_placement(world)}
     reporter = with_placement(checkpoint_reporter(_report_committed, attach=rank == 0), placement)
-    if config.get("mlflow") and rank == 0:  # a plain run (no Tune): rank 0 logs straight to MLflow
-        to_mlflow, to_train = mlflow_reporter(config["mlflow"]["uri"], config["mlflow"]["run_id"], None), reporter
-
-        def reporter(metrics: dict[str, float], save: Callable[[Path], None]) -> None:
-            to_mlflow(metrics, save)
-            to_train(metrics, save)
     device = rt.get_device()
     train_from(train.get_checkpoint(),
                lambda resume: engine.train(spec, reporter, device=device, resume_from=resume, rank=rank, world=world,
