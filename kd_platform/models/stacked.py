@@ -60,6 +60,11 @@ class StackedConv2d(nn.Module):
 
 
 class StackedBatchNorm2d(nn.Module):
+    # registered buffers, one row per member
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+
     def __init__(self, bns: Sequence[nn.BatchNorm2d]) -> None:
         super().__init__()
         bn = bns[0]
