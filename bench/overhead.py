@@ -88,11 +88,11 @@ def compare_default_sweep(before: str, after: str | None, rounds: int) -> None:
             runs: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
             for i in range(rounds):
                 for label, tree in trees.items():
-                    runs[label].append(default_sweep(tree, Path(tmp) / f"{label}{i}"))
-                    print(f"round {i + 1} {label}: command {runs[label][-1][0]:.1f} s, sweep {runs[label][-1][1]:.0f} s",
-                          flush=True)
+                    wall, own = default_sweep(tree, Path(tmp) / f"{label}{i}")
+                    runs[label].append((wall, own))
+                    print(f"round {i + 1} {label}: command {wall:.1f} s, sweep {own:.0f} s", flush=True)
         finally:
-            for label, tree in trees.items():
+            for tree in trees.values():
                 if tree != REPO:
                     subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
                                    capture_output=True)

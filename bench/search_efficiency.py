@@ -126,6 +126,7 @@ def make_bench(knobs: Sequence[str], space: Any = None, epochs: int | None = Non
 def train_curve(method: str, flat: dict[str, Any], seed: int, metric: str) -> list[float]:
     """One configuration trained through the engine, as a trial trains it: its metric per epoch."""
     import torch
+
     from kd_platform.engine import RunSpec, train
     torch.set_num_threads(1)
     curve: list[float] = []
@@ -254,6 +255,7 @@ def run_strategy(bench: Bench, curves: dict[str, list[float]], name: str, budget
     """One strategy through a real Tune experiment."""
     import optuna
     from ray import tune
+
     from kd_platform.sweep import asha_scheduler, optuna_search, tpe_sampler
     if __name__ != "__main__":  # imported from bench/ (a test): Ray's workers cannot import it by name
         from ray import cloudpickle

@@ -9,7 +9,6 @@ import math
 import sys
 
 import pytest
-
 from conftest import REPO
 
 spec = importlib.util.spec_from_file_location("search_efficiency", REPO / "bench" / "search_efficiency.py")
