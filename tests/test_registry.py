@@ -32,3 +32,21 @@ def test_entries_load_on_first_use_only():
     assert not reg._loaded
     reg.add("x", 1)
     assert reg.get("x") == 1 and reg._loaded
+
+
+def test_search_spaces_fix_only_what_differs_from_the_defaults():
+    """Defaults live in one place (the method's Config and the Recipe): a space lists what it
+    sweeps and what it changes, so a default moved in the code is not silently overridden."""
+    from dataclasses import fields
+
+    from kd_platform.knobs import build_config, knob_specs
+    from kd_platform.recipe import Recipe
+    from kd_platform.space import load_space
+    for method in methods.method_names():
+        cls = methods.get_method(method).Config
+        space = load_space(method, None)
+        for key, value in space.fixed.items():
+            where = cls if key in knob_specs(cls) else Recipe
+            default = getattr(build_config(where, {}), key)
+            assert getattr(build_config(where, {key: value}), key) != default, (method, key)
+        assert {f.name for f in fields(cls)} >= set(space.swept) - set(knob_specs(Recipe))
