@@ -195,7 +195,7 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
         log.info("resumed from %s at epoch %d", resume_from, start_epoch)
 
     steps = data.steps_per_epoch()
-    metrics: dict[str, float] = {}
+    metrics: dict[str, Any] = {}
     warned_identical = False
     for epoch in range(start_epoch, recipe.epochs):
         t0 = time.perf_counter()
@@ -238,7 +238,7 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
             from . import flatness  # flatness=final: the flat/* measures of every analysis network
             metrics.update(flatness.final_metrics(spec, method, data, device))
 
-        def save(directory: Path, epoch: int = epoch) -> None:
+        def save(directory: Path, epoch: int = epoch, best: float = best) -> None:
             save_atomic({"method": method.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                          "epoch": epoch + 1, "best": best, "layout": layout}, Path(directory) / STATE_FILE)

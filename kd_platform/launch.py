@@ -131,7 +131,8 @@ def fit_with_train(spec: RunSpec, launch: Launch, name: str, tune_callback: bool
                                            resources_per_worker=resources),
         run_config=train.RunConfig(
             name=name, storage_path=launch.storage_path, callbacks=callbacks,
-            failure_config=train.FailureConfig(max_failures=launch.max_failures,
+            # Train V2's FailureConfig takes controller_failure_limit; the stubs mypy sees are v1's.
+            failure_config=train.FailureConfig(max_failures=launch.max_failures,  # type: ignore[call-arg]
                                                controller_failure_limit=3),
             checkpoint_config=train.CheckpointConfig(num_to_keep=1)),
     )

@@ -73,6 +73,11 @@ class MlflowTrialLogger(Callback):
             self.runs[trial.trial_id] = self.client.open(trial.trial_id, {"config": dict(trial.config)})
         return self.client.run_id(self.runs[trial.trial_id])
 
+    def run_of(self, trial_id: str) -> str | None:
+        """The MLflow run id of a trial this callback has logged, or None."""
+        handle = self.runs.get(trial_id)
+        return None if handle is None else self.client.run_id(handle)
+
     def _open(self, write: Write) -> str:
         """Find the trial's run (a resumed sweep's) or create it, with its params, dataset and tags.
         Safe to run again after any failure: a run made by a try whose reply was lost is found."""

@@ -233,7 +233,7 @@ def plan_packing(launch: Launch, samples: int, resources: dict[str, float], max_
             fits["GPU"] = worker_slots // workers
     fit = max(1, min(samples, *fits.values()))
     chosen = max_concurrent if max_concurrent is not None else fit
-    if launch.gpus <= 0:
+    if launch.gpus <= 0 or per_gpu is None:
         return Packing(chosen, None, "")
     each = f"{_plural(launch.gpus, 'GPU')} and {_plural(launch.cpus, 'CPU')} each"
     if workers == 1:
@@ -329,7 +329,7 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
     try:
         (s.sweep_dir / STATE_FILE).write_text(json.dumps(s.to_json(), indent=2, default=str))
         logger = MlflowTrialLogger(s.tracking_uri, experiment_id, s.parent_run_id, s.method, s.trial_fixed,
-                                   s.seed, s.epochs, tags={"method": s.method, "seed": s.seed,
+                                   s.seed, s.epochs, tags={"method": s.method, "seed": str(s.seed),
                                                            "git_commit": tracking.git_commit(),
                                                            "sweep": s.name, "kind": "trial"},
                                    unsent=s.sweep_dir / UNSENT_FILE, assets=s.assets)
@@ -439,7 +439,8 @@ def _replace_callbacks(tuner: Any, logger: Any) -> None:
 
 
 def _finish(s: SweepSettings, c: Any, experiment_id: str, results: Any, logger: Any, wall: float) -> SweepOutcome:
-    metric = s.space.metric
+    metric, parent = s.space.metric, s.parent_run_id
+    assert parent is not None  # run_sweep opened (or reopened) it before Tune started
     failed = sum(1 for r in results if r.error is not None)
     ok = [r for r in results if r.error is None and r.metrics and metric in r.metrics]
     stopped = sum(1 for r in ok if int(r.metrics.get("epoch", 0)) < s.epochs)
@@ -447,16 +448,16 @@ def _finish(s: SweepSettings, c: Any, experiment_id: str, results: Any, logger: 
     if ok:  # for an ablation this is the best single run; analysis.ablation gives the seed means
         best = results.get_best_result(metric=metric, mode=s.space.mode, scope="last", filter_nan_and_inf=True)
         best_config, best_value = dict(best.config), float(best.metrics[metric])
-        best_run = logger.runs.get(best.metrics.get("trial_id", ""))
+        best_run = logger.run_of(best.metrics.get("trial_id", ""))
         best_metrics = {k: v for k, v in best.metrics.items() if isinstance(v, (int, float)) and "/" in k}
-    tracking.log_metrics(c, s.parent_run_id, {**{f"best/{k}": v for k, v in best_metrics.items()},
+    tracking.log_metrics(c, parent, {**{f"best/{k}": v for k, v in best_metrics.items()},
                                               "sweep/trials": len(results), "sweep/failed": failed,
                                               "sweep/asha_stopped": stopped, "sweep/wall_s": wall}, step=0)
     tags = {f"best.{k}": v for k, v in best_config.items()}
     if best_run:
         tags["best_run_id"] = best_run
     if tags:
-        tracking.set_tags(c, s.parent_run_id, tags)
-    c.set_terminated(s.parent_run_id, status="FINISHED" if ok else "FAILED")
-    return SweepOutcome(best_config, best_value, best_run, s.parent_run_id, experiment_id, s.sweep_dir,
+        tracking.set_tags(c, parent, tags)
+    c.set_terminated(parent, status="FINISHED" if ok else "FAILED")
+    return SweepOutcome(best_config, best_value, best_run, parent, experiment_id, s.sweep_dir,
                         len(results), failed, stopped, wall, best_metrics)

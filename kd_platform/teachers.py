@@ -49,6 +49,7 @@ from .errors import UsageError
 from .methods import get_method
 from .methods.base import MethodKind, freeze
 from .models import build_model
+from .models.base import ZooNet
 from .models.torchvision_zoo import PUBLISHED, published_teacher
 from .spec import RunSpec
 from .teacher_store import ERRORS as STORE_ERRORS
@@ -310,19 +311,20 @@ class TeacherProvider:
         self.checkpoint = spec.assets.teacher_checkpoint
         self.built: list[str] = []
         self.sources: dict[str, str] = {}  # entry kind ("teacher", "iekd_autoencoder") -> its source
-        self._teachers: dict[str, nn.Module] = {}
+        self._teachers: dict[str, ZooNet] = {}
 
     def bind(self, data: Any) -> "TeacherProvider":
         """Shape the teachers this provider builds for ``data`` (its classes and channels)."""
         self.num_classes, self.in_channels = data.num_classes, data.in_channels
         return self
 
-    def __call__(self, arch: str) -> nn.Module:
+    def __call__(self, arch: str) -> ZooNet:
         if arch not in self._teachers:
             path = self.teacher_path(arch)
             net = build_model(arch, self.num_classes, self.in_channels)
             load_teacher_state(net, read_state_dict(path), path, arch)
-            self._teachers[arch] = freeze(net.to(self.device))
+            freeze(net.to(self.device))
+            self._teachers[arch] = net
         return self._teachers[arch]
 
     def teacher_hash(self, arch: str) -> str:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -37,12 +37,19 @@ from ..methods.base import Batch
 from ..recipe import Recipe
 from . import DataModule, PathNote, register_dataset
 from .augment import Normaliser, view_pipeline_names
-from .imagenet_augment import crop_boxes, decode_batch, device_decodable, draw_crops, eval_crop, eval_crops, \
-    train_crops
+from .imagenet_augment import crop_boxes, decode_batch, device_decodable, draw_crops, eval_crop, eval_crops, train_crops
 from .loader_data import LoaderDataModule, _guarded, default_workers
-from .sources import data_root, read_image
-from .split import (EVAL_BATCH_SIZE, EvalSplits, Split, batches_per_epoch, epoch_order, fixed_subset,
-                    generator, split_train)
+from .sources import FileSource, data_root, read_image
+from .split import (
+    EVAL_BATCH_SIZE,
+    EvalSplits,
+    Split,
+    batches_per_epoch,
+    epoch_order,
+    fixed_subset,
+    generator,
+    split_train,
+)
 
 FOLDER = "imagenet"
 IMAGE_SIZE = 224
@@ -157,7 +164,7 @@ class ImageNetLoaderData(LoaderDataModule):
 
     def train_eval_batches(self, n: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
         data = self.splits["train"]
-        views = ImageFiles(data.source.paths, self.image_size, True)
+        views = ImageFiles(cast(FileSource, data.source).paths, self.image_size, True)
         pick = fixed_subset(len(data), n, seed)
         for start in range(0, len(pick), EVAL_BATCH_SIZE):
             pos = pick[start:start + EVAL_BATCH_SIZE]
@@ -229,7 +236,8 @@ class ImageNetDeviceData:
         self._train = self._loader(splits["train"], self._train_batches, persistent=True)
 
     def _loader(self, split: Split, batches: _Listed, persistent: bool) -> DataLoader:
-        return DataLoader(_FileBytes(split.source.paths), batch_sampler=batches, collate_fn=_packed,
+        paths = cast(FileSource, split.source).paths
+        return DataLoader(_FileBytes(paths), batch_sampler=batches, collate_fn=_packed,
                           num_workers=self.workers, pin_memory=self._pin,
                           persistent_workers=persistent and self.workers > 0)
 
@@ -251,7 +259,7 @@ class ImageNetDeviceData:
         views = len(view_pipeline_names(self.augment, self.view_augments, num_views))
         draws = [draw_crops(len(order), generator(self.seed, epoch, self.rank, v)) for v in range(views)]
         for b, items in enumerate(_guarded(self._train)):
-            images = self._decoded(items, split.source.paths)
+            images = self._decoded(items, cast(FileSource, split.source).paths)
             sizes = torch.tensor([tuple(img.shape[-2:]) for img in images])
             part = slice(b * bs, b * bs + len(images))
             x = [self.normalise(train_crops(images, crop_boxes(sizes, u[part]), flip[part], self.image_size))
@@ -264,7 +272,7 @@ class ImageNetDeviceData:
                            for s in range(0, len(positions), EVAL_BATCH_SIZE)]
         for b, items in enumerate(_guarded(self._loader(split, batches, persistent=False))):
             pos = positions[b * EVAL_BATCH_SIZE:(b + 1) * EVAL_BATCH_SIZE]
-            x = eval_crops(self._decoded(items, split.source.paths), self.image_size)
+            x = eval_crops(self._decoded(items, cast(FileSource, split.source).paths), self.image_size)
             yield self.normalise(x), split.labels[pos].to(self.device)
 
     def eval_batches(self, split: str) -> Iterator[tuple[Tensor, Tensor]]:

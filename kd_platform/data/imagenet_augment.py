@@ -25,7 +25,6 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from ..errors import UsageError
 from .sources import read_image
 
 SCALE = (0.08, 1.0)
@@ -76,8 +75,8 @@ def crop_boxes(sizes: Tensor, u: Tensor) -> Tensor:
 def train_crops(images: Sequence[Tensor], boxes: Tensor, flips: Tensor, size: int) -> Tensor:
     """``images`` (``uint8 (3, h_i, w_i)`` on one device) cropped to ``boxes``, resized to
     ``size`` x ``size`` (bilinear, antialiased) and flipped where ``flips``: ``(B, 3, size, size)``."""
-    out = torch.stack([TF.resized_crop(img, t, l, h, w, [size, size], antialias=True)
-                       for img, (t, l, h, w) in zip(images, boxes.tolist())])
+    out = torch.stack([TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+                       for img, (top, left, h, w) in zip(images, boxes.tolist())])
     flips = flips.to(out.device).view(-1, 1, 1, 1)
     return torch.where(flips, out.flip(-1), out)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,8 @@ def _first_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     """``conv``, or a fresh one like it for inputs of another channel count."""
     if in_channels == conv.in_channels:
         return conv
-    return nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
+    kernel, stride, padding = (cast(tuple[int, int], t) for t in (conv.kernel_size, conv.stride, conv.padding))
+    return nn.Conv2d(in_channels, conv.out_channels, kernel, stride, padding, bias=False)
 
 
 class TorchvisionResNet(ZooNet):
@@ -66,8 +67,8 @@ class TorchvisionResNet(ZooNet):
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
     def stages(self) -> Iterator[tuple[str, Stage]]:
-        return iter([("stem", self._stem), ("stage1", self.layer1), ("stage2", self.layer2),
-                     ("stage3", self.layer3), ("stage4", self.layer4)])
+        layers = [cast(Stage, getattr(self, f"layer{i}")) for i in range(1, 5)]
+        return iter([("stem", self._stem), *((f"stage{i}", layer) for i, layer in enumerate(layers, 1))])
 
 
 class TorchvisionMobileNetV2(ZooNet):
@@ -92,7 +93,7 @@ class TorchvisionMobileNetV2(ZooNet):
 
     @property
     def fc(self) -> nn.Linear:  # type: ignore[override]
-        return self.classifier[1]  # type: ignore[return-value]
+        return cast(nn.Linear, self.classifier[1])
 
     def stages(self) -> Iterator[tuple[str, Stage]]:
         return split_sequential(self.body, self._ENDS, self._NAMES)
