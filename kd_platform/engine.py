@@ -159,10 +159,26 @@ def make_stepper(spec: RunSpec, method: Method, device: torch.device, world: int
     return Stepper(method, model, opt, recipe.autocast_dtype(device), channels_last, hooks or NoHooks())
 
 
+@dataclass
+class Trained:
+    """What a finished run leaves: its last epoch's metrics and the trained method itself."""
+    metrics: dict[str, Any]
+    method: Method
+
+
 def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None,
           resume_from: Path | None = None, rank: int = 0, world: int = 1,
           teachers: Callable[[Any], Callable[[str], ZooNet]] | None = None,
           hooks: RunHooks | None = None) -> dict[str, float]:
+    """Train ``spec`` to its last epoch; its final metrics (see :func:`fit` for the arguments)."""
+    return fit(spec, report, device=device, resume_from=resume_from, rank=rank, world=world,
+               teachers=teachers, hooks=hooks).metrics
+
+
+def fit(spec: RunSpec, report: Reporter, *, device: torch.device | None = None,
+          resume_from: Path | None = None, rank: int = 0, world: int = 1,
+          teachers: Callable[[Any], Callable[[str], ZooNet]] | None = None,
+          hooks: RunHooks | None = None) -> Trained:
     """Train ``spec`` to its last epoch (resuming from a checkpoint directory if given).
 
     ``teachers`` turns the run's data into its ``BuildEnv.get_teacher``; offline methods need
@@ -243,4 +259,4 @@ def train(spec: RunSpec, report: Reporter, *, device: torch.device | None = None
                          "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                          "epoch": epoch + 1, "best": best, "layout": layout}, Path(directory) / STATE_FILE)
         report(metrics, save)
-    return metrics
+    return Trained(metrics, method)

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from . import engine, tracking
-from .checkpoint import STATE_FILE, load_checked, save_atomic
+from .checkpoint import load_checked, save_atomic
 from .data import DataModule, build_data
 from .errors import UsageError
 from .methods import get_method
@@ -233,22 +233,18 @@ def _write_json_atomic(path: Path, obj: Mapping[str, Any]) -> None:
 def train_teacher(ts: RunSpec, device: torch.device) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Train the ``ce`` run ``ts`` with the engine; its network's state_dict and its accuracies."""
     recipe, _ = ts.resolved()
-    state: dict[str, Tensor] = {}
 
-    def report(metrics: dict[str, float], save: Callable[[Path], None]) -> None:
+    def report(metrics: dict[str, Any], save: Callable[[Path], None]) -> None:
         log.info("teacher %s epoch %d/%d  loss %.4f  val/acc %.2f", recipe.arch, metrics["epoch"],
                  recipe.epochs, metrics["train/loss/loss"], metrics["val/acc/net"])
-        if metrics["epoch"] == recipe.epochs:
-            with tempfile.TemporaryDirectory() as d:
-                save(Path(d))
-                state.update(load_checked(Path(d) / STATE_FILE)["method"])
 
     t0 = time.perf_counter()
     log.info("training teacher %s for %d epochs (cached for later runs)", recipe.arch, recipe.epochs)
     with _isolated_rng(device):
-        final = engine.train(ts, report, device=device)
-    # The ``ce`` method keeps its network as ``.net``; the cache holds the bare network.
-    net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+        trained = engine.fit(ts, report, device=device)
+    final = trained.metrics
+    # The cache holds the bare network, as the method contract names it (``ce``'s ``net``).
+    net_state = {k: v.detach().cpu() for k, v in trained.method.analysis_networks()["net"].state_dict().items()}
     extra = {"val_acc": final.get("val/acc/net"), "test_acc": final.get("test/acc/net"),
              "train_s": round(time.perf_counter() - t0, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return net_state, extra
