@@ -383,10 +383,15 @@ def prepare(spec: RunSpec, device: torch.device) -> Callable[[Any], TeacherProvi
     so the run's own training never starts another. Returns what ``engine.train`` takes as
     ``teachers`` (the run's provider, once the data is known); None for other methods.
 
-    What is trained on top of the teacher alone (IE-KD's auto-encoder) needs the method's own
-    builder, so it is made through the same provider when the method is built."""
-    if get_method(spec.method).kind != MethodKind.OFFLINE:
+    What a method trains on top of the teacher alone (IE-KD's auto-encoder) is made here too,
+    by the method's ``teacher_stage``, through the same provider and its cache."""
+    method = get_method(spec.method)
+    if method.kind != MethodKind.OFFLINE:
         return None
     provider = TeacherProvider(spec, None, device)
-    provider.teacher_path(spec.resolved()[1].teacher_arch)
+    _, cfg = spec.resolved()
+    provider.teacher_path(cfg.teacher_arch)
+    if method.has_teacher_stage():  # its teacher network is needed now, shaped for the data
+        provider.bind(build_data(engine.data_recipe(spec), spec.seed, torch.device("cpu")))
+        method.teacher_stage(cfg, provider)
     return provider.bind

@@ -137,6 +137,20 @@ def test_iekd_autoencoder_is_cached_per_teacher_and_recipe(tmp_path: Path) -> No
     assert len(build(ae_epochs=2).built) == 1
 
 
+def test_the_teacher_stage_makes_iekds_autoencoder_before_the_method_is_built(tmp_path: Path) -> None:
+    """teachers.prepare trains the teacher and then IE-KD's stage A; building the method after it
+    only loads both from the cache."""
+    spec = RunSpec.from_flat("iekd", {**TINY, "ae_epochs": 1}, 0, Assets(teacher_cache=str(tmp_path)))
+    bind = teachers.prepare(spec, CPU)
+    assert bind is not None
+    provider = bind.__self__
+    assert len(provider.built) == 2  # the teacher, then the auto-encoder
+    assert sorted(p.name for p in tmp_path.glob("*/*.pt")) == ["iekd_autoencoder.pt", TEACHER_FILE]
+    build_method(spec, DataStub(), CPU, bind(DataStub()))
+    assert len(provider.built) == 2  # the build found both
+    assert teachers.prepare(RunSpec.from_flat("okdph", {}, 0), CPU) is None  # no teacher, no stage
+
+
 def test_bad_teacher_checkpoints_fail_before_any_run(tmp_path: Path) -> None:
     """A file of the wrong architecture and a truncated file, each through the real command line
     (both at once, to halve the wait for two interpreters)."""

@@ -120,6 +120,17 @@ class Method(nn.Module):
         wants; known before the method is built, so the data can be chosen for it."""
         return 1
 
+    @classmethod
+    def teacher_stage(cls, cfg: Any, teachers: Any) -> None:
+        """Runs in the teacher stage (``teachers.prepare``), after the teacher is ready and before
+        the method is built: what a method trains on top of its teacher alone (IE-KD's
+        auto-encoder) is made and cached here through ``teachers`` (the run's provider), so the
+        build only loads it. Nothing by default."""
+
+    @classmethod
+    def has_teacher_stage(cls) -> bool:
+        return cls.teacher_stage.__func__ is not Method.teacher_stage.__func__  # type: ignore[attr-defined]
+
     def num_views(self) -> int:
         return type(self).views_for(self.cfg)
 

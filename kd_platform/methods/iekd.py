@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from .ie_parts import FactorAutoEncoder, IEKnobs, InheritExploreSplit, factor_ch
 
 if TYPE_CHECKING:
     from ..data import DataModule
+    from ..models.base import ZooNet
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,22 @@ def fit_autoencoder(ae: FactorAutoEncoder, fmaps: Callable[[int], Iterable[Tenso
     return history
 
 
+def _teacher_maps(teacher: ZooNet, data: DataModule, epoch: int) -> Iterator[Tensor]:
+    for batch in data.train_batches(epoch, 1):
+        with torch.no_grad():
+            fmap = teacher.features(batch.x)
+        yield fmap  # outside no_grad: the consumer trains on it
+
+
+def _stage_a(teacher: ZooNet, data: DataModule, channels: int, k: int, cfg: IEKDConfig) -> dict[str, Tensor]:
+    autoencoder = FactorAutoEncoder(channels, k).to(next(teacher.parameters()).device)
+    history = fit_autoencoder(autoencoder, lambda epoch: _teacher_maps(teacher, data, epoch), cfg.ae_epochs, cfg.ae_lr)
+    if history:
+        log.info("iekd auto-encoder: L1 reconstruction %.4f -> %.4f over %d epochs",
+                 history[0], history[-1], len(history))
+    return autoencoder.state_dict()
+
+
 @register_method
 class IEKD(OfflineMethod):
     name = "iekd"
@@ -78,34 +95,33 @@ class IEKD(OfflineMethod):
 
     def __init__(self, cfg: IEKDConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)
-        derived = getattr(env.get_teacher, "derived", None)
-        if derived is None:
-            raise UsageError("iekd trains an auto-encoder on its teacher's features and needs the "
-                             "engine's teacher provider (kd_platform.teachers.TeacherProvider)")
-        channels = self.teacher.feature_channels
-        k = factor_channels(channels, cfg.rate)
-        recipe = {"rate": cfg.rate, "k": k, "ae_epochs": cfg.ae_epochs, "ae_lr": cfg.ae_lr,
-                  "momentum": AE_MOMENTUM, "weight_decay": AE_WEIGHT_DECAY}
-        state = derived(cfg.teacher_arch, "iekd_autoencoder", recipe, lambda data: self._stage_a(data, channels, k))
-        autoencoder = FactorAutoEncoder(channels, k)
+        state, k = type(self).autoencoder_state(cfg, env.get_teacher)  # made in the teacher stage: a cache hit
+        autoencoder = FactorAutoEncoder(self.teacher.feature_channels, k)
         autoencoder.load_state_dict(state)
         self.teacher_encoder = freeze(autoencoder.encoder)
         self.split = InheritExploreSplit(self.student.feature_channels, k, cfg.split, cfg.split_mode)
 
-    def _teacher_maps(self, data: DataModule, epoch: int) -> Iterator[Tensor]:
-        for batch in data.train_batches(epoch, 1):
-            with torch.no_grad():
-                fmap = self.teacher.features(batch.x)
-            yield fmap  # outside no_grad: the consumer trains on it
+    @classmethod
+    def teacher_stage(cls, cfg: IEKDConfig, teachers: Any) -> None:
+        """Stage A, the teacher's factor auto-encoder: trained (or found) before the run trains."""
+        cls.autoencoder_state(cfg, teachers)
 
-    def _stage_a(self, data: DataModule, channels: int, k: int) -> dict[str, Tensor]:
-        autoencoder = FactorAutoEncoder(channels, k).to(next(self.teacher.parameters()).device)
-        history = fit_autoencoder(autoencoder, lambda epoch: self._teacher_maps(data, epoch),
-                                  self.cfg.ae_epochs, self.cfg.ae_lr)
-        if history:
-            log.info("iekd auto-encoder: L1 reconstruction %.4f -> %.4f over %d epochs",
-                     history[0], history[-1], len(history))
-        return autoencoder.state_dict()
+    @staticmethod
+    def autoencoder_state(cfg: IEKDConfig, teachers: Any) -> tuple[dict[str, Tensor], int]:
+        """The auto-encoder's state_dict and code channels ``k``, through the teacher provider's
+        cache (keyed by the teacher's hash, this recipe, the data and the seed)."""
+        derived = getattr(teachers, "derived", None)
+        if derived is None:
+            raise UsageError("iekd trains an auto-encoder on its teacher's features and needs the "
+                             "teacher provider of kd_platform.teachers.prepare")
+        teacher = teachers(cfg.teacher_arch)
+        channels = teacher.feature_channels
+        k = factor_channels(channels, cfg.rate)
+        recipe = {"rate": cfg.rate, "k": k, "ae_epochs": cfg.ae_epochs, "ae_lr": cfg.ae_lr,
+                  "momentum": AE_MOMENTUM, "weight_decay": AE_WEIGHT_DECAY}
+        state = derived(cfg.teacher_arch, "iekd_autoencoder", recipe,
+                        lambda data: _stage_a(teacher, data, channels, k, cfg))
+        return state, k
 
     def factor_distances(self, fmap_s: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(D(f_I, f_T), D(f_E, f_T))`` for the student map ``fmap_s`` of images ``x``."""
