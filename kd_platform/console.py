@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Callable, NoReturn, Sequence
 
-from .errors import UsageError
+from .errors import OneLineFailure, UsageError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -22,6 +22,9 @@ def run_command(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OneLineFailure as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

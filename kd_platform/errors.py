@@ -1,4 +1,4 @@
-"""The one exception type that the command line turns into a one-line message and exit code 2."""
+"""The exceptions the command line turns into one-line messages: exit code 2 for bad input, 1 otherwise."""
 
 
 class UsageError(Exception):
@@ -7,3 +7,8 @@ class UsageError(Exception):
     Raised before anything is written (no MLflow run, no results directory), so that
     catching it at the command line leaves nothing half-done behind.
     """
+
+
+class OneLineFailure(RuntimeError):
+    """A failure that is not the user's input (a tracking store that stayed away): reported as
+    one line like a :class:`UsageError`, but with exit code 1, since the input was fine."""

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UsageError
+from .errors import OneLineFailure, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ NEVER_APPLIED = ("database is locked", "database table is locked", "connection r
                  "name or service not known", "failed to establish a new connection")
 
 
-class StoreUnavailable(UsageError):
+class StoreUnavailable(OneLineFailure):
     """The store stayed away past the patience: one line, with where the unsent writes are."""
 
 
