@@ -252,6 +252,11 @@ class Lab:
         ray = str(Path(sys.executable).parent / "ray")
         tmp = self.dir / "laptop-tmp"
         script = f'mount --bind {tmp} /tmp && exec "$@"'
+        here = Path(cwd).resolve()
+        if here.is_relative_to("/tmp"):  # a checkout under /tmp would vanish under the private /tmp: carry it over
+            inside = tmp / here.relative_to("/tmp")
+            inside.mkdir(parents=True, exist_ok=True)
+            script = f'mount --bind {here} {inside} && mount --rbind {tmp} /tmp && exec "$@"'
         return subprocess.run(
             ["unshare", "--mount", "--propagation", "private", "--pid", "--kill-child", "--mount-proc",
              "sh", "-ec", script, "sh", ray, *args],
