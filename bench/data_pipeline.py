@@ -74,9 +74,9 @@ def write_data(dataset: str, root: Path, train_per_class: int, test_per_class: i
 
 
 def measure_paths(args: argparse.Namespace, root: Path, device: torch.device) -> None:
+    from kd_platform.config.knobs import build_config
+    from kd_platform.config.recipe import Recipe
     from kd_platform.data import build_data
-    from kd_platform.knobs import build_config
-    from kd_platform.recipe import Recipe
     torch.set_num_threads(1)
     rates = {}
     for path in ("loader", "device"):
@@ -94,8 +94,8 @@ def measure_paths(args: argparse.Namespace, root: Path, device: torch.device) ->
 
 def measure_steps(args: argparse.Namespace, root: Path, device: torch.device) -> None:
     from kd_platform.data import build_data
-    from kd_platform.engine import RunSpec, build_method
     from kd_platform.methods.base import StepContext
+    from kd_platform.run.engine import RunSpec, build_method
     spec = RunSpec.from_flat(args.method, {
         "dataset": args.dataset, "data_dir": str(root), "arch": args.arch, "augment": args.augment,
         "batch_size": args.batch_size, "loader_workers": args.loader_workers, "data_path": args.data_path}, 0)

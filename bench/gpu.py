@@ -52,9 +52,9 @@ except ImportError:  # run from elsewhere: the checkout this file lives in
     sys.path.append(str(REPO))
 
 from kd_platform.data import build_data  # noqa: E402
-from kd_platform.engine import RunSpec, build_method, data_recipe, train  # noqa: E402
-from kd_platform.engine import make_stepper as make_engine_stepper, resolve_fused  # noqa: E402
 from kd_platform.methods.base import Batch, StepContext  # noqa: E402
+from kd_platform.run.engine import RunSpec, build_method, data_recipe, resolve_fused, train  # noqa: E402
+from kd_platform.run.engine import make_stepper as make_engine_stepper  # noqa: E402
 
 METHOD = "okdph"
 PRESET = "cifar100-resnet32"
@@ -442,7 +442,7 @@ def _epoch_estimate(out: Report, sz: Sizes, knobs: dict[str, Any]) -> float:
 
 
 def section_epoch(out: Report, sz: Sizes, device: torch.device, root: Path, budget: Budget) -> None:
-    from kd_platform.presets import preset_for_method
+    from kd_platform.sweep.presets import preset_for_method
     knobs = {**preset_for_method(PRESET, METHOD), "epochs": 1, "data_dir": str(root)}
     if sz.epoch_arch:
         knobs["arch"] = sz.epoch_arch

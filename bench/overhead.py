@@ -32,7 +32,7 @@ import torch
 
 
 def bare(trials: int, epochs: int) -> float:
-    from kd_platform.engine import RunSpec, train
+    from kd_platform.run.engine import RunSpec, train
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     for i in range(trials):
@@ -43,7 +43,7 @@ def bare(trials: int, epochs: int) -> float:
 
 def sweep(trials: int, epochs: int, work: Path, use_train: bool) -> float:
     from kd_platform.cli import sweep_settings
-    from kd_platform.sweep import run_sweep
+    from kd_platform.sweep.tuner import run_sweep
     space = work / "space.yaml"
     space.write_text(f"swept:\n  omega: {{type: uniform, low: 0.3, high: 1.0}}\nasha: {{grace_period: {epochs}}}\n")
     name = f"bench-{'train' if use_train else 'inproc'}"

@@ -14,21 +14,27 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .console import OneLineParser, run_command
-from .errors import UsageError
+from kd_platform.console import OneLineParser, run_command
+from kd_platform.errors import UsageError
 
 if TYPE_CHECKING:
-    from .spec import Assets
+    from kd_platform.run.spec import Assets
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
-    return value
+def _int_at_least(minimum: int, kind: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a {kind} integer, not {value}")
+        return value
+    return parse
+
+
+_positive_int = _int_at_least(1, "positive")
+_nonnegative_int = _int_at_least(0, "non-negative")
 
 
 def _integer(text: str) -> int:
@@ -92,9 +98,9 @@ def _teacher_assets(args: argparse.Namespace, fixed: dict[str, Any], swept: Sequ
     """The teacher cache, store and checkpoint of an offline method (absolute, since Ray's
     processes change directory); a checkpoint that cannot be the method's teacher fails here,
     before any run exists."""
-    from .methods import get_method
-    from .spec import Assets, RunSpec
-    from .teachers import check_teacher_checkpoint
+    from kd_platform.methods import get_method
+    from kd_platform.run.spec import Assets, RunSpec
+    from kd_platform.teachers import check_teacher_checkpoint
     if get_method(args.method).kind != "offline":
         if args.teacher_checkpoint or args.teacher_cache:
             raise UsageError(f"method '{args.method}' has no teacher; drop --teacher-checkpoint/--teacher-cache")
@@ -102,7 +108,7 @@ def _teacher_assets(args: argparse.Namespace, fixed: dict[str, Any], swept: Sequ
     cache = (args.teacher_cache or args.out / "teachers").resolve()
     assets = {"teacher_cache": str(cache)}
     if args.storage_path:  # storage every node reaches: teachers trained on one node are fetched by the others
-        from .teacher_store import store_uri
+        from kd_platform.teachers.store import store_uri
         store = store_uri(_storage(args))
         if store != str(cache):
             assets["teacher_store"] = store
@@ -113,7 +119,7 @@ def _teacher_assets(args: argparse.Namespace, fixed: dict[str, Any], swept: Sequ
         check_teacher_checkpoint(path, RunSpec.from_flat(args.method, fixed, args.seed))
         assets["teacher_checkpoint"] = str(path)
     elif "teacher_arch" not in swept:
-        from .models.torchvision_zoo import check_published_teacher
+        from kd_platform.models.torchvision_zoo import check_published_teacher
         check_published_teacher(RunSpec.from_flat(args.method, fixed, args.seed))
     return Assets(**assets)
 
@@ -121,8 +127,8 @@ def _teacher_assets(args: argparse.Namespace, fixed: dict[str, Any], swept: Sequ
 def _load_space(args: argparse.Namespace) -> Any:
     """The search space with the preset and then ``--set`` pinned on top: together the whole
     description of a run."""
-    from .presets import preset_for_method, preset_methods
-    from .space import load_space
+    from kd_platform.sweep.presets import preset_for_method, preset_methods
+    from kd_platform.sweep.space import load_space
     space = load_space(args.method, args.space)
     if args.preset:
         methods = preset_methods(args.preset)
@@ -138,25 +144,26 @@ def _load_space(args: argparse.Namespace) -> Any:
 
 
 def _checked_uri(args: argparse.Namespace) -> str:
-    from .tracking import check_reachable, resolve_tracking_uri
+    from kd_platform.tracking import check_reachable, resolve_tracking_uri
     uri = resolve_tracking_uri(args.tracking_uri)
     check_reachable(uri)
     return uri
 
 
-def _check_data(method: str, fixed: dict[str, Any], seed: int) -> None:
+def _check_data(method: str, fixed: dict[str, Any], seed: int) -> int:
     """Open the dataset once here, so that a missing directory or a corrupt file is a one-line
-    error now rather than a failed trial later (and a download happens once, not per trial)."""
+    error now rather than a failed trial later (and a download happens once, not per trial).
+    Returns the training steps per epoch (what an ablation's batch-unit knobs are measured in)."""
     import torch
 
-    from .data import build_data
-    from .engine import RunSpec, data_recipe
+    from kd_platform.data import build_data
+    from kd_platform.run.engine import RunSpec, data_recipe
     recipe = data_recipe(RunSpec.from_flat(method, fixed, seed))
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the trial logs the dataset's warnings; an error here stays one line
     try:
-        build_data(recipe, seed, torch.device("cpu"))
+        return build_data(recipe, seed, torch.device("cpu")).steps_per_epoch()
     finally:
         root.setLevel(level)
 
@@ -173,7 +180,7 @@ def _storage(args: argparse.Namespace) -> str:
 
 
 def _launch(args: argparse.Namespace) -> Any:
-    from .launch import Launch
+    from kd_platform.launch.launcher import Launch
     if args.cpus_per_trial <= 0:
         raise UsageError("--cpus-per-trial must be positive")
     if not (args.address or os.environ.get("RAY_ADDRESS")):
@@ -222,12 +229,20 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_positive_int, help="ablation: repeat every cell with this many seeds")
     p.add_argument("--from-sweep", metavar="RUN_ID",
                    help="ablation: pin the other knobs to the best trial of this earlier sweep's parent run")
+    from kd_platform.sweep.confirm import DEFAULT_SEEDS, DEFAULT_TOP
+    p.add_argument("--confirm-top", type=_nonnegative_int, metavar="K",
+                   help=f"after a TPE search, train its K best configurations and the defaults again with fresh "
+                        f"seeds, to the full budget (default {DEFAULT_TOP}; 0 = --no-confirm)")
+    p.add_argument("--confirm-seeds", type=_positive_int, metavar="S",
+                   help=f"seeds per confirmed configuration (default {DEFAULT_SEEDS})")
+    p.add_argument("--no-confirm", action="store_true",
+                   help="report the search's best trial (one seed) without confirming it")
     p.add_argument("--quiet", action="store_true", help="no live trial table")
     return p
 
 
 def _latest_sweep(out: Path, method: str) -> Path:
-    from .sweep import STATE_FILE
+    from kd_platform.sweep.tuner import STATE_FILE
     found = sorted((p.parent for p in out.glob(f"{method}-*/{STATE_FILE}")), key=lambda p: p.stat().st_mtime)
     if not found:
         raise UsageError(f"--resume: no sweep of '{method}' in '{out}'")
@@ -236,10 +251,12 @@ def _latest_sweep(out: Path, method: str) -> Path:
 
 def sweep_settings(argv: Sequence[str] | None) -> Any:
     """Parse and validate a sweep command line into settings; touches nothing on disk."""
-    from .sweep import SweepSettings
+    from kd_platform.sweep.tuner import SweepSettings
     args = sweep_parser().parse_args(argv)
     if args.resume:
-        conflicting = [f for f, v in (("--set", args.set), ("--space", args.space), ("--samples", args.samples),
+        conflicting = [f for f, v in (("--confirm-top", args.confirm_top is not None),
+                                      ("--confirm-seeds", args.confirm_seeds), ("--no-confirm", args.no_confirm),
+                                      ("--set", args.set), ("--space", args.space), ("--samples", args.samples),
                                       ("--epochs", args.epochs), ("--name", args.name), ("--preset", args.preset),
                                       ("--teacher-checkpoint", args.teacher_checkpoint),
                                       ("--teacher-cache", args.teacher_cache)) if v]
@@ -257,22 +274,41 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
                          "(val_fraction=0 is for a final 'python -m platform.train' run)")
     assets = _teacher_assets(args, space.fixed, list(space.swept))
     uri = _checked_uri(args)
-    _check_data(args.method, space.fixed, args.seed)
-    ablation = _ablation(args, space, uri)
-    samples = ablation.trials if ablation else (args.samples or space.samples)
+    steps = _check_data(args.method, space.fixed, args.seed)
     epochs = _epochs(args, space)
+    ablation = _ablation(args, space, uri, epochs, steps)
+    if ablation is None:
+        from kd_platform.sweep.space import check_corners
+        check_corners(space, epochs)
+    samples = ablation.trials if ablation else (args.samples or space.samples)
     launch = _launch(args)
     name = args.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (args.out / name).exists():
         raise UsageError(f"sweep directory '{args.out / name}' already exists (use --resume or another --name)")
+    top, seeds = _confirmation(args)
     # No --max-concurrent: run_sweep fits as many trials as the Ray cluster's CPUs and GPUs hold.
     return SweepSettings(args.method, space, samples, epochs, args.max_concurrent, args.seed, uri,
                          args.experiment or args.method, args.out.resolve(), name, launch, address=args.address,
-                         verbose=0 if args.quiet else 1, ablation=ablation, assets=assets)
+                         verbose=0 if args.quiet else 1, ablation=ablation, assets=assets,
+                         confirm_top=0 if ablation else top, confirm_seeds=seeds)
 
 
-def _ablation(args: argparse.Namespace, space: Any, uri: str) -> Any:
-    from .ablate import best_of_sweep, plan_ablation
+def _confirmation(args: argparse.Namespace) -> tuple[int, int]:
+    """``(K, S)`` of the confirmation stage; ``K = 0`` turns it off."""
+    from kd_platform.sweep.confirm import DEFAULT_SEEDS, DEFAULT_TOP
+    given = [f for f, v in (("--confirm-top", args.confirm_top is not None),
+                            ("--confirm-seeds", args.confirm_seeds)) if v]
+    if args.ablate and (given or args.no_confirm):
+        raise UsageError(f"{(given or ['--no-confirm'])[0]} applies to a TPE sweep; an ablation already repeats "
+                         f"its cells over --seeds")
+    if args.no_confirm and given:
+        raise UsageError(f"--no-confirm conflicts with {given[0]}")
+    top = 0 if args.no_confirm else (DEFAULT_TOP if args.confirm_top is None else args.confirm_top)
+    return top, args.confirm_seeds or DEFAULT_SEEDS
+
+
+def _ablation(args: argparse.Namespace, space: Any, uri: str, epochs: int, steps_per_epoch: int) -> Any:
+    from kd_platform.sweep.ablate import best_of_sweep, plan_ablation
     if not args.ablate:
         for flag, value in (("--seeds", args.seeds), ("--from-sweep", args.from_sweep)):
             if value:
@@ -281,34 +317,54 @@ def _ablation(args: argparse.Namespace, space: Any, uri: str) -> Any:
     if args.samples:
         raise UsageError("--samples conflicts with --ablate: an ablation runs every cell of its grid")
     best = best_of_sweep(uri, args.from_sweep) if args.from_sweep else None
-    return plan_ablation(space, args.ablate, args.seeds or 1, args.seed, best, args.from_sweep)
+    return plan_ablation(space, args.ablate, args.seeds or 1, args.seed, best, args.from_sweep, epochs, steps_per_epoch)
 
 
 def _sweep(argv: Sequence[str] | None) -> int:
-    from .sweep import run_sweep
+    from kd_platform.sweep.tuner import run_sweep
     s = sweep_settings(argv)
     outcome = run_sweep(s)
     print()
+    search_s = outcome.wall_s - outcome.confirm_wall_s
     print(f"Sweep {s.name}: {outcome.trials} trials ({outcome.stopped_early} stopped early by ASHA, "
-          f"{outcome.failed} failed) in {outcome.wall_s:.0f}s")
+          f"{outcome.failed} failed) in {search_s:.0f}s")
     if s.ablation:
         print(f"Ablation of {', '.join(s.ablation.knobs)} over {len(s.ablation.seeds)} seed(s); tables with "
               f"python -m analysis.ablation --sweep {outcome.parent_run_id} --tracking-uri {s.tracking_uri}")
-    if outcome.best_metric is None:
+    if outcome.verdict is not None:
+        _print_confirmation(s, outcome)
+    elif outcome.best_metric is None:
         print("No trial finished; see the FAILED runs in MLflow for the errors.")
         return 1
-    print(f"Best trial: {s.space.metric} = {outcome.best_metric:.2f} (MLflow run {outcome.best_run_id})")
-    for key, value in sorted(outcome.best_config.items()):
-        print(f"  {key} = {value}")
+    else:
+        collapsed = "  COLLAPSED: identical students" if (s.search or {}).get("best_collapsed") else ""
+        print(f"Best trial: {s.space.metric} = {outcome.best_metric:.2f} (one seed, unconfirmed; "
+              f"MLflow run {outcome.best_run_id}){collapsed}")
+        for key, value in sorted(outcome.best_config.items()):
+            print(f"  {key} = {value}")
     print("Open the MLflow UI on it:")
     _print_ui(s.tracking_uri, outcome.experiment_id, outcome.parent_run_id, "ablation" if s.ablation else "sweep")
-    return 0
+    return 0 if outcome.best_metric is not None else 1
+
+
+def _print_confirmation(s: Any, outcome: Any) -> None:
+    from kd_platform.sweep.confirm import table_lines
+    v, plan, metric = outcome.verdict, s.confirm_plan, s.space.metric
+    search = s.search or {}
+    if search.get("best_value") is not None:
+        print(f"Search best (one seed, not a finding): {metric} = {search['best_value']:.2f}")
+    print(f"Confirmation: {len(plan.candidates)} configurations x {len(plan.seeds)} fresh seeds "
+          f"({', '.join(map(str, plan.seeds))}), full budget, in {outcome.confirm_wall_s:.0f}s; "
+          f"{metric}, mean ± std and 95% interval:")
+    for line in table_lines(v, s.space.swept):
+        print(line)
+    print(v.headline(metric))
 
 
 def _print_ui(uri: str, experiment_id: str, run_id: str, what: str) -> None:
     """How to open the UI on the store (a sqlite store needs ``mlflow ui``), then the URLs of the
     experiment's runs and of the run itself, both in MLflow's model-training view."""
-    from .tracking import ui_command, ui_url
+    from kd_platform.tracking import ui_command, ui_url
     if uri.startswith("sqlite:") or not ui_url(uri, experiment_id):
         print(f"  {ui_command(uri)}")
     if ui_url(uri, experiment_id):
@@ -324,8 +380,8 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def _train(argv: Sequence[str] | None) -> int:
-    from .engine import RunSpec
-    from .single import run_single
+    from kd_platform.launch.single import run_single
+    from kd_platform.run.engine import RunSpec
     args = train_parser().parse_args(argv)
     space = _load_space(args)
     flat = {**space.fixed, "epochs": _epochs(args, space)}

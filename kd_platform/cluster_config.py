@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from .errors import UsageError
+from kd_platform.errors import UsageError
 
 
 def check_cluster_config(path: Path) -> dict[str, Any]:

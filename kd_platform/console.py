@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Callable, NoReturn, Sequence
 
-from .errors import OneLineFailure, UsageError
+from kd_platform.errors import OneLineFailure, UsageError
 
 
 class OneLineParser(argparse.ArgumentParser):

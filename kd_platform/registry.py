@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 from typing import Generic, Iterable, TypeVar
 
-from .errors import UsageError
+from kd_platform.errors import UsageError
 
 T = TypeVar("T")
 

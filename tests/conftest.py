@@ -72,6 +72,7 @@ def free_port() -> int:
 def no_network(monkeypatch):
     """Dataset and published-weights downloads fail as they would on a machine without internet access."""
     import torch.hub
+
     from kd_platform.data import cifar
     def refuse(*args, **kwargs):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
@@ -98,6 +99,37 @@ class DataStub:
 def make_method(name: str, seed: int = 0, **knobs):
     """A method built exactly as the engine builds it, on digits-shaped inputs."""
     import torch
-    from kd_platform.engine import RunSpec, build_method
+
+    from kd_platform.run.engine import RunSpec, build_method
     torch.manual_seed(seed)
     return build_method(RunSpec.from_flat(name, knobs, seed), DataStub(), torch.device("cpu"))
+
+
+def finished_runs(db: Path, stage: str | None = None) -> int:
+    """Trial runs of a sweep's sqlite store that ended FINISHED (of one ``stage`` tag, if given),
+    read with plain sqlite so that a test can poll it while the sweep writes."""
+    import sqlite3
+    if not db.exists():
+        return 0
+    where = "" if stage is None else (" and r.run_uuid in (select run_uuid from tags where key = 'stage' "
+                                       f"and value = '{stage}')")
+    with sqlite3.connect(db) as con:
+        try:
+            return con.execute("select count(*) from runs r join tags t on r.run_uuid = t.run_uuid where "
+                               "t.key = 'trial_outcome' and r.status = 'FINISHED'" + where).fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL what is left of a killed driver's own local Ray cluster (every process of the
+    session it was started in); ``ray stop`` would take down every Ray cluster on the machine."""
+    import signal
+    listing = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    for line in listing.splitlines():
+        pid, session = (int(field) for field in line.split())
+        if session == sid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_platform.knobs import build_config
-from kd_platform.recipe import Recipe
+from kd_platform.config.knobs import build_config
+from kd_platform.config.recipe import Recipe
 
 
 def _balanced_labels(num_classes: int, per_class: int, rng: np.random.Generator) -> np.ndarray:

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import DataStub, runs_in, sqlite_uri
 
-from kd_platform.engine import RunSpec, build_method
-from kd_platform.knobs import knob_specs
+from kd_platform.config.knobs import knob_specs
 from kd_platform.methods import get_method, method_names
 from kd_platform.methods.base import Batch, StepContext
-from kd_platform.spec import Assets
+from kd_platform.run.engine import RunSpec, build_method
+from kd_platform.run.spec import Assets
 
 pytestmark = pytest.mark.slow
 CHANCE = 10.0  # digits has 10 balanced classes
@@ -37,8 +37,8 @@ def _loss_terms(spec: RunSpec) -> set[str]:
 
 @pytest.mark.parametrize("method", method_names())
 def test_method_learns_on_digits_and_logs_every_term(method, tmp_path, teacher_cache):
-    from kd_platform.launch import Launch
-    from kd_platform.single import run_single
+    from kd_platform.launch.launcher import Launch
+    from kd_platform.launch.single import run_single
     torch.set_num_threads(2)
     knobs = {"epochs": 3, "lr": 0.05}
     assets = Assets()

@@ -301,7 +301,7 @@ def test_ablation_statistics_match_scipy(ablation_report, sweeps):
     bootstrap intervals, from the per-seed values that were logged."""
     from scipy import stats as sps
 
-    from kd_platform.analysis.stats import bootstrap_diff_ci, bootstrap_mean_ci, holm
+    from kd_platform.stats import bootstrap_diff_ci, bootstrap_mean_ci, holm
     out, _ = ablation_report
     for metric, suffix in ((METRIC, ""), (EXTRA, "__flat_hessian_trace_student1")):
         for knob, table in {k: pd.read_csv(out / f"ablation_{k}{suffix}.csv").set_index(k) for k in DEFAULTS}.items():

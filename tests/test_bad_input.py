@@ -1,8 +1,9 @@
 """Bad input: one clear line naming the problem, exit code 2, nothing written."""
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
 from conftest import run_cli, sqlite_uri
 
 
@@ -25,6 +26,22 @@ CASES = {
     "negative samples": (["platform.sweep", "okdph", "--samples", "-3"], "--samples"),
     "set without value": (["platform.sweep", "okdph", "--set", "omega"], "key=value"),
     "resume of no sweep": (["platform.sweep", "okdph", "--resume", "{tmp}"], "holds no sweep"),
+    "resume of a sweep from the old layout": (["platform.sweep", "okdph", "--resume", "{old_sweep}"],
+                                              "older layout"),
+    "degenerate configuration (identical students)": (["platform.train", "okdph", "--set", "hwm_grad=false"],
+                                                      "degenerate okdph configuration: same_init=true"),
+    "degenerate configuration in a sweep": (["platform.sweep", "okdph", "--set", "hwm_mix=mean"], "hwm_mix=mean"),
+    "swept knob with no effect anywhere": (["platform.sweep", "okdph", "--set", "beta=0"],
+                                           "swept knob 'temperature' has no effect"),
+    "ablation values that cannot differ": (["platform.sweep", "okdph", "--ablate", "fusion_interval", "--epochs", "2"],
+                                           "values 0 and 5 train identically"),
+    "ablation of a knob that does nothing": (["platform.sweep", "okdph", "--ablate", "gamma", "--set",
+                                              "fusion_interval=0"], "no value of it changes this run"),
+    "confirmation flags on an ablation": (["platform.sweep", "okdph", "--ablate", "gamma", "--confirm-seeds", "2"],
+                                          "--confirm-seeds"),
+    "--no-confirm with --confirm-top": (["platform.sweep", "okdph", "--no-confirm", "--confirm-top", "1"],
+                                        "--no-confirm"),
+    "negative --confirm-top": (["platform.sweep", "okdph", "--confirm-top", "-1"], "--confirm-top"),
     "resume with --set": (["platform.sweep", "okdph", "--resume", "--set", "omega=0.5"], "--set"),
     "missing space file": (["platform.sweep", "okdph", "--space", "{tmp}/none.yaml"], "none.yaml"),
     "unknown architecture": (["platform.train", "okdph", "--set", "arch=resnet9000"], "resnet9000"),
@@ -77,6 +94,7 @@ CASES = {
 def placeholders(tmp_path):
     """Bad files in their real formats: a truncated CIFAR batch and teacher checkpoints."""
     import torch
+
     from kd_platform.models import build_model
     cifar = tmp_path / "cifar" / "cifar-10-batches-py"
     cifar.mkdir(parents=True)
@@ -86,7 +104,17 @@ def placeholders(tmp_path):
     torch.save(build_model("resnet8", 10, 1).state_dict(), tmp_path / "wrong.pt")  # kd's teacher is resnet20
     torch.save(build_model("resnet20", 10, 1).state_dict(), tmp_path / "good.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:5000])
-    return {"tmp": str(tmp_path), "corrupt_cifar": str(tmp_path / "cifar"), "wrong_arch": str(tmp_path / "wrong.pt"),
+    # A sweep's state file as the layout before the layered packages wrote it (no "layout" key).
+    old = tmp_path / "old" / "okdph-20260101-000000"
+    old.mkdir(parents=True)
+    (old / "kd_sweep.json").write_text(json.dumps({
+        "method": "okdph", "space_source": "search_spaces/okdph.yaml", "swept": {}, "fixed": {},
+        "metric": "val/acc/students_mean", "mode": "max", "grace_period": 1, "reduction_factor": 2,
+        "samples": 8, "epochs": 4, "max_concurrent": None, "seed": 0, "tracking_uri": "sqlite:///m.db",
+        "experiment": "okdph", "name": old.name, "launch": {}, "parent_run_id": "0" * 32, "ablation": None,
+        "assets": {}}))
+    return {"old_sweep": str(old), "tmp": str(tmp_path), "corrupt_cifar": str(tmp_path / "cifar"),
+            "wrong_arch": str(tmp_path / "wrong.pt"),
             "truncated": str(tmp_path / "cut.pt")}
 
 
@@ -138,6 +166,8 @@ def test_invalid_cluster_config(tmp_path):
 SPACES = {
     "malformed yaml": ("swept: {omega: [unclosed\n", "malformed YAML"),
     "empty swept": ("swept: {}\nfixed: {}\n", "'swept' is empty"),
+    "space that samples identical students": ("swept:\n  hwm_grad: {type: choice, values: ['true', 'false']}\n",
+                                              "samples degenerate configurations"),
     "knob the method lacks": ("swept:\n  lambda_x: {type: uniform, low: 0, high: 1}\n", "'lambda_x'"),
     "range outside the knob's": ("swept:\n  omega: {type: uniform, low: 0.1, high: 3.0}\n", "'omega'"),
     "bad distribution": ("swept:\n  omega: {type: gaussian, mean: 0.5}\n", "'omega'"),

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_method
 from scipy import special
 from torch import nn
 from torch.func import functional_call
 
-from conftest import make_method
-from kd_platform.engine import RunSpec
+from kd_platform.config.recipe import Recipe
 from kd_platform.errors import UsageError
 from kd_platform.methods.base import Batch, BuildEnv, StepContext
 from kd_platform.methods.cmkd import CMKDConfig, cmkd_objective, sample_difficulty
@@ -22,7 +22,7 @@ from kd_platform.methods.dist import dist_objective
 from kd_platform.methods.dkd import DKDConfig, decoupled_kd, dkd_objective, warmup_weight
 from kd_platform.methods.sam import SAM, SAMConfig
 from kd_platform.methods.swa import SWA, SWAConfig
-from kd_platform.recipe import Recipe
+from kd_platform.run.engine import RunSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from kd_platform.config.recipe import Recipe
 from kd_platform.data import build_data
 from kd_platform.data.digits import load_digits_arrays
 from kd_platform.data.split import shard, stratified_split
-from kd_platform.recipe import Recipe
 
 
 def _rows(x: torch.Tensor) -> set[bytes]:

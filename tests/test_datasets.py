@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dataset_files import TINY_WNIDS, dump_pickle, file_recipe, write_cifar10, write_cifar100, write_tinyimagenet
 
+from kd_platform.config.knobs import build_config
+from kd_platform.config.recipe import AUGMENTATIONS, Recipe
 from kd_platform.data import build_data
 from kd_platform.data import cifar as cifar_module
 from kd_platform.errors import UsageError
-from kd_platform.knobs import build_config
-from kd_platform.recipe import AUGMENTATIONS, Recipe
-
-from dataset_files import TINY_WNIDS, file_recipe, dump_pickle, write_cifar10, write_cifar100, write_tinyimagenet
 
 CPU = torch.device("cpu")
 PATHS = ("device", "loader")
@@ -238,7 +237,7 @@ def test_zero_val_fraction_evaluates_val_on_test_and_says_so(cifar10_dir, caplog
 
 @pytest.mark.parametrize("path", PATHS)
 def test_engine_trains_on_cifar_files(cifar10_dir, one_thread, path):
-    from kd_platform.engine import RunSpec, train
+    from kd_platform.run.engine import RunSpec, train
     root, _ = cifar10_dir
     spec = RunSpec.from_flat("ce", {"dataset": "cifar10", "data_dir": str(root), "arch": "resnet8", "epochs": 1,
                                     "batch_size": 64, "augment": "cutout", "loader_workers": 0,
@@ -301,8 +300,8 @@ def test_view_augments_are_checked_when_read():
 
 
 def test_every_preset_is_valid_for_every_method_it_names():
-    from kd_platform.engine import RunSpec
-    from kd_platform.presets import load_preset, preset_for_method, preset_methods, preset_names
+    from kd_platform.run.engine import RunSpec
+    from kd_platform.sweep.presets import load_preset, preset_for_method, preset_methods, preset_names
     names = preset_names()
     assert {"digits", "cifar100-resnet32", "cifar100-resnet110", "cifar100-wrn_20_8", "cifar10-resnet32",
             "cifar100-resnet32x4-resnet8x4", "cifar100-resnet56-resnet20", "cifar100-wrn_40_2-wrn_40_1",
@@ -317,7 +316,7 @@ def test_every_preset_is_valid_for_every_method_it_names():
 
 
 def test_preset_contents_follow_the_recipes_table():
-    from kd_platform.presets import load_preset, preset_for_method
+    from kd_platform.sweep.presets import load_preset, preset_for_method
     online = load_preset("cifar100-resnet32")
     assert (online["epochs"], online["batch_size"], online["lr"], online["milestones"]) == (300, 128, 0.1, "150,225")
     assert preset_for_method("cifar100-resnet32", "pcl")["nesterov"] is True
@@ -334,6 +333,6 @@ def test_preset_contents_follow_the_recipes_table():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    from kd_platform.presets import load_preset
+    from kd_platform.sweep.presets import load_preset
     with pytest.raises(UsageError, match="unknown preset 'cifar1000'.*cifar100-resnet32"):
         load_preset("cifar1000")

@@ -15,18 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dataset_files import TINY_WNIDS, file_recipe, write_cifar10, write_tinyimagenet
 from torchvision.transforms.v2 import functional as TF
 
-from kd_platform.data import build_data, cifar as cifar_module, sources
+from kd_platform.config.recipe import DEVICE_AUGMENTATIONS, Recipe
+from kd_platform.data import build_data, sources
+from kd_platform.data import cifar as cifar_module
 from kd_platform.data.augment import cutout_size, mean_colour, shift_padding
 from kd_platform.data.device_augment import STEPS, BatchAugment
 from kd_platform.data.device_data import DeviceDataModule
 from kd_platform.data.sources import ArraySource
 from kd_platform.data.split import Split, generator
 from kd_platform.errors import UsageError
-from kd_platform.recipe import DEVICE_AUGMENTATIONS, Recipe
-
-from dataset_files import TINY_WNIDS, file_recipe, write_cifar10, write_tinyimagenet
 
 CPU = torch.device("cpu")
 

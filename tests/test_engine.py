@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kd_platform.engine import RunSpec, train
+from kd_platform.run.engine import RunSpec, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

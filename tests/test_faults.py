@@ -1,7 +1,7 @@
 """Reliability: crashed workers, NaN losses and interrupted checkpoint writes.
 
 The sweeps run through the real command line (a fresh local Ray cluster each, so the
-``KD_PLATFORM_FAULT`` of ``kd_platform.faults`` reaches every Ray process); each prints
+``KD_PLATFORM_FAULT`` of ``kd_platform.launch.faults`` reaches every Ray process); each prints
 how long the platform took to recover, for the record.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, run_cli, runs_in, sqlite_uri
-from kd_platform import faults
-from kd_platform.checkpoint import STATE_FILE, load_checked, save_atomic
+
 from kd_platform.errors import UsageError
+from kd_platform.launch import faults
+from kd_platform.run.checkpoint import STATE_FILE, load_checked, save_atomic
 
 SPACE = """\
 swept:
@@ -46,7 +46,7 @@ def _history(uri: str, run_id: str, key: str) -> list:
 def test_killed_train_worker_resumes_from_its_last_checkpoint(tmp_path):
     uri = sqlite_uri(tmp_path / "mlruns.db")
     once = tmp_path / "fault-fired"
-    out = run_cli("platform.sweep", "ce", "--space", str(_space(tmp_path)), "--samples", "1", "--epochs", "3",
+    out = run_cli("platform.sweep", "ce", "--space", str(_space(tmp_path)), "--samples", "1", "--epochs", "3", "--no-confirm",
                   "--use-train", "--tracking-uri", uri, "--out", str(tmp_path / "res"), "--quiet",
                   env={"KD_PLATFORM_FAULT": "exit@2", "KD_PLATFORM_FAULT_ONCE": str(once)})
     log = out.stdout + out.stderr
@@ -138,7 +138,7 @@ def test_a_killed_writer_never_replaces_the_previous_checkpoint(tmp_path):
     save_atomic(_state(1.0), path)
     script = (
         "import os, sys, torch\n"
-        "from kd_platform.checkpoint import save_atomic\n"
+        "from kd_platform.run.checkpoint import save_atomic\n"
         "def die(obj, fh, *a, **k):\n"
         "    fh.write(b'PK' * 1000); fh.flush(); os._exit(9)\n"
         "torch.save = die\n"
@@ -165,7 +165,7 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_resuming_from_a_truncated_checkpoint_names_the_file(tmp_path):
-    from kd_platform.engine import RunSpec, train
+    from kd_platform.run.engine import RunSpec, train
     path = _truncated_checkpoint(tmp_path)
     spec = RunSpec.from_flat("ce", {"dataset": "digits", "arch": "resnet8", "epochs": 1}, 0)
     with pytest.raises(UsageError) as err:
@@ -182,7 +182,7 @@ class _Trial:
 
 def _logger(uri: str, experiment_id: str, parent_id: str):
     """A fresh driver-side callback, as a (re)started sweep driver builds it."""
-    from kd_platform.mlflow_callback import MlflowTrialLogger
+    from kd_platform.tracking.mlflow_callback import MlflowTrialLogger
     return MlflowTrialLogger(uri, experiment_id, parent_id, "ce", {"dataset": "digits", "arch": "resnet8", "epochs": 3},
                              0, 3, tags={"method": "ce", "kind": "trial"})
 

@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli, sqlite_uri
 from torch import nn
 
-from kd_platform import flatness
+from kd_platform.run import flatness
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -107,8 +107,8 @@ def test_surface_and_plots(one_thread, tmp_path):
 
 
 def test_flatness_final_adds_metrics_and_leaves_the_method_as_it_was(one_thread):
-    from kd_platform import engine
     from kd_platform.data import build_data
+    from kd_platform.run import engine
     spec = engine.RunSpec.from_flat("okdph", {"epochs": 1, "flatness": "final", "flatness_samples": 48,
                                               "flatness_probes": 2}, 0)
     final = engine.train(spec, lambda metrics, save: None)
@@ -135,7 +135,8 @@ def test_flatness_final_adds_metrics_and_leaves_the_method_as_it_was(one_thread)
 
 def test_fused_and_unfused_peers_give_the_same_analysis_networks(one_thread):
     from conftest import DataStub, make_method
-    from kd_platform.engine import RunSpec, build_method
+
+    from kd_platform.run.engine import RunSpec, build_method
     pair = []
     for fused in ("false", "true"):
         spec = RunSpec.from_flat("okdph", {"fused": fused}, 0)  # checking fused=true draws weights

@@ -10,13 +10,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import DataStub
-from kd_platform.engine import RunSpec, build_method, train
+
 from kd_platform.errors import UsageError
 from kd_platform.methods.base import Batch, StepContext
 from kd_platform.models import build_model, model_names
 from kd_platform.models.stacked import StackedNet, is_stackable, member_state_dict, side_by_side
+from kd_platform.run.engine import RunSpec, build_method, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = dict(rtol=1e-10, atol=1e-10)

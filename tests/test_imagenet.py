@@ -15,13 +15,13 @@ from torchvision.transforms import v2
 
 from kd_platform.data import build_data
 from kd_platform.data.imagenet_augment import RATIO, SCALE, crop_boxes, device_decodable, draw_crops, eval_crop
-from kd_platform.engine import RunSpec, train
 from kd_platform.errors import UsageError
 from kd_platform.methods import get_method
 from kd_platform.models import build_model
 from kd_platform.models.torchvision_zoo import WEIGHTS, check_published_teacher, hub_file
-from kd_platform.presets import preset_for_method, preset_methods
-from kd_platform.spec import Assets
+from kd_platform.run.engine import RunSpec, train
+from kd_platform.run.spec import Assets
+from kd_platform.sweep.presets import preset_for_method, preset_methods
 from kd_platform.teachers import TeacherProvider, prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -83,7 +83,7 @@ def _new_run(uri: str) -> str:
 
 def test_writes_held_while_the_server_is_down_are_sent_exactly_once(server, tmp_path):
     from kd_platform import tracking
-    from kd_platform.mlflow_writer import BufferedClient
+    from kd_platform.tracking.mlflow_writer import BufferedClient
     run_id = _new_run(server.uri)
     spill = tmp_path / "unsent.jsonl"
     buffered = BufferedClient(tracking.raw_client(server.uri), spill_to=spill)
@@ -147,7 +147,7 @@ def _sweep(tmp_path: Path, uri: str, out: str, epochs: int) -> subprocess.Popen:
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)  # no ASHA stop: every trial runs all its epochs
     return subprocess.Popen(
-        [sys.executable, "-m", "platform.sweep", "ce", "--space", str(space), "--samples", "2", "--epochs",
+        [sys.executable, "-m", "platform.sweep", "ce", "--no-confirm", "--space", str(space), "--samples", "2", "--epochs",
          str(epochs), "--tracking-uri", uri, "--out", str(tmp_path / out), "--quiet"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -250,8 +250,8 @@ class _Trial:
 def test_a_store_that_never_comes_back_is_one_line_and_a_resumed_sweep_sends_the_rest(server, tmp_path,
                                                                                         monkeypatch):
     from kd_platform import tracking
-    from kd_platform.mlflow_callback import MlflowTrialLogger
-    from kd_platform.mlflow_writer import StoreUnavailable
+    from kd_platform.tracking.mlflow_callback import MlflowTrialLogger
+    from kd_platform.tracking.mlflow_writer import StoreUnavailable
     experiment_id = tracking.ensure_experiment(server.uri, "store-gone")
     parent = tracking.client(server.uri).create_run(experiment_id, tags={"kind": "sweep"}).info.run_id
     unsent = tmp_path / "sweep" / "mlflow_unsent.jsonl"

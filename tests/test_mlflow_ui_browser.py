@@ -134,7 +134,7 @@ def test_mlflow_ui_shows_the_sweep_its_runs_and_the_report(tmp_path):
     from kd_platform import tracking
     from kd_platform.analysis.cli import main
     from kd_platform.cli import _print_ui
-    from kd_platform.engine import RunSpec, data_recipe
+    from kd_platform.run.engine import RunSpec, data_recipe
 
     uri = sqlite_uri(tmp_path / "mlruns.db")
     c = MlflowClient(tracking_uri=uri)

@@ -6,7 +6,6 @@ import json
 import re
 
 import pytest
-
 from conftest import run_cli, runs_in, sqlite_uri
 
 QUERY = "?workflowType=machine_learning"
@@ -19,7 +18,7 @@ def _kind(uri: str, experiment_id: str) -> str | None:
 
 
 def _expected_dataset(method: str, knobs: dict, seed: int):
-    from kd_platform.engine import RunSpec, data_recipe
+    from kd_platform.run.engine import RunSpec, data_recipe
     from kd_platform.tracking import describe_data
     return describe_data(data_recipe(RunSpec.from_flat(method, knobs, seed)), seed)
 
@@ -97,7 +96,7 @@ def test_train_run_records_its_dataset_and_prints_training_view_urls(tmp_path):
 def test_sweep_trials_record_their_dataset_and_the_sweep_prints_training_view_urls(ray_local, tmp_path, capsys):
     from kd_platform.cli import _sweep
     uri = sqlite_uri(tmp_path / "mlruns.db")
-    assert _sweep(["okdph", "--samples", "2", "--epochs", "1", "--tracking-uri", uri, "--seed", "4",
+    assert _sweep(["okdph", "--samples", "2", "--epochs", "1", "--no-confirm", "--tracking-uri", uri, "--seed", "4",
                    "--out", str(tmp_path / "res"), "--quiet"]) == 0
     printed = capsys.readouterr().out
     runs = runs_in(uri)

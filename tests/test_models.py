@@ -11,8 +11,6 @@ from kd_platform.errors import UsageError
 from kd_platform.models import build_model, build_multibranch, model_names
 from kd_platform.models.resnet import RESNET_SPECS
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXPECTED = {

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, private_ray_tmpdir, run_cli, runs_in, sqlite_uri
 
 pytestmark = pytest.mark.slow
@@ -49,7 +48,7 @@ def _node_ids(c) -> set[str]:
 def _sweep_args(tmp_path: Path, c, *extra: str) -> list[str]:
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
-    return ["platform.sweep", "ce", "--space", str(space), "--address", c.address,
+    return ["platform.sweep", "ce", "--no-confirm", "--space", str(space), "--address", c.address,
             "--tracking-uri", sqlite_uri(tmp_path / "mlruns.db"), "--out", str(tmp_path / "res"), "--quiet", *extra]
 
 

@@ -10,7 +10,6 @@ import torch
 from conftest import DataStub
 from scipy import special, stats
 
-from kd_platform.engine import RunSpec, build_method
 from kd_platform.methods.base import Batch, StepContext
 from kd_platform.methods.cmkd import CMKDConfig, cmkd_objective, correlation_weights, sample_difficulty
 from kd_platform.methods.dist import DISTConfig, dist_objective
@@ -18,7 +17,8 @@ from kd_platform.methods.ie_parts import FactorAutoEncoder, to_factor
 from kd_platform.methods.iekd import fit_autoencoder
 from kd_platform.methods.kd import KDConfig, kd_objective
 from kd_platform.models import build_model
-from kd_platform.spec import Assets
+from kd_platform.run.engine import RunSpec, build_method
+from kd_platform.run.spec import Assets
 from kd_platform.teachers import TeacherProvider
 
 CPU = torch.device("cpu")

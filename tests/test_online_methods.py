@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import make_method
+
 from kd_platform.losses import mean_kd_to_peers
 from kd_platform.methods.base import Batch, StepContext
 from kd_platform.methods.ie_parts import to_factor

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import private_ray_tmpdir, run_cli, runs_in, sqlite_uri
-from kd_platform.sweep import plan_packing
-from kd_platform.launch import Launch
+
+from kd_platform.launch.launcher import Launch
+from kd_platform.sweep.tuner import plan_packing
 
 # Both epochs for every trial: ASHA must not stop one before the others have started.
 SPACE = """\
@@ -84,7 +84,7 @@ def test_four_quarter_gpu_trials_share_one_gpu_at_once(gpu_cluster, tmp_path: Pa
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     t0 = time.perf_counter()
-    out = run_cli("platform.sweep", "okdph", "--space", str(space), "--gpus-per-trial", "0.25",
+    out = run_cli("platform.sweep", "okdph", "--no-confirm", "--space", str(space), "--gpus-per-trial", "0.25",
                   "--cpus-per-trial", "0.5", "--samples", "4", "--epochs", "2", "--address", gpu_cluster.address,
                   "--tracking-uri", uri, "--out", str(tmp_path / "res"), "--quiet",
                   # On Linux a driver replaces a loopback address by the machine's own IP, where

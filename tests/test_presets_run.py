@@ -3,11 +3,11 @@ small datasets written in the real on-disk formats (CIFAR pickles, TinyImageNet 
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_cli, runs_in, sqlite_uri
-from kd_platform.methods import get_method
-from kd_platform.presets import preset_methods, preset_names
 from test_datasets import write_cifar10, write_cifar100, write_tinyimagenet
+
+from kd_platform.methods import get_method
+from kd_platform.sweep.presets import preset_methods, preset_names
 
 pytestmark = pytest.mark.slow
 

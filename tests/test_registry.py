@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from kd_platform import data, methods, models
+from kd_platform import methods, models
+from kd_platform.data import registry as data_registry
 from kd_platform.errors import UsageError
+from kd_platform.methods import registry as method_registry
+from kd_platform.models import registry as model_registry
 from kd_platform.registry import Registry
 
 
-@pytest.mark.parametrize("registry, existing", [(methods._METHODS, "okdph"), (models._BUILDERS, "resnet8"),
-                                                (data._BUILDERS, "digits")])
+@pytest.mark.parametrize("registry, existing", [(method_registry._METHODS, "okdph"),
+                                                (model_registry._BUILDERS, "resnet8"),
+                                                (data_registry._BUILDERS, "digits")])
 def test_a_name_is_registered_once(registry, existing):
     assert existing in registry
     with pytest.raises(ValueError, match=f"'{existing}' registered twice"):
@@ -19,7 +23,7 @@ def test_a_name_is_registered_once(registry, existing):
 
 @pytest.mark.parametrize("lookup, kind", [(methods.get_method, "method"),
                                           (lambda n: models.build_model(n, 10), "architecture"),
-                                          (lambda n: data._BUILDERS.get(n), "dataset")])
+                                          (lambda n: data_registry._BUILDERS.get(n), "dataset")])
 def test_an_unknown_name_lists_the_known_ones(lookup, kind):
     with pytest.raises(UsageError) as err:
         lookup("nosuch")
@@ -39,9 +43,9 @@ def test_search_spaces_fix_only_what_differs_from_the_defaults():
     sweeps and what it changes, so a default moved in the code is not silently overridden."""
     from dataclasses import fields
 
-    from kd_platform.knobs import build_config, knob_specs
-    from kd_platform.recipe import Recipe
-    from kd_platform.space import load_space
+    from kd_platform.config.knobs import build_config, knob_specs
+    from kd_platform.config.recipe import Recipe
+    from kd_platform.sweep.space import load_space
     for method in methods.method_names():
         cls = methods.get_method(method).Config
         space = load_space(method, None)

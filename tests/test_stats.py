@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from kd_platform.analysis import stats
+from kd_platform import stats
 from kd_platform.analysis.load import Sweep
 from kd_platform.analysis.tables import ablation_table, extra_metric_columns, grid_table
 

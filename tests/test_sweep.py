@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 
 import pytest
-
-from conftest import REPO, run_cli, runs_in, sqlite_uri
+from conftest import REPO, finished_runs, kill_session, run_cli, runs_in, sqlite_uri
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +24,10 @@ def _history(uri, run_id, key):
 
 def test_two_trial_sweep_lands_in_mlflow(ray_local, tmp_path):
     from kd_platform.cli import sweep_settings
-    from kd_platform.engine import RunSpec
-    from kd_platform.sweep import run_sweep
+    from kd_platform.run.engine import RunSpec
+    from kd_platform.sweep.tuner import run_sweep
     uri = sqlite_uri(tmp_path / "mlruns.db")
-    s = sweep_settings(["okdph", "--samples", "2", "--epochs", "2", "--tracking-uri", uri,
+    s = sweep_settings(["okdph", "--samples", "2", "--epochs", "2", "--no-confirm", "--tracking-uri", uri,
                         "--out", str(tmp_path / "res"), "--seed", "3", "--quiet"])
     outcome = run_sweep(s)
     runs = runs_in(uri)
@@ -59,13 +57,15 @@ def test_two_trial_sweep_lands_in_mlflow(ray_local, tmp_path):
     assert parent.data.metrics["best/val/acc/students_mean"] == pytest.approx(best)
     assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
     assert (tmp_path / "res" / s.name / "optuna.db").is_file()
+    # The default space samples no degenerate corner: no trial trains identical students.
+    assert not [c for c in children if c.data.tags.get("identical_peers") == "true"]
 
 
 def test_failed_trials_end_as_failed_runs_with_the_error(tmp_path):
     uri = sqlite_uri(tmp_path / "mlruns.db")
     space = tmp_path / "space.yaml"  # ASHA may not stop a trial before its loss turns NaN
     space.write_text("swept:\n  omega: {type: uniform, low: 0.3, high: 1.0}\nasha: {grace_period: 3}\n")
-    out = run_cli("platform.sweep", "okdph", "--space", str(space), "--samples", "2", "--epochs", "2",
+    out = run_cli("platform.sweep", "okdph", "--space", str(space), "--samples", "2", "--epochs", "2", "--no-confirm",
                   "--tracking-uri", uri, "--out", str(tmp_path / "res"), "--quiet",
                   env={"KD_PLATFORM_FAULT": "nan@2"})
     assert out.returncode == 1, out.stderr[-3000:]
@@ -80,46 +80,23 @@ def test_failed_trials_end_as_failed_runs_with_the_error(tmp_path):
         assert [s for s, _ in _history(uri, child.info.run_id, "val/acc/students_mean")] == [1]
 
 
-def _count_finished_children(db):
-    if not db.exists():
-        return 0
-    with sqlite3.connect(db) as con:
-        try:
-            return con.execute("select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
-                               "where t.key = 'trial_outcome' and r.status = 'FINISHED'").fetchone()[0]
-        except sqlite3.OperationalError:
-            return 0
-
-
 def test_resume_after_the_driver_is_killed(tmp_path):
-    def kill_session(sid: int) -> None:
-        """SIGKILL what is left of the killed driver's own local Ray cluster (every process of the
-        session it was started in); ``ray stop`` would take down every Ray cluster on the machine."""
-        listing = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-        for line in listing.splitlines():
-            pid, session = (int(field) for field in line.split())
-            if session == sid:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
     db = tmp_path / "mlruns.db"
     uri = sqlite_uri(db)
     res = tmp_path / "res"
-    args = ["okdph", "--samples", "3", "--epochs", "3", "--max-concurrent", "1", "--tracking-uri", uri,
+    args = ["okdph", "--samples", "3", "--epochs", "3", "--max-concurrent", "1", "--no-confirm", "--tracking-uri", uri,
             "--out", str(res), "--name", "okdph-resume", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "platform.sweep", *args], cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while _count_finished_children(db) < 1 and time.time() < deadline and proc.poll() is None:
+    while finished_runs(db) < 1 and time.time() < deadline and proc.poll() is None:
         time.sleep(1)
     assert proc.poll() is None, "the sweep ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)
     killed_at = time.time()
     proc.wait()
     kill_session(proc.pid)
-    finished_before = _count_finished_children(db)
+    finished_before = finished_runs(db)
     assert 1 <= finished_before < 3
 
     resume_started = time.time()
@@ -159,19 +136,19 @@ def test_resume_after_the_driver_is_killed(tmp_path):
 
 def test_ablation_grid_with_seeds(ray_local, tmp_path):
     from kd_platform.cli import sweep_settings
-    from kd_platform.sweep import run_sweep
+    from kd_platform.sweep.tuner import run_sweep
     uri = sqlite_uri(tmp_path / "mlruns.db")
-    s = sweep_settings(["okdph", "--ablate", "hwm_grad", "--seeds", "2", "--epochs", "1", "--tracking-uri", uri,
+    s = sweep_settings(["okdph", "--ablate", "fusion_unit", "--seeds", "2", "--epochs", "1", "--tracking-uri", uri,
                         "--out", str(tmp_path / "res"), "--seed", "5", "--quiet"])
-    assert s.samples == 4 and s.ablation.defaults == {"hwm_grad": "auto"}
+    assert s.samples == 4 and s.ablation.defaults == {"fusion_unit": "epoch"}
     run_sweep(s)
     runs = runs_in(uri)
     (parent,) = [r for r in runs if r.data.tags.get("kind") == "ablation"]
-    assert parent.data.params["ablate"] == "hwm_grad" and parent.data.params["default.hwm_grad"] == "auto"
+    assert parent.data.params["ablate"] == "fusion_unit" and parent.data.params["default.fusion_unit"] == "epoch"
     assert parent.data.params["pinned.omega"] == "0.8"  # other swept knobs sit at their declared defaults
     children = _children(runs, parent.info.run_id)
-    cells = sorted((c.data.params["hwm_grad"], c.data.tags["seed"]) for c in children)
-    assert cells == [("false", "5"), ("false", "6"), ("true", "5"), ("true", "6")]
+    cells = sorted((c.data.params["fusion_unit"], c.data.tags["seed"]) for c in children)
+    assert cells == [("batch", "5"), ("batch", "6"), ("epoch", "5"), ("epoch", "6")]
     assert all(c.data.params["omega"] == "0.8" and c.data.tags["trial_outcome"] == "completed" for c in children)
     assert {c.data.params["seed"] for c in children} == {"5", "6"}
 

@@ -18,9 +18,8 @@ from conftest import DataStub, private_ray_tmpdir, run_cli, runs_in, sqlite_uri
 
 from kd_platform import teachers
 from kd_platform.cli import sweep_settings
-from kd_platform.engine import RunSpec
-from kd_platform.spec import Assets
-from kd_platform.teacher_store import CLAIM_FILE, FETCHED, TRAINED, TeacherStore, fetch_or_make
+from kd_platform.run.engine import RunSpec
+from kd_platform.run.spec import Assets
 from kd_platform.teachers import (
     CACHED,
     CHECKPOINT,
@@ -30,6 +29,8 @@ from kd_platform.teachers import (
     cached_file,
     description_hash,
 )
+from kd_platform.teachers.store import CLAIM_FILE, FETCHED, TRAINED, TeacherStore, fetch_or_make
+from kd_platform.tracking.teacher_artifacts import record_teacher
 
 CPU = torch.device("cpu")
 DESCRIPTION = {"format": 1, "kind": "teacher", "what": "a stand-in entry"}
@@ -160,7 +161,7 @@ def test_providers_and_the_run_record_say_where_the_teacher_came_from(tmp_path: 
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("t")).info.run_id
     spec = RunSpec.from_flat("kd", TINY, 0, Assets(teacher_cache=str(tmp_path / "driver"), teacher_store=str(store)))
-    teachers.record_teacher(client, run_id, spec, result={"teacher.source": FETCHED, "epoch": 1})
+    record_teacher(client, run_id, spec, result={"teacher.source": FETCHED, "epoch": 1})
     tags = client.get_run(run_id).data.tags
     assert tags["teacher.source"] == FETCHED and tags["teacher.hash"] == digest
     assert sorted(a.path for a in client.list_artifacts(run_id, f"teacher/{digest}")) == [
@@ -169,8 +170,8 @@ def test_providers_and_the_run_record_say_where_the_teacher_came_from(tmp_path: 
 
 @pytest.mark.usefixtures("one_thread")
 def test_iekd_autoencoder_is_shared_too(tmp_path: Path) -> None:
-    from kd_platform.engine import build_method
     from kd_platform.models import build_model
+    from kd_platform.run.engine import build_method
     torch.manual_seed(3)
     file = tmp_path / "teacher.pt"
     torch.save(build_model("resnet8", 10, 1).state_dict(), file)
@@ -218,7 +219,7 @@ def test_a_sweep_on_three_nodes_trains_its_teacher_once(tmp_path: Path) -> None:
                 cluster.add_node(num_cpus=1, env_vars={teachers.CACHE_ENV: str(cache)})
             cluster.wait_for_nodes()
             uri = sqlite_uri(tmp_path / "mlruns.db")
-            out = run_cli("platform.sweep", "kd", "--address", cluster.address, "--tracking-uri", uri,
+            out = run_cli("platform.sweep", "kd", "--no-confirm", "--address", cluster.address, "--tracking-uri", uri,
                           "--out", str(tmp_path / "res"), "--storage-path", str(tmp_path / "shared"),
                           "--samples", "3", "--max-concurrent", "3", "--epochs", "1", "--quiet",
                           "--set", "teacher_arch=resnet8", "--set", "teacher_epochs=3")

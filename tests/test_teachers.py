@@ -14,9 +14,9 @@ from conftest import REPO, DataStub, sqlite_uri
 
 from kd_platform import teachers
 from kd_platform.cli import sweep_main, train_main
-from kd_platform.engine import RunSpec, build_method
 from kd_platform.models import build_model
-from kd_platform.spec import Assets
+from kd_platform.run.engine import RunSpec, build_method
+from kd_platform.run.spec import Assets
 from kd_platform.teachers import TEACHER_FILE, TeacherProvider, teacher_info
 
 CPU = torch.device("cpu")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_cli, runs_in, sqlite_uri
 
 pytestmark = pytest.mark.slow

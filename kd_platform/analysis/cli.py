@@ -9,11 +9,11 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..console import OneLineParser, run_command
-from ..errors import UsageError
-from ..tracking import ui_url
-from . import markdown as md
-from .load import find_parent, load_sweep, open_client
+from kd_platform.analysis import markdown as md
+from kd_platform.analysis.load import find_parent, load_sweep, open_client
+from kd_platform.console import OneLineParser, run_command
+from kd_platform.errors import UsageError
+from kd_platform.tracking import ui_url
 
 REPORTS_DIR = Path("reports")
 
@@ -50,7 +50,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.method and args.sweep and sweep.method and sweep.method != args.method:
         raise UsageError(f"run '{args.sweep}' is a sweep of '{sweep.method}', not '{args.method}'")
     # Imports matplotlib: only once the input is known to be good.
-    from .report import ARTIFACT_DIR, analyse
+    from kd_platform.analysis.report import ARTIFACT_DIR, analyse
     folder = args.out or REPORTS_DIR / sweep.name
     rep = analyse(c, sweep, folder, extra_metrics=args.extra_metrics)
     for title, frame, index in rep.tables:

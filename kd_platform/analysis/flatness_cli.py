@@ -1,7 +1,7 @@
 """``python -m analysis.flatness --run RUN_ID``: flatness evidence for one trained run.
 
 It rebuilds the run's method from its logged knobs, loads the final checkpoint the run's
-``checkpoint_dir`` tag names, measures every analysis network (``kd_platform.flatness``),
+``checkpoint_dir`` tag names, measures every analysis network (``kd_platform.run.flatness``),
 interpolates between the first two students (and, for OKDPH, through the mean HWM), draws
 the loss surface around each network, and logs everything to that same MLflow run. Bad
 input (a store, a run id, a missing tag or checkpoint, a network name) is found before
@@ -17,10 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CHECKPOINT_TAG, STATE_FILE, load_checked
-from ..console import OneLineParser, run_command
-from ..errors import UsageError
-from .load import live_run, open_client
+from kd_platform.analysis.load import live_run, open_client
+from kd_platform.console import OneLineParser, run_command
+from kd_platform.errors import UsageError
+from kd_platform.run.checkpoint import CHECKPOINT_TAG, STATE_FILE, load_checked
 
 ARTIFACT_DIR = "flatness"
 
@@ -86,7 +86,7 @@ def _state_file(run: Any, scratch: Path) -> Path:
 
 
 def _spec(run: Any, fused: bool) -> Any:
-    from ..engine import RunSpec
+    from kd_platform.run.engine import RunSpec
     params = dict(run.data.params)
     method = run.data.tags.get("method")
     if not method:
@@ -125,15 +125,15 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _measure(c: Any, run: Any, spec: Any, state: dict, args: argparse.Namespace, device: Any, scratch: Path) -> int:
-    from .. import flatness
-    from ..data import build_data
-    from ..engine import build_method, data_recipe
-    from ..models import build_model
+    from kd_platform.data import build_data
+    from kd_platform.models import build_model
+    from kd_platform.run import flatness
+    from kd_platform.run.engine import build_method, data_recipe
     recipe, _ = spec.resolved()
     data = build_data(data_recipe(spec), spec.seed, device)
 
     def untrained_teacher(arch: str) -> Any:  # its trained weights come with the checkpoint
-        from ..methods.base import freeze
+        from kd_platform.methods.base import freeze
         return freeze(build_model(arch, data.num_classes, data.in_channels).to(device))
     method = build_method(spec, data, device, untrained_teacher)
     method.load_state_dict(state["method"])
@@ -178,7 +178,7 @@ def _measure(c: Any, run: Any, spec: Any, state: dict, args: argparse.Namespace,
         indent=1))
     files.append(out / "flatness.json")
 
-    from .. import tracking
+    from kd_platform import tracking
     run_id = run.info.run_id
     step = int(state.get("epoch", 0))
     tracking.log_metrics(c, run_id, metrics, step=step)

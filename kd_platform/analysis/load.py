@@ -15,8 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from .. import tracking
-from ..errors import UsageError
+from kd_platform import tracking
+from kd_platform.errors import UsageError
 
 PARENT_KINDS = ("sweep", "ablation")
 DEFAULT_METRIC = "val/acc/students_mean"
@@ -136,7 +136,7 @@ def find_parent(c: Any, method: str | None, experiment: str | None, run_id: str 
 
 
 def _check_method(method: str) -> None:
-    from ..methods import get_method
+    from kd_platform.methods import get_method
     get_method(method)  # raises a UsageError naming the known methods
 
 

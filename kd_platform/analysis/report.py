@@ -11,12 +11,13 @@ from typing import Any
 
 import pandas as pd
 
-from ..errors import UsageError
-from . import markdown as md
-from . import plots, stats
-from .importance import fanova_importance
-from .load import Sweep, history
-from .tables import (
+from kd_platform import stats
+from kd_platform.analysis import markdown as md
+from kd_platform.analysis import plots
+from kd_platform.analysis.importance import fanova_importance
+from kd_platform.analysis.load import Sweep, history
+from kd_platform.analysis.noise import Noise, effects_sentence, effects_vs_noise, mark_collapsed, seed_noise
+from kd_platform.analysis.tables import (
     Usable,
     ablation_defaults,
     ablation_table,
@@ -28,6 +29,7 @@ from .tables import (
     significant,
     usable_runs,
 )
+from kd_platform.errors import UsageError
 
 ARTIFACT_DIR = "report"
 REPORT_FILE = "report.md"
@@ -85,7 +87,8 @@ def analyse(c: Any, sweep: Sweep, folder: Path, log_artifacts: bool = True,
     elif sweep.is_ablation:
         _ablation(rep, sweep, usable.runs, extra_metrics)
     else:
-        _tpe(rep, sweep, usable.runs)
+        confirm = _stage(usable.runs) == "confirm"
+        _tpe(rep, sweep, usable.runs[~confirm], usable.runs[confirm])
     if not usable.runs.empty:
         ranked = usable.runs.sort_values(sweep.metric, ascending=sweep.mode == "min")
         _learning_curves(rep, c, sweep, ranked.head(TOP))
@@ -98,6 +101,11 @@ def analyse(c: Any, sweep: Sweep, folder: Path, log_artifacts: bool = True,
         for path in rep.files:
             c.log_artifact(sweep.run_id, str(path), ARTIFACT_DIR)
     return rep
+
+
+def _stage(runs: pd.DataFrame) -> pd.Series:
+    """Which stage of a TPE sweep each run belongs to (``search`` or ``confirm``)."""
+    return runs["tag.stage"].fillna("search") if "tag.stage" in runs.columns else pd.Series("search", runs.index)
 
 
 def _header(rep: Report, sweep: Sweep, usable: Usable) -> None:
@@ -152,6 +160,7 @@ def _ablation(rep: Report, sweep: Sweep, runs: pd.DataFrame, extra_metrics: Sequ
              f"default's mean.",
              STATS_TEXT.format(conf=stats.CONFIDENCE, resamples=stats.N_RESAMPLES, alpha=stats.ALPHA,
                                min_seeds=stats.MIN_SEEDS))
+    rep.text(seed_noise(runs, knobs, sweep.metric, "ablation runs").sentence(sweep.metric))
     spreads = _metric_tables(rep, sweep, runs, knobs, defaults, sweep.metric)
     if len(knobs) > 1:
         grid = grid_table(runs, knobs, sweep.metric, sweep.mode, defaults)
@@ -297,16 +306,27 @@ def _held_text(held: dict[str, Any], free: list[str], defaults: dict[str, Any]) 
     return " ".join(parts) or "No other ablated knob."
 
 
-def _tpe(rep: Report, sweep: Sweep, runs: pd.DataFrame) -> None:
+def _tpe(rep: Report, sweep: Sweep, runs: pd.DataFrame, confirm: pd.DataFrame) -> None:
     swept = sweep.swept
     knobs = [k for k in swept if k in runs.columns] or [
         k for k in sweep.knobs if not k.startswith("asset.") and sweep.runs[k].nunique(dropna=False) > 1]
-    rep.text("## Best trials", f"The {TOP} completed runs with the best final `{sweep.metric}`.")
-    rep.table(f"Best {TOP} trials", best_trials(runs, sweep.metric, sweep.mode, knobs, TOP), "best_trials.csv",
-              index=True)
+    noise = _confirmation(rep, sweep, confirm, knobs)
+    rep.text("## Best search trials", f"The {TOP} completed search runs with the best final `{sweep.metric}`, "
+                                      f"one seed each: a ranking of seed luck as much as of configurations "
+                                      f"wherever the noise above is as large as their differences.")
+    best = best_trials(runs, sweep.metric, sweep.mode, knobs, TOP)
+    rep.table(f"Best {TOP} trials", mark_collapsed(best, runs), "best_trials.csv", index=True)
+    imp = fanova_importance(sweep.name, sweep.sweep_dir)
+    effects = effects_vs_noise(runs, swept, knobs, sweep.metric, noise, imp.values)
+    rep.text("## Effects against the noise", effects_sentence(effects, noise),
+             "`marginal_effect` is the largest minus the smallest mean of a knob's values or bins (tables "
+             "below); `noise_threshold` is the 95% half-width of a difference of those two means under the "
+             "measured seed noise; `importance` (fANOVA) is the knob's share of the variance among the search "
+             "trials, seed noise included, so a large share whose effect does not exceed the noise is no finding.")
+    rep.table("Knob effects against the seed noise", effects, "effects_vs_noise.csv")
     rep.text("## Marginal effects",
              "Mean of the metric per value (categorical knobs) or per quantile bin (numeric knobs) over the "
-             "completed runs. In a TPE sweep the other knobs vary at the same time, so these are marginal "
+             "completed search runs. In a TPE sweep the other knobs vary at the same time, so these are marginal "
              "trends, not controlled comparisons; TPE also samples good regions more often. The plots add the "
              "runs ASHA stopped, hollow, at the value of their last epoch.")
     all_runs = sweep.runs
@@ -321,12 +341,36 @@ def _tpe(rep: Report, sweep: Sweep, runs: pd.DataFrame) -> None:
         rep.image(f"{sweep.metric} vs {knob}", plots.knob_plot(
             runs, knob, sweep.metric, categorical, log_x, rep.folder / f"metric_vs_{safe_name(knob)}.png",
             stopped))
-    _importance(rep, sweep)
+    _importance(rep, sweep, imp)
 
 
-def _importance(rep: Report, sweep: Sweep) -> None:
+def _confirmation(rep: Report, sweep: Sweep, confirm: pd.DataFrame, knobs: list[str]) -> Noise:
+    """The confirmation stage's table and the seed noise it measures."""
+    noise = seed_noise(confirm, knobs, sweep.metric, "confirmation runs")
+    rep.text("## Confirmation and seed noise")
+    summary = sweep.tags.get("confirm.summary")
+    if summary:
+        rep.text(summary)
+    rep.text(noise.sentence(sweep.metric))
+    if confirm.empty:
+        return noise
+    rows = []
+    for values, group in confirm.groupby([k for k in knobs if k in confirm.columns], dropna=False):
+        vals = group[sweep.metric].astype(float).to_numpy()
+        low, high = stats.t_interval(vals)
+        collapsed = bool(mark_collapsed(group[["run_id"]], group).get("collapsed", pd.Series([""])).astype(bool).any())
+        rows.append({**dict(zip(knobs, values if isinstance(values, tuple) else (values,))),
+                     "mean": vals.mean(), "std": vals.std(ddof=1) if len(vals) > 1 else float("nan"),
+                     "ci_low": low, "ci_high": high, "seeds": len(vals),
+                     "collapsed": "identical students" if collapsed else ""})
+    table = pd.DataFrame(rows).sort_values("mean", ascending=sweep.mode == "min")
+    rep.table("Confirmed configurations (mean over fresh seeds, Student-t 95% interval)", table,
+              "confirmation.csv")
+    return noise
+
+
+def _importance(rep: Report, sweep: Sweep, imp: Any) -> None:
     rep.text("## Knob importance")
-    imp = fanova_importance(sweep.name, sweep.sweep_dir)
     objective = sweep.params.get("metric")
     caveat = ""
     if objective and objective != sweep.metric:
@@ -379,7 +423,7 @@ def _networks(rep: Report, c: Any, sweep: Sweep, best: pd.Series) -> None:
 def _is_online(method: str | None, nets: list[str]) -> bool:
     if method:
         try:
-            from ..methods import get_method
+            from kd_platform.methods import get_method
             return get_method(method).kind == "online"
         except UsageError:
             pass

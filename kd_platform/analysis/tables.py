@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import stats
-from .load import Sweep, coerce_like
+from kd_platform import stats
+from kd_platform.analysis.load import Sweep, coerce_like
 
 MAX_BINS = 4
 CATEGORICAL_MAX_VALUES = 6  # an int knob with few distinct values reads better per value than binned

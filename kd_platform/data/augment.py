@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-from ..errors import UsageError
-from ..recipe import AUGMENTATIONS
+from kd_platform.config.recipe import AUGMENTATIONS
+from kd_platform.errors import UsageError
 
 Pipeline = Callable[[Tensor], Tensor]
 ROTATION_DEGREES = 15.0
@@ -74,7 +74,7 @@ def cutout_size(image_size: int) -> int:
 
 def build_pipeline(name: str, image_size: int, mean: Sequence[float],
                    policy: v2.AutoAugmentPolicy = v2.AutoAugmentPolicy.CIFAR10) -> Pipeline:
-    """The training pipeline ``name`` (one of ``kd_platform.recipe.AUGMENTATIONS``) on ``uint8``
+    """The training pipeline ``name`` (one of ``kd_platform.config.recipe.AUGMENTATIONS``) on ``uint8``
     images; ``mean`` (in [0, 1]) is the colour cutout paints.
 
     ``shift`` pads by :func:`shift_padding` and crops back (zero fill); cutout covers a

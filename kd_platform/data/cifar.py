@@ -31,12 +31,13 @@ import torch
 from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 
-from ..errors import UsageError
-from ..recipe import Recipe
-from . import DataModule, register_dataset
-from .data_path import build_file_data
-from .sources import ArraySource, data_root
-from .split import Split, check_labels, split_train
+from kd_platform.config.recipe import Recipe
+from kd_platform.data.base import DataModule
+from kd_platform.data.data_path import build_file_data
+from kd_platform.data.registry import register_dataset
+from kd_platform.data.sources import ArraySource, data_root
+from kd_platform.data.split import Split, check_labels, split_train
+from kd_platform.errors import UsageError
 
 log = logging.getLogger(__name__)
 

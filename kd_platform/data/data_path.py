@@ -16,10 +16,10 @@ from typing import Sequence
 import torch
 from torchvision.transforms import v2
 
-from ..recipe import DEVICE_AUGMENTATIONS, Recipe
-from .device_data import DeviceDataModule, decoded_bytes
-from .loader_data import LoaderDataModule
-from .split import Split
+from kd_platform.config.recipe import DEVICE_AUGMENTATIONS, Recipe
+from kd_platform.data.device_data import DeviceDataModule, decoded_bytes
+from kd_platform.data.loader_data import LoaderDataModule
+from kd_platform.data.split import Split
 
 MEMORY_SHARE = 4  # the device path may take 1/MEMORY_SHARE of the free memory
 

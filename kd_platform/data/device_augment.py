@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import UsageError
-from ..recipe import DEVICE_AUGMENTATIONS
-from .augment import ROTATION_DEGREES, cutout_size, shift_padding
-from .imagenet_augment import crop_boxes, draw_crops, train_crops
+from kd_platform.config.recipe import DEVICE_AUGMENTATIONS
+from kd_platform.data.augment import ROTATION_DEGREES, cutout_size, shift_padding
+from kd_platform.data.imagenet_augment import crop_boxes, draw_crops, train_crops
+from kd_platform.errors import UsageError
 
 Params = dict[str, Tensor]
 

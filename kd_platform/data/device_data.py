@@ -24,13 +24,20 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ..methods.base import Batch
-from ..recipe import Recipe
-from . import PathNote
-from .augment import Normaliser, mean_colour, view_pipeline_names
-from .device_augment import BatchAugment, Params
-from .sources import ImageSource
-from .split import EVAL_BATCH_SIZE, EvalSplits, Split, batches_per_epoch, epoch_order, fixed_subset, generator
+from kd_platform.config.recipe import Recipe
+from kd_platform.data.augment import Normaliser, mean_colour, view_pipeline_names
+from kd_platform.data.base import Batch, PathNote
+from kd_platform.data.device_augment import BatchAugment, Params
+from kd_platform.data.sources import ImageSource
+from kd_platform.data.split import (
+    EVAL_BATCH_SIZE,
+    EvalSplits,
+    Split,
+    batches_per_epoch,
+    epoch_order,
+    fixed_subset,
+    generator,
+)
 
 
 def distinct_sources(splits: dict[str, Split]) -> list[ImageSource]:

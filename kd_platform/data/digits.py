@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import UsageError
-from ..recipe import DEVICE_AUGMENTATIONS, Recipe
-from . import register_dataset
-from .device_data import DeviceDataModule
-from .sources import ArraySource
-from .split import Split, split_train, stratified_split
+from kd_platform.config.recipe import DEVICE_AUGMENTATIONS, Recipe
+from kd_platform.data.device_data import DeviceDataModule
+from kd_platform.data.registry import register_dataset
+from kd_platform.data.sources import ArraySource
+from kd_platform.data.split import Split, split_train, stratified_split
+from kd_platform.errors import UsageError
 
 TEST_FRACTION = 0.2
 STORED_MAX = 240  # 16 * 15: the largest stored intensity

@@ -32,15 +32,22 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import UsageError
-from ..methods.base import Batch
-from ..recipe import Recipe
-from . import DataModule, PathNote, register_dataset
-from .augment import Normaliser, view_pipeline_names
-from .imagenet_augment import crop_boxes, decode_batch, device_decodable, draw_crops, eval_crop, eval_crops, train_crops
-from .loader_data import LoaderDataModule, _guarded, default_workers
-from .sources import FileSource, data_root, read_image
-from .split import (
+from kd_platform.config.recipe import Recipe
+from kd_platform.data.augment import Normaliser, view_pipeline_names
+from kd_platform.data.base import Batch, DataModule, PathNote
+from kd_platform.data.imagenet_augment import (
+    crop_boxes,
+    decode_batch,
+    device_decodable,
+    draw_crops,
+    eval_crop,
+    eval_crops,
+    train_crops,
+)
+from kd_platform.data.loader_data import LoaderDataModule, _guarded, default_workers
+from kd_platform.data.registry import register_dataset
+from kd_platform.data.sources import FileSource, data_root, read_image
+from kd_platform.data.split import (
     EVAL_BATCH_SIZE,
     EvalSplits,
     Split,
@@ -50,6 +57,7 @@ from .split import (
     generator,
     split_train,
 )
+from kd_platform.errors import UsageError
 
 FOLDER = "imagenet"
 IMAGE_SIZE = 224

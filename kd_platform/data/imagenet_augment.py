@@ -25,7 +25,7 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from .sources import read_image
+from kd_platform.data.sources import read_image
 
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)

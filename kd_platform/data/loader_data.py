@@ -25,12 +25,19 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from ..errors import UsageError
-from ..methods.base import Batch
-from ..recipe import Recipe
-from . import PathNote
-from .augment import Normaliser, Pipeline, build_pipeline, view_pipeline_names
-from .split import EVAL_BATCH_SIZE, EvalSplits, Split, batches_per_epoch, epoch_order, fixed_subset, generator
+from kd_platform.config.recipe import Recipe
+from kd_platform.data.augment import Normaliser, Pipeline, build_pipeline, view_pipeline_names
+from kd_platform.data.base import Batch, PathNote
+from kd_platform.data.split import (
+    EVAL_BATCH_SIZE,
+    EvalSplits,
+    Split,
+    batches_per_epoch,
+    epoch_order,
+    fixed_subset,
+    generator,
+)
+from kd_platform.errors import UsageError
 
 MAX_AUTO_WORKERS = 8
 

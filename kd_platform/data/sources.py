@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from ..errors import UsageError
-from ..recipe import Recipe
+from kd_platform.config.recipe import Recipe
+from kd_platform.errors import UsageError
 
 log = logging.getLogger(__name__)
 

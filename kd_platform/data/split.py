@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 from torch import Tensor
 
-from ..errors import UsageError
+from kd_platform.errors import UsageError
 
 if TYPE_CHECKING:
-    from .sources import ImageSource
+    from kd_platform.data.sources import ImageSource
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
-from ..errors import UsageError
-from ..recipe import Recipe
-from . import DataModule, register_dataset
-from .data_path import build_file_data
-from .sources import CACHE_FOLDER, FileSource, data_root
-from .split import Split, split_train
+from kd_platform.config.recipe import Recipe
+from kd_platform.data.base import DataModule
+from kd_platform.data.data_path import build_file_data
+from kd_platform.data.registry import register_dataset
+from kd_platform.data.sources import CACHE_FOLDER, FileSource, data_root
+from kd_platform.data.split import Split, split_train
+from kd_platform.errors import UsageError
 
 IMAGE_SIZE = 64
 FOLDER = "tiny-imagenet-200"

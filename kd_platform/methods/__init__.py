@@ -1,24 +1,13 @@
-"""Distillation methods, one module each, registered by name.
+"""Distillation methods, one module each, registered by name (layer: methods; imports the
+config, models and data layers, never a run, a tracker or Ray).
 
 Adding a method is one module here with a ``@register_method`` class, one
-``search_spaces/<name>.yaml`` and its tests; the registry imports every module of
-this package on first use.
+``search_spaces/<name>.yaml`` and its tests; the registry (``methods/registry.py``) imports
+every module of this package on first use.
 """
 from __future__ import annotations
 
-from ..registry import Registry
-from .base import Method
+from kd_platform.methods.base import Method
+from kd_platform.methods.registry import get_method, method_names, register_method
 
-_METHODS: Registry[type[Method]] = Registry("method", __name__, __path__, skip=("base",))
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    return _METHODS.add(cls.name, cls)
-
-
-def method_names() -> list[str]:
-    return _METHODS.names()
-
-
-def get_method(name: str) -> type[Method]:
-    return _METHODS.get(name)
+__all__ = ["Method", "get_method", "method_names", "register_method"]

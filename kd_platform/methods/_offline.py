@@ -13,10 +13,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..errors import UsageError
-from ..knobs import knob
-from ..recipe import Recipe
-from .base import BuildEnv, Method, MethodConfig, MethodKind
+from kd_platform.config.knobs import knob
+from kd_platform.config.recipe import Recipe
+from kd_platform.errors import UsageError
+from kd_platform.methods.base import BuildEnv, Method, MethodConfig, MethodKind
 
 
 @dataclass(frozen=True)

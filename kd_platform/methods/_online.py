@@ -16,9 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..knobs import knob
-from ..losses import kd_loss
-from .base import MethodConfig
+from kd_platform.config.knobs import knob
+from kd_platform.losses import kd_loss
+from kd_platform.methods.base import MethodConfig
 
 Logits = Callable[[Tensor], Tensor]
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..models.stacked import PREFIX, StackedNet, member_state_dict, side_by_side
+from kd_platform.models.stacked import PREFIX, StackedNet, member_state_dict, side_by_side
 
 State = dict[str, Tensor]
 

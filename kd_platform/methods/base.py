@@ -13,8 +13,20 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..models.base import ZooNet
-from ..recipe import Recipe
+from kd_platform.config.recipe import Recipe
+from kd_platform.data.base import Batch as Batch  # the contract's batch type, defined by the data layer
+from kd_platform.models.base import ZooNet
+
+ANY = "<any value>"
+"""``Void.same_as`` for a knob that does nothing at all in a configuration: every value trains alike."""
+
+
+@dataclass(frozen=True)
+class Void:
+    """A knob whose value makes no difference to a run: it trains exactly as with ``same_as``
+    (``ANY``: as with every value of the knob), for ``reason``."""
+    reason: str
+    same_as: Any = ANY
 
 
 @dataclass(frozen=True)
@@ -35,21 +47,6 @@ class BuildEnv:
     """Trained, frozen teacher of the named architecture (offline methods only)."""
     fused: bool = False
     """Train homogeneous peers as one stacked model (methods with ``fusable_peers`` only)."""
-
-
-@dataclass
-class Batch:
-    """One training batch. ``views`` holds one augmented view per network when the
-    method asked for per-network views (``Method.num_views``), else a single shared view."""
-    views: list[Tensor]
-    y: Tensor
-
-    @property
-    def x(self) -> Tensor:
-        return self.views[0]
-
-    def view(self, i: int) -> Tensor:
-        return self.views[i % len(self.views)]
 
 
 @dataclass
@@ -121,6 +118,21 @@ class Method(nn.Module):
         return 1
 
     @classmethod
+    def degenerate(cls, cfg: Any, recipe: Recipe) -> str | None:
+        """Why ``cfg`` is not the method it names, with the knobs that make it so (students that
+        cannot differ, say), or None. Runs refuse a degenerate configuration, and sweeps and
+        ablations never train one: a finding about it would be a finding about another method."""
+        return None
+
+    @classmethod
+    def void_knobs(cls, cfg: Any, recipe: Recipe, steps_per_epoch: int | None = None) -> dict[str, Void]:
+        """Knobs whose value makes no difference to a run of ``recipe.epochs`` epochs of
+        ``steps_per_epoch`` steps (None: unknown) under ``cfg``: a temperature whose KD term is
+        off, a fusion interval that never fires. Ablations refuse values that cannot differ,
+        and search spaces refuse a swept knob that never has an effect."""
+        return {}
+
+    @classmethod
     def teacher_stage(cls, cfg: Any, teachers: Any) -> None:
         """Runs in the teacher stage (``teachers.prepare``), after the teacher is ready and before
         the method is built: what a method trains on top of its teacher alone (IE-KD's
@@ -170,7 +182,7 @@ class Method(nn.Module):
         return self.peers.stacked() if self.fusable_peers else None
 
     def analysis_networks(self) -> dict[str, nn.Module]:
-        """Plain, parameter-owning networks for loss-landscape analysis (``kd_platform.flatness``),
+        """Plain, parameter-owning networks for loss-landscape analysis (``kd_platform.run.flatness``),
         by the names ``eval_networks`` uses. The default finds each student kept as an attribute
         of its own name (``ce``'s ``net``, an offline method's ``student``); methods whose
         students live elsewhere override it, and those without plain students return ``{}``."""
@@ -181,6 +193,11 @@ class Method(nn.Module):
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
+
+
+def off_with(weight: str, value: float, knobs: Iterable[str], term: str = "KD term") -> dict[str, Void]:
+    """The knobs that only shape a loss term, void while its weight knob ``weight`` is 0."""
+    return {k: Void(f"{weight}=0 turns the {term} off") for k in knobs} if value == 0 else {}
 
 
 def peer_names(n: int) -> tuple[str, ...]:

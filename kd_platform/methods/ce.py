@@ -7,9 +7,9 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..knobs import knob
-from . import register_method
-from .base import Batch, BuildEnv, Method, MethodConfig, MethodKind, StepContext
+from kd_platform.config.knobs import knob
+from kd_platform.methods.base import Batch, BuildEnv, Method, MethodConfig, MethodKind, StepContext
+from kd_platform.methods.registry import register_method
 
 
 @dataclass(frozen=True)

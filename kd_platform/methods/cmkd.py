@@ -31,11 +31,12 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..knobs import knob
-from ..losses import dist_intra, pearson_rows, spearman_rows, standardize_rows
-from . import register_method
-from ._offline import OfflineConfig, OfflineMethod
-from .base import Batch, StepContext
+from kd_platform.config.knobs import knob
+from kd_platform.config.recipe import Recipe
+from kd_platform.losses import dist_intra, pearson_rows, spearman_rows, standardize_rows
+from kd_platform.methods._offline import OfflineConfig, OfflineMethod
+from kd_platform.methods.base import Batch, StepContext, Void, off_with
+from kd_platform.methods.registry import register_method
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,14 @@ class CMKD(OfflineMethod):
     name = "cmkd"
     Config = CMKDConfig
     cfg: CMKDConfig
+
+    @classmethod
+    def void_knobs(cls, cfg: CMKDConfig, recipe: Recipe, steps_per_epoch: int | None = None) -> dict[str, Void]:
+        return {**off_with("w_kd", cfg.w_kd, ("temperature", "g_intra", "standardize", "rank_eps", "difficulty",
+                                             "weighting", "spearman_share", "difficulty_temperature"),
+                         "correlation terms"),
+                **({"spearman_share": Void(f"weighting={cfg.weighting} sets w_S itself")}
+                   if cfg.weighting != "fixed" and cfg.w_kd != 0 else {})}
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         return cmkd_objective(*self.logits(batch.x), batch.y, self.cfg)

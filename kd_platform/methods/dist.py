@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..knobs import knob
-from ..losses import dist_inter, dist_intra
-from . import register_method
-from ._offline import OfflineConfig, OfflineMethod
-from .base import Batch, StepContext
+from kd_platform.config.knobs import knob
+from kd_platform.config.recipe import Recipe
+from kd_platform.losses import dist_inter, dist_intra
+from kd_platform.methods._offline import OfflineConfig, OfflineMethod
+from kd_platform.methods.base import Batch, StepContext, Void, off_with
+from kd_platform.methods.registry import register_method
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class DIST(OfflineMethod):
     name = "dist"
     Config = DISTConfig
     cfg: DISTConfig
+
+    @classmethod
+    def void_knobs(cls, cfg: DISTConfig, recipe: Recipe, steps_per_epoch: int | None = None) -> dict[str, Void]:
+        return off_with("w", cfg.w, ("temperature", "beta", "gamma", "tau_squared"), "relation terms")
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         return dist_objective(*self.logits(batch.x), batch.y, self.cfg)

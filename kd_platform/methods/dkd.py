@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..knobs import knob
-from . import register_method
-from ._offline import OfflineConfig, OfflineMethod
-from .base import Batch, StepContext
+from kd_platform.config.knobs import knob
+from kd_platform.config.recipe import Recipe
+from kd_platform.methods._offline import OfflineConfig, OfflineMethod
+from kd_platform.methods.base import Batch, StepContext, Void, off_with
+from kd_platform.methods.registry import register_method
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ class DKD(OfflineMethod):
     name = "dkd"
     Config = DKDConfig
     cfg: DKDConfig
+
+    @classmethod
+    def void_knobs(cls, cfg: DKDConfig, recipe: Recipe, steps_per_epoch: int | None = None) -> dict[str, Void]:
+        return off_with("alpha+beta", cfg.alpha + cfg.beta, ("temperature", "warmup"), "DKD terms")
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         z_s, z_t = self.logits(batch.x)

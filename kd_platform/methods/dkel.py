@@ -42,10 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..knobs import knob
-from ..models import build_multibranch
-from . import register_method
-from ._online import (
+from kd_platform.config.knobs import knob
+from kd_platform.methods._online import (
     MultiBranchConfig,
     ema_update_,
     freeze_parameters,
@@ -56,7 +54,9 @@ from ._online import (
     peer_teacher_loss,
     plain_sgd_step_,
 )
-from .base import Batch, BuildEnv, Method, MethodKind, StepContext, peer_names
+from kd_platform.methods.base import Batch, BuildEnv, Method, MethodKind, StepContext, peer_names
+from kd_platform.methods.registry import register_method
+from kd_platform.models import build_multibranch
 
 # The released script's ramp-up constants, kept literal under variant=code.
 CODE_RAMPUP_SCALE, CODE_RAMPUP_LENGTH, CODE_RAMPUP_UNTIL = 0.1, 0.1, 80

@@ -14,12 +14,12 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..knobs import knob
-from ..losses import mean_kd_to_peers, total
-from . import register_method
-from ._online import detached_mean, peer_eval_networks
-from ._peers import Peers
-from .base import Batch, BuildEnv, Method, MethodConfig, MethodKind, StepContext, peer_names
+from kd_platform.config.knobs import knob
+from kd_platform.losses import mean_kd_to_peers, total
+from kd_platform.methods._online import detached_mean, peer_eval_networks
+from kd_platform.methods._peers import Peers
+from kd_platform.methods.base import Batch, BuildEnv, Method, MethodConfig, MethodKind, StepContext, peer_names
+from kd_platform.methods.registry import register_method
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..knobs import knob
-from .base import MethodConfig
+from kd_platform.config.knobs import knob
+from kd_platform.methods.base import MethodConfig
 
 DISTANCES = ("l1", "l2", "cos")
 

@@ -27,12 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..knobs import knob
-from ..losses import mean_kd_to_peers, total
-from . import register_method
-from ._online import detached_mean, peer_eval_networks
-from .base import Batch, BuildEnv, Method, MethodKind, StepContext, peer_names
-from .ie_parts import FactorAutoEncoder, IEKnobs, InheritExploreSplit, factor_channels, factor_distance, to_factor
+from kd_platform.config.knobs import knob
+from kd_platform.losses import mean_kd_to_peers, total
+from kd_platform.methods._online import detached_mean, peer_eval_networks
+from kd_platform.methods.base import Batch, BuildEnv, Method, MethodKind, StepContext, peer_names
+from kd_platform.methods.ie_parts import (
+    FactorAutoEncoder,
+    IEKnobs,
+    InheritExploreSplit,
+    factor_channels,
+    factor_distance,
+    to_factor,
+)
+from kd_platform.methods.registry import register_method
 
 N_NETWORKS = 2
 

@@ -31,16 +31,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import UsageError
-from ..knobs import knob
-from . import register_method
-from ._offline import OfflineConfig, OfflineMethod
-from .base import Batch, BuildEnv, StepContext, freeze
-from .ie_parts import FactorAutoEncoder, IEKnobs, InheritExploreSplit, factor_channels, factor_distance, to_factor
+from kd_platform.config.knobs import knob
+from kd_platform.errors import UsageError
+from kd_platform.methods._offline import OfflineConfig, OfflineMethod
+from kd_platform.methods.base import Batch, BuildEnv, StepContext, freeze
+from kd_platform.methods.ie_parts import (
+    FactorAutoEncoder,
+    IEKnobs,
+    InheritExploreSplit,
+    factor_channels,
+    factor_distance,
+    to_factor,
+)
+from kd_platform.methods.registry import register_method
 
 if TYPE_CHECKING:
-    from ..data import DataModule
-    from ..models.base import ZooNet
+    from kd_platform.data import DataModule
+    from kd_platform.models.base import ZooNet
 
 log = logging.getLogger(__name__)
 

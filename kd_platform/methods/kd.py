@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..knobs import knob
-from ..losses import kd_loss
-from . import register_method
-from ._offline import OfflineConfig, OfflineMethod
-from .base import Batch, StepContext
+from kd_platform.config.knobs import knob
+from kd_platform.config.recipe import Recipe
+from kd_platform.losses import kd_loss
+from kd_platform.methods._offline import OfflineConfig, OfflineMethod
+from kd_platform.methods.base import Batch, StepContext, Void, off_with
+from kd_platform.methods.registry import register_method
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class KD(OfflineMethod):
     name = "kd"
     Config = KDConfig
     cfg: KDConfig
+
+    @classmethod
+    def void_knobs(cls, cfg: KDConfig, recipe: Recipe, steps_per_epoch: int | None = None) -> dict[str, Void]:
+        return off_with("alpha", cfg.alpha, ("temperature",))
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         return kd_objective(*self.logits(batch.x), batch.y, self.cfg)

@@ -16,12 +16,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..knobs import knob
-from ..losses import kd_loss, total
-from . import register_method
-from ._online import detached_mean, peer_eval_networks
-from ._peers import Peers
-from .base import Batch, BuildEnv, Method, MethodConfig, MethodKind, StepContext, peer_names
+from kd_platform.config.knobs import knob
+from kd_platform.config.recipe import Recipe
+from kd_platform.losses import kd_loss, total
+from kd_platform.methods._online import detached_mean, peer_eval_networks
+from kd_platform.methods._peers import Peers
+from kd_platform.methods.base import (
+    Batch,
+    BuildEnv,
+    Method,
+    MethodConfig,
+    MethodKind,
+    StepContext,
+    Void,
+    off_with,
+    peer_names,
+)
+from kd_platform.methods.registry import register_method
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,10 @@ class KDCL(Method):
     def __init__(self, cfg: KDCLConfig, env: BuildEnv) -> None:
         super().__init__(cfg, env)
         self.peers = Peers(lambda: env.make_model(env.recipe.arch), cfg.n_students, env.fused)
+
+    @classmethod
+    def void_knobs(cls, cfg: KDCLConfig, recipe: Recipe, steps_per_epoch: int | None = None) -> dict[str, Void]:
+        return off_with("alpha", cfg.alpha, ("temperature",))
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         a, t = self.cfg.alpha, self.cfg.temperature

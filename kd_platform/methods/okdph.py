@@ -16,12 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..knobs import knob
-from ..losses import kd_loss, total
-from . import register_method
-from ._online import peer_eval_networks
-from ._peers import Peers
-from .base import Batch, BuildEnv, Method, MethodConfig, MethodKind, StepContext, peer_names
+from kd_platform.config.knobs import knob
+from kd_platform.config.recipe import Recipe
+from kd_platform.losses import kd_loss, total
+from kd_platform.methods._online import peer_eval_networks
+from kd_platform.methods._peers import Peers
+from kd_platform.methods.base import (
+    Batch,
+    BuildEnv,
+    Method,
+    MethodConfig,
+    MethodKind,
+    StepContext,
+    Void,
+    peer_names,
+)
+from kd_platform.methods.registry import register_method
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,45 @@ class OKDPH(Method):
     def views_for(cls, cfg: OKDPHConfig) -> int:
         per_network = _pick(cfg.views, "shared", "per_network", cfg.variant) == "per_network"
         return cfg.n_students + 1 if per_network else 1
+
+    @classmethod
+    def degenerate(cls, cfg: OKDPHConfig, recipe: Recipe) -> str | None:
+        # Same start, same batch, same targets: only the HWM's gradient (r_i times the HWM's
+        # gradient for student i) can tell the students apart, and it cannot when it is off or
+        # when every r_i is 1/N.
+        if not cfg.same_init or cls.views_for(cfg) != 1:
+            return None
+        if _pick(cfg.hwm_grad, "true", "false", cfg.variant) == "false":
+            cause = "hwm_grad=false"
+        elif _pick(cfg.hwm_mix, "dirichlet", "mean", cfg.variant) == "mean":
+            cause = "hwm_mix=mean"
+        else:
+            return None
+        return (f"same_init=true, views=shared and {cause} give every student the same gradients from the same "
+                f"start, so the students stay identical (one network, not an online distillation); "
+                f"change one of these knobs")
+
+    @classmethod
+    def void_knobs(cls, cfg: OKDPHConfig, recipe: Recipe, steps_per_epoch: int | None = None) -> dict[str, Void]:
+        void: dict[str, Void] = {}
+        k = cfg.fusion_interval
+        units = recipe.epochs if cfg.fusion_unit == "epoch" else \
+            (recipe.epochs * steps_per_epoch if steps_per_epoch else None)
+        fires = k > 0 and (units is None or k <= units)
+        if k > 0 and not fires:
+            run = f"a {units}-epoch run" if cfg.fusion_unit == "epoch" else f"a run of {units} steps"
+            void["fusion_interval"] = Void(f"fusion_interval={k} never fires in {run} (fusion_unit={cfg.fusion_unit})",
+                                           same_as=0)
+        if not fires:
+            why = "no fusion happens" + (" (fusion_interval=0)" if k == 0 else "")
+            void["gamma"] = Void(why)
+            if k == 0:
+                void["fusion_unit"] = Void(why)
+        if cfg.beta == 0:
+            void["temperature"] = Void("beta=0 turns the KD term off")
+        if _pick(cfg.hwm_mix, "dirichlet", "mean", cfg.variant) == "mean":
+            void["alpha"] = Void("the HWM mixes with equal weights (hwm_mix=mean), not Dirichlet draws")
+        return void
 
     def mixing_weights(self) -> Tensor:
         n = self.cfg.n_students

@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..knobs import knob
-from ..losses import kd_loss
-from ..models import build_multibranch
-from ..models.multibranch import MultiBranchResNet
-from . import register_method
-from ._online import detached_mean, multibranch_eval_networks
-from .base import Batch, BuildEnv, Method, MethodConfig, MethodKind, StepContext, peer_names
+from kd_platform.config.knobs import knob
+from kd_platform.losses import kd_loss
+from kd_platform.methods._online import detached_mean, multibranch_eval_networks
+from kd_platform.methods.base import Batch, BuildEnv, Method, MethodConfig, MethodKind, StepContext, peer_names
+from kd_platform.methods.registry import register_method
+from kd_platform.models import build_multibranch
+from kd_platform.models.multibranch import MultiBranchResNet
 
 
 @dataclass(frozen=True)

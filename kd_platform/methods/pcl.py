@@ -31,9 +31,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..models import build_multibranch
-from . import register_method
-from ._online import (
+from kd_platform.methods._online import (
     MultiBranchConfig,
     ema_update_,
     frozen_copy,
@@ -42,7 +40,9 @@ from ._online import (
     multibranch_logits,
     peer_teacher_loss,
 )
-from .base import Batch, BuildEnv, Method, MethodKind, StepContext, peer_names
+from kd_platform.methods.base import Batch, BuildEnv, Method, MethodKind, StepContext, peer_names
+from kd_platform.methods.registry import register_method
+from kd_platform.models import build_multibranch
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,11 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..knobs import knob
-from . import register_method
-from .base import StepContext
-from .ce import CE, CEConfig
+from kd_platform.config.knobs import knob
+from kd_platform.config.recipe import Recipe
+from kd_platform.methods.base import StepContext, Void, off_with
+from kd_platform.methods.ce import CE, CEConfig
+from kd_platform.methods.registry import register_method
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,10 @@ class SAM(CE):
     name = "sam"
     Config = SAMConfig
     cfg: SAMConfig
+
+    @classmethod
+    def void_knobs(cls, cfg: SAMConfig, recipe: Recipe, steps_per_epoch: int | None = None) -> dict[str, Void]:
+        return off_with("rho", cfg.rho, ("adaptive",), "perturbation")
 
     def optimizer_step(self, loss_terms: Callable[[], dict[str, Tensor]], opt: torch.optim.Optimizer,
                        ctx: StepContext) -> dict[str, Tensor]:

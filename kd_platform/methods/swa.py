@@ -37,12 +37,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-from ..errors import UsageError
-from ..knobs import knob
-from . import register_method
-from ._online import freeze_parameters
-from .base import Batch, BuildEnv, MethodConfig, StepContext
-from .ce import CE, CEConfig
+from kd_platform.config.knobs import knob
+from kd_platform.errors import UsageError
+from kd_platform.methods._online import freeze_parameters
+from kd_platform.methods.base import Batch, BuildEnv, MethodConfig, StepContext
+from kd_platform.methods.ce import CE, CEConfig
+from kd_platform.methods.registry import register_method
 
 ANNEALS: dict[str, Callable[[float], float]] = {
     "cos": lambda t: (1.0 - math.cos(math.pi * t)) / 2.0,

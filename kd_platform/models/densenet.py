@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import register_model
-from .base import Stage, ZooNet, init_weights, split_sequential
+from kd_platform.models.base import Stage, ZooNet, init_weights, split_sequential
+from kd_platform.models.registry import register_model
 
 
 class DenseLayer(nn.Module):

@@ -14,8 +14,8 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
-from . import register_model
-from .base import Stage, ZooNet, init_weights, split_sequential
+from kd_platform.models.base import Stage, ZooNet, init_weights, split_sequential
+from kd_platform.models.registry import register_model
 
 # (expansion, output channels at width 1.0, blocks, stride of the first block)
 _SETTING = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2),

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import UsageError
-from . import wrn as _wrn  # noqa: F401  (registers the WRN-20-8 spec)
-from .base import init_weights
-from .resnet import RESNET_SPECS, ResNetSpec, make_stage, make_stem
+from kd_platform.errors import UsageError
+from kd_platform.models import wrn as _wrn  # noqa: F401  (registers the WRN-20-8 spec)
+from kd_platform.models.base import init_weights
+from kd_platform.models.resnet import RESNET_SPECS, ResNetSpec, make_stage, make_stem
 
 
 class MultiBranchResNet(nn.Module):
@@ -69,6 +69,9 @@ def multibranch_names() -> list[str]:
 
 def build_multibranch(name: str, num_classes: int, in_channels: int = 3,
                       branches: int = 3) -> MultiBranchResNet:
+    """A PCL-style multi-branch form of ResNet ``name``: shared stem and first two stages,
+    ``branches`` separate last stages with their own heads, and a linear ensemble head over
+    the concatenated pooled branch features. ``forward`` returns ``(branch_logits, ensemble)``."""
     if name not in RESNET_SPECS:
         raise UsageError(f"no multi-branch form of '{name}'; known: {', '.join(multibranch_names())}")
     if branches < 1:

@@ -23,8 +23,8 @@ from typing import Iterator
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import register_model
-from .base import Stage, ZooNet, init_weights, named
+from kd_platform.models.base import Stage, ZooNet, init_weights, named
+from kd_platform.models.registry import register_model
 
 
 class BasicBlock(nn.Module):

@@ -7,9 +7,9 @@ from typing import Iterator
 
 from torch import nn
 
-from . import register_model
-from .base import Stage, ZooNet, init_weights, named
-from .resnet import BasicBlock
+from kd_platform.models.base import Stage, ZooNet, init_weights, named
+from kd_platform.models.registry import register_model
+from kd_platform.models.resnet import BasicBlock
 
 
 class ResNet18(ZooNet):

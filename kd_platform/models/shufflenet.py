@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import register_model
-from .base import Stage, ZooNet, init_weights, split_sequential
+from kd_platform.models.base import Stage, ZooNet, init_weights, split_sequential
+from kd_platform.models.registry import register_model
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models as tvm
 
-from ..errors import UsageError
-from . import register_model
-from .base import Stage, ZooNet, split_sequential
+from kd_platform.errors import UsageError
+from kd_platform.models.base import Stage, ZooNet, split_sequential
+from kd_platform.models.registry import register_model
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
-from . import register_model
-from .base import Stage, ZooNet, init_weights
+from kd_platform.models.base import Stage, ZooNet, init_weights
+from kd_platform.models.registry import register_model
 
 _CONFIGS: dict[str, list[list[int]]] = {
     "vgg8": [[64], [128], [256], [512], [512]],

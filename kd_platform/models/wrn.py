@@ -17,9 +17,9 @@ from typing import Iterator
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import register_model
-from .base import Stage, ZooNet, init_weights, named
-from .resnet import RESNET_SPECS, Bottleneck, CifarResNet, ResNetSpec
+from kd_platform.models.base import Stage, ZooNet, init_weights, named
+from kd_platform.models.registry import register_model
+from kd_platform.models.resnet import RESNET_SPECS, Bottleneck, CifarResNet, ResNetSpec
 
 
 class PreActBlock(nn.Module):

@@ -1,4 +1,4 @@
-"""The README's ``cluster-local.yaml`` walk-through, run for real on test hosts (see testhosts.py):
+"""The ``cluster-local.yaml`` walk-through of docs/cluster.md, run for real on test hosts (see testhosts.py):
 ``ray up``, a sweep across the nodes, MLflow checked on the head, ``ray down``, nothing left.
 
     python tests/cluster_e2e/ray_up_path.py     # as root; prints the time of every step
@@ -23,7 +23,7 @@ import testhosts  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES, EPOCHS = 4, 2
 SWEEP = ("cd ~/kd-platform && python -m platform.sweep okdph --address auto --tracking-uri http://127.0.0.1:5000 "
-         f"--samples {SAMPLES} --epochs {EPOCHS} --storage-path {testhosts.SHARED}")
+         f"--samples {SAMPLES} --epochs {EPOCHS} --no-confirm --storage-path {testhosts.SHARED}")
 METRIC = "val/acc/students_mean"
 # Test-only: the hosts' python3.11 already holds the pinned dependencies (see testhosts.py).
 VENV_LINE = "python3.11 -m venv ~/kd-venv"
@@ -31,7 +31,7 @@ TEST_VENV_LINE = "python3.11 -m venv --system-site-packages ~/kd-venv"
 
 
 def fill_config(lab: testhosts.Lab) -> Path:
-    """A copy of cluster-local.yaml with the fields the README tells a user to set, plus the one
+    """A copy of cluster-local.yaml with the fields docs/cluster.md tells a user to set, plus the one
     test-only change of the venv line."""
     config = yaml.safe_load((REPO / "cluster-local.yaml").read_text())
     head, *workers = lab.hosts
@@ -90,12 +90,12 @@ def wait_for_mlflow(lab: testhosts.Lab, timeout: float = 300) -> None:
          timeout, lambda: f"the head's MLflow server did not answer within {timeout:.0f}s")
 
 
-# `bash -i` reads ~/.bashrc, where the setup commands put the venv on PATH (the README's line).
+# `bash -i` reads ~/.bashrc, where the setup commands put the venv on PATH (the line in docs/cluster.md).
 STOP_WORKER = "bash -ic 'ray stop'"
 
 
 def stop_workers(lab: testhosts.Lab) -> None:
-    """The README's step after ``ray down``, which runs ``ray stop`` on the head only (the local provider's
+    """The step in docs/cluster.md after ``ray down``, which runs ``ray stop`` on the head only (the local provider's
     "terminate" just forgets a node): ``ray stop`` on each worker over SSH."""
     for w in lab.hosts[1:]:
         checked(testhosts.sh(*lab.ssh_args(), f"{testhosts.SSH_USER}@{w.ip}", STOP_WORKER, check=False),
@@ -185,7 +185,7 @@ def whole_path(lab: testhosts.Lab, log: Callable[[str], None] = print) -> dict[s
     step("ray stop on the workers", lambda: stop_workers(lab))
     left = {h.name: found for h in lab.hosts if (found := h.ray_processes())}
     assert not left, left
-    # The README: `ray down` leaves the head's MLflow server running (the test's teardown ends it).
+    # docs/cluster.md: `ray down` leaves the head's MLflow server running (the test's teardown ends it).
     assert head.processes("mlflow server"), "the MLflow server did not outlive ray down"
     return step.times
 

@@ -18,7 +18,7 @@ They are not separate machines, though; what differs, and how each host is kept 
   host has its own mount namespace in which a per-host directory is mounted over the home of the
   SSH user (root) and over /tmp. The rest of the disk (/usr, the repository) stays shared.
 - Shared storage: ``/mnt/shared/ray-results`` is one directory mounted on every host, as an NFS
-  export at the same path would be on real machines (the README's ``--storage-path``).
+  export at the same path would be on real machines (the ``--storage-path`` of docs/cluster.md).
 - Python: a real machine builds ``~/kd-venv`` from scratch. Here the hosts have no route to a
   package index, and a fresh venv costs about 2.5 minutes and 6.5 GB per host, so the test's
   copy of the config adds ``--system-site-packages`` and the hosts' ``python3.11`` is the

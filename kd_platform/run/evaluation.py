@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .methods.base import Method
+from kd_platform.methods.base import Method
 
 ECE_BINS = 15
 

@@ -19,16 +19,33 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import tracking
-from .ablate import Ablation
-from .errors import UsageError
-from .launch import Launch
-from .space import SearchSpace
-from .spec import Assets
-from .trial import run_trial
+from kd_platform import tracking
+from kd_platform.errors import UsageError
+from kd_platform.launch.launcher import Launch
+from kd_platform.launch.trial import run_trial
+from kd_platform.run.spec import Assets
+from kd_platform.sweep.ablate import Ablation
+from kd_platform.sweep.confirm import (
+    DEFAULT_SEEDS,
+    DEFAULT_TOP,
+    STAGE_TAG,
+    Confirmed,
+    ConfirmPlan,
+    SearchTrial,
+    Verdict,
+    confirm_seeds,
+    judge,
+    markdown,
+    plan_confirmation,
+)
+from kd_platform.sweep.space import SearchSpace
 
 log = logging.getLogger(__name__)
 STATE_FILE = "kd_sweep.json"
+LAYOUT = 2
+"""Written into every sweep's state file. Ray pickles the searcher, scheduler and callbacks by
+module path, so a sweep written before the package moved into layers (no ``layout``) cannot be
+restored by this code: it is refused with one line instead of an unpickling traceback."""
 
 
 @dataclass
@@ -50,6 +67,14 @@ class SweepSettings:
     verbose: int = 1
     ablation: Ablation | None = None
     assets: Assets = field(default_factory=Assets)
+    confirm_top: int = DEFAULT_TOP      # 0: no confirmation stage
+    confirm_seeds: int = DEFAULT_SEEDS
+    confirm_plan: ConfirmPlan | None = None  # set once the search has finished
+    search: dict[str, Any] | None = None     # the search's summary, kept for a resumed confirmation
+
+    @property
+    def confirms(self) -> bool:
+        return self.ablation is None and self.confirm_top > 0 and self.confirm_seeds > 0
 
     @property
     def trial_fixed(self) -> dict[str, Any]:
@@ -73,7 +98,10 @@ class SweepSettings:
                 "samples": self.samples, "epochs": self.epochs, "max_concurrent": self.max_concurrent,
                 "seed": self.seed, "tracking_uri": self.tracking_uri, "experiment": self.experiment,
                 "name": self.name, "launch": asdict(self.launch), "parent_run_id": self.parent_run_id,
-                "ablation": self.ablation.to_json() if self.ablation else None, "assets": asdict(self.assets)}
+                "ablation": self.ablation.to_json() if self.ablation else None, "assets": asdict(self.assets),
+                "confirm_top": self.confirm_top, "confirm_seeds": self.confirm_seeds,
+                "confirm_plan": self.confirm_plan.to_json() if self.confirm_plan else None, "search": self.search,
+                "layout": LAYOUT}
 
     @staticmethod
     def from_sweep_dir(path: Path) -> "SweepSettings":
@@ -82,6 +110,9 @@ class SweepSettings:
             raise UsageError(f"--resume: '{path}' holds no sweep (no {STATE_FILE})")
         try:
             d = json.loads(state.read_text())
+            if d.get("layout") != LAYOUT:
+                raise UsageError(f"--resume: '{path}' was written by an older layout of kd-platform and cannot be "
+                                 "resumed by this one; finish it with the version that started it, or start anew")
             fixed, assets = _without_asset_keys(d["fixed"], d.get("assets"))
             space = SearchSpace(d["method"], d["space_source"], d["swept"], fixed, d["metric"], d["mode"],
                                 d["samples"], d["epochs"], d["grace_period"], d["reduction_factor"])
@@ -89,7 +120,9 @@ class SweepSettings:
                                  d["tracking_uri"], d["experiment"], path.parent, d["name"], Launch(**d["launch"]),
                                  resume=True, parent_run_id=d["parent_run_id"],
                                  ablation=Ablation(**d["ablation"]) if d.get("ablation") else None,
-                                 assets=assets)
+                                 assets=assets, confirm_top=d["confirm_top"], confirm_seeds=d["confirm_seeds"],
+                                 confirm_plan=ConfirmPlan.from_json(d["confirm_plan"]) if d["confirm_plan"] else None,
+                                 search=d["search"])
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"--resume: '{state}' is unreadable ({exc})") from None
 
@@ -114,6 +147,8 @@ class SweepOutcome:
     stopped_early: int
     wall_s: float
     metrics: dict[str, float] = field(default_factory=dict)
+    verdict: Verdict | None = None  # the confirmation stage's, when it ran
+    confirm_wall_s: float = 0.0
 
 
 def _init_ray(address: str | None, dashboard: bool) -> None:
@@ -306,10 +341,8 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
     """Run (or resume) the sweep described by ``s``; every input was validated beforehand."""
     t0 = time.perf_counter()
     ray_start = RayStart(s.address, dashboard=not s.launch.in_process())
-    from ray import tune
-
-    from .mlflow_callback import MlflowTrialLogger
-    from .mlflow_writer import UNSENT_FILE
+    from kd_platform.tracking.mlflow_callback import MlflowTrialLogger
+    from kd_platform.tracking.mlflow_writer import UNSENT_FILE
 
     # While Ray's processes start, this thread imports Tune and opens the MLflow store. The
     # experiment and the parent run wait for Ray: the default concurrency comes from the
@@ -326,42 +359,82 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
     experiment_id = tracking.ensure_experiment(s.tracking_uri, s.experiment)
     s.sweep_dir.mkdir(parents=True, exist_ok=True)
     s.parent_run_id = _parent_run(s, c, experiment_id, packing.trials_per_gpu)
+    confirm_results, confirm_wall = None, 0.0
     try:
-        (s.sweep_dir / STATE_FILE).write_text(json.dumps(s.to_json(), indent=2, default=str))
+        _save_state(s)
+        stage = {} if s.ablation else {STAGE_TAG: "search"}
         logger = MlflowTrialLogger(s.tracking_uri, experiment_id, s.parent_run_id, s.method, s.trial_fixed,
                                    s.seed, s.epochs, tags={"method": s.method, "seed": str(s.seed),
                                                            "git_commit": tracking.git_commit(),
-                                                           "sweep": s.name, "kind": "trial"},
+                                                           "sweep": s.name, "kind": "trial", **stage},
                                    unsent=s.sweep_dir / UNSENT_FILE, assets=s.assets)
         trainable = _trainable(s)
-        if s.resume and tune.Tuner.can_restore(s.experiment_path):
-            tuner = tune.Tuner.restore(s.experiment_path, trainable=trainable, resume_errored=True,
-                                       param_space=None)
-        elif s.ablation:
-            tuner = _ablation_tuner(s, trainable, logger)
-        else:
-            searcher = optuna_search(s.space, tpe_sampler(s.seed, s.samples), s.name, _optuna_storage(s))
-            scheduler = asha_scheduler(s.space, s.epochs)
-            tuner = tune.Tuner(
-                trainable,
-                # Reusing trial actors spares every in-process trial a fresh process that
-                # imports torch, ray and mlflow again (seconds each on a small machine).
-                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.samples,
-                                            max_concurrent_trials=s.max_concurrent,
-                                            reuse_actors=s.launch.in_process()),
-                run_config=_run_config(s, logger))
-        if s.resume:
-            _replace_callbacks(tuner, logger)
-        results = tuner.fit()
+        if s.confirm_plan is None:  # the search (or the ablation) has not finished yet
+            results = _search_tuner(s, trainable, logger).fit()
+            if not s.ablation:
+                _fail_stale_optuna_trials(s)
+            s.search = _search_summary(s, results, logger)
+        if s.confirms and (s.confirm_plan is not None or (s.search or {}).get("best_value") is not None):
+            if s.confirm_plan is None:
+                trials = [SearchTrial(**t) for t in s.search.pop("trials")]
+                s.confirm_plan = plan_confirmation(trials, s.space, s.epochs, s.confirm_top,
+                                                   confirm_seeds(s.seed, s.confirm_seeds))
+                _save_state(s)
+            logger.tags[STAGE_TAG] = "confirm"
+            t_confirm = time.perf_counter()
+            confirm_results = _confirm_tuner(s, trainable, logger, s.confirm_plan).fit()
+            confirm_wall = time.perf_counter() - t_confirm
     except BaseException as exc:
         c.set_terminated(s.parent_run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    if not s.ablation:
-        _fail_stale_optuna_trials(s)
+    verdict = _verdict(s, confirm_results, logger) if confirm_results is not None else None
     # The parent's last writes join the trials' queue: all are sent, or kept in the sweep directory.
-    outcome = _finish(s, logger.client, experiment_id, results, logger, time.perf_counter() - t0)
+    outcome = _finish(s, logger.client, experiment_id, verdict, time.perf_counter() - t0)
+    outcome.confirm_wall_s = confirm_wall
     logger.close()
     return outcome
+
+
+def _save_state(s: SweepSettings) -> None:
+    (s.sweep_dir / STATE_FILE).write_text(json.dumps(s.to_json(), indent=2, default=str))
+
+
+def _search_tuner(s: SweepSettings, trainable: Any, logger: Any) -> Any:
+    from ray import tune
+    if s.resume and tune.Tuner.can_restore(s.experiment_path):
+        tuner = tune.Tuner.restore(s.experiment_path, trainable=trainable, resume_errored=True, param_space=None)
+        _replace_callbacks(tuner, logger)
+        return tuner
+    if s.ablation:
+        return _ablation_tuner(s, trainable, logger)
+    searcher = optuna_search(s.space, tpe_sampler(s.seed, s.samples), s.name, _optuna_storage(s))
+    scheduler = asha_scheduler(s.space, s.epochs)
+    return tune.Tuner(
+        trainable,
+        # Reusing trial actors spares every in-process trial a fresh process that
+        # imports torch, ray and mlflow again (seconds each on a small machine).
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.samples,
+                                    max_concurrent_trials=s.max_concurrent, reuse_actors=s.launch.in_process()),
+        run_config=_run_config(s, logger))
+
+
+def _confirm_tuner(s: SweepSettings, trainable: Any, logger: Any, plan: ConfirmPlan) -> Any:
+    """Every confirmed configuration once per fresh seed, to the last epoch (no scheduler), as
+    an experiment of its own beside the search's, so that either resumes on its own."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    path = f"{s.experiment_path}-confirm"
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=None)
+        _replace_callbacks(tuner, logger)
+        return tuner
+    points = plan.points()
+    # Tune fills a point's keys from the param space, so the space names them all (values unused).
+    return tune.Tuner(trainable, param_space=dict(points[0]),
+                      tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=points),
+                                                  num_samples=len(points), max_concurrent_trials=s.max_concurrent,
+                                                  reuse_actors=s.launch.in_process()),
+                      run_config=_run_config(s, logger, f"{s.name}-confirm"))
 
 
 def startup_trials(samples: int) -> int:
@@ -405,10 +478,10 @@ def _fail_stale_optuna_trials(s: SweepSettings) -> None:
         log.info("optuna trial %d was interrupted with its driver; marked FAIL", trial.number)
 
 
-def _run_config(s: SweepSettings, logger: Any) -> Any:
+def _run_config(s: SweepSettings, logger: Any, name: str | None = None) -> Any:
     from ray import tune
-    return tune.RunConfig(name=s.name, storage_path=s.launch.storage_path, callbacks=[logger], verbose=s.verbose,
-                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+    return tune.RunConfig(name=name or s.name, storage_path=s.launch.storage_path, callbacks=[logger],
+                          verbose=s.verbose, checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                           failure_config=tune.FailureConfig(max_failures=1))
 
 
@@ -438,26 +511,94 @@ def _replace_callbacks(tuner: Any, logger: Any) -> None:
                                 if type(cb).__name__ != type(logger).__name__] + [logger]
 
 
-def _finish(s: SweepSettings, c: Any, experiment_id: str, results: Any, logger: Any, wall: float) -> SweepOutcome:
-    metric, parent = s.space.metric, s.parent_run_id
-    assert parent is not None  # run_sweep opened (or reopened) it before Tune started
-    failed = sum(1 for r in results if r.error is not None)
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and "/" in k}
+
+
+def _search_summary(s: SweepSettings, results: Any, logger: Any) -> dict[str, Any]:
+    """What the search (or the ablation) found, as plain data: kept in the state file so that a
+    sweep resumed during its confirmation still reports its search."""
+    metric = s.space.metric
     ok = [r for r in results if r.error is None and r.metrics and metric in r.metrics]
-    stopped = sum(1 for r in ok if int(r.metrics.get("epoch", 0)) < s.epochs)
-    best_config, best_value, best_run, best_metrics = {}, None, None, {}
+    summary: dict[str, Any] = {
+        "trials": [{"config": dict(r.config), "value": float(r.metrics[metric]),
+                    "epochs": int(r.metrics.get("epoch", 0)), "run_id": logger.run_of(r.metrics.get("trial_id", ""))}
+                   for r in ok],
+        "count": len(results), "failed": sum(1 for r in results if r.error is not None),
+        "stopped": sum(1 for r in ok if int(r.metrics.get("epoch", 0)) < s.epochs),
+        "best_config": {}, "best_value": None, "best_run": None, "best_metrics": {}, "best_collapsed": False}
     if ok:  # for an ablation this is the best single run; analysis.ablation gives the seed means
         best = results.get_best_result(metric=metric, mode=s.space.mode, scope="last", filter_nan_and_inf=True)
-        best_config, best_value = dict(best.config), float(best.metrics[metric])
-        best_run = logger.run_of(best.metrics.get("trial_id", ""))
-        best_metrics = {k: v for k, v in best.metrics.items() if isinstance(v, (int, float)) and "/" in k}
-    tracking.log_metrics(c, parent, {**{f"best/{k}": v for k, v in best_metrics.items()},
-                                              "sweep/trials": len(results), "sweep/failed": failed,
-                                              "sweep/asha_stopped": stopped, "sweep/wall_s": wall}, step=0)
-    tags = {f"best.{k}": v for k, v in best_config.items()}
-    if best_run:
-        tags["best_run_id"] = best_run
+        summary.update(best_config=dict(best.config), best_value=float(best.metrics[metric]),
+                       best_run=logger.run_of(best.metrics.get("trial_id", "")),
+                       best_metrics=_numeric(best.metrics),
+                       best_collapsed=best.metrics.get("val/diversity/identical") == 1)
+    return summary
+
+
+def _verdict(s: SweepSettings, results: Any, logger: Any) -> Verdict:
+    plan, metric = s.confirm_plan, s.space.metric
+    assert plan is not None
+    rows = {c.label: Confirmed(c, []) for c in plan.candidates}
+    figures: dict[str, list[dict[str, float]]] = {c.label: [] for c in plan.candidates}
+    for r in results:
+        cand = plan.candidate_of(dict(r.config))
+        if cand is None or r.error is not None or not r.metrics or metric not in r.metrics:
+            continue
+        row = rows[cand.label]
+        row.values.append(float(r.metrics[metric]))
+        row.run_ids.append(logger.run_of(r.metrics.get("trial_id", "")) or "")
+        row.collapsed = row.collapsed or r.metrics.get("val/diversity/identical") == 1
+        figures[cand.label].append(_numeric(r.metrics))
+    for label, row in rows.items():
+        keys = set().union(*figures[label]) if figures[label] else set()
+        row.means = {k: sum(f[k] for f in figures[label] if k in f) / sum(1 for f in figures[label] if k in f)
+                     for k in keys}
+    return judge(list(rows.values()), s.space.mode)
+
+
+def _finish(s: SweepSettings, c: Any, experiment_id: str, verdict: Verdict | None, wall: float) -> SweepOutcome:
+    """The parent run's summary: the confirmed best where a confirmation ran (``best.*`` tags,
+    ``best/*`` means with the interval), the search's own best under ``search_best``."""
+    parent, search, metric = s.parent_run_id, s.search or {}, s.space.metric
+    assert parent is not None  # run_sweep opened (or reopened) it before Tune started
+    metrics = {"sweep/trials": search.get("count", 0), "sweep/failed": search.get("failed", 0),
+               "sweep/asha_stopped": search.get("stopped", 0), "sweep/wall_s": wall}
+    tags: dict[str, Any] = {}
+    best_config, best_value, best_run = search.get("best_config", {}), search.get("best_value"), search.get("best_run")
+    best_metrics = dict(search.get("best_metrics", {}))
+    if verdict is None:
+        metrics.update({f"best/{k}": v for k, v in best_metrics.items()})
+        tags.update({f"best.{k}": v for k, v in best_config.items()})
+        if best_run:
+            tags["best_run_id"] = best_run
+    else:
+        metrics.update({f"search_best/{k}": v for k, v in best_metrics.items()})
+        tags.update({f"search_best.{k}": v for k, v in best_config.items()})
+        if best_run:
+            tags["search_best_run_id"] = best_run
+        tags.update({"confirm.summary": verdict.headline(metric), "confirm.verdict":
+                     "winner" if verdict.winner else ("none" if not verdict.rows else "indistinguishable"),
+                     "confirm.seeds": ",".join(map(str, s.confirm_plan.seeds if s.confirm_plan else []))})
+        metrics["confirm/seed_std"] = verdict.seed_std
+        if verdict.rows:
+            top = verdict.rows[0]
+            low, high = top.interval
+            best_config, best_value, best_metrics = dict(top.candidate.knobs), top.mean, top.means
+            metrics.update({f"best/{k}": v for k, v in top.means.items()})
+            metrics.update({f"best/{metric}/std": top.std, f"best/{metric}/ci_low": low,
+                            f"best/{metric}/ci_high": high, "best/seeds": len(top.values)})
+            tags.update({f"best.{k}": v for k, v in top.candidate.knobs.items()})
+            tags.update({"confirm.best": top.candidate.name, "best_run_ids": ",".join(top.run_ids)})
+            best_run = top.run_ids[0] if top.run_ids else None
+            report = s.sweep_dir / "confirmation.md"
+            report.write_text(markdown(verdict, metric, s.space.swept, s.confirm_plan.seeds if s.confirm_plan else []))
+            c.log_artifact(parent, str(report))
+    tracking.log_metrics(c, parent, {k: v for k, v in metrics.items() if v == v}, step=0)
     if tags:
         tracking.set_tags(c, parent, tags)
+    ok = best_value is not None
     c.set_terminated(parent, status="FINISHED" if ok else "FAILED")
     return SweepOutcome(best_config, best_value, best_run, parent, experiment_id, s.sweep_dir,
-                        len(results), failed, stopped, wall, best_metrics)
+                        search.get("count", 0), search.get("failed", 0), search.get("stopped", 0), wall, best_metrics,
+                        verdict)

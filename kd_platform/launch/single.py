@@ -6,12 +6,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import engine, faults, teachers, tracking
-from .checkpoint import CHECKPOINT_TAG, checkpoint_location
-from .launch import Launch, device_for, fit_with_train, set_threads
-from .reporting import mlflow_reporter
-from .spec import RunSpec
-from .teachers import record_teacher
+from kd_platform import teachers, tracking
+from kd_platform.launch import faults
+from kd_platform.launch.launcher import Launch, device_for, fit_with_train, set_threads
+from kd_platform.run import engine
+from kd_platform.run.checkpoint import CHECKPOINT_TAG, checkpoint_location
+from kd_platform.run.spec import RunSpec
+from kd_platform.tracking.reporting import mlflow_reporter
+from kd_platform.tracking.teacher_artifacts import record_teacher
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,20 @@ from typing import Any
 
 from ray.tune import Callback
 
-from . import tracking
-from .checkpoint import CHECKPOINT_TAG, checkpoint_location
-from .evaluation import warning_tags
-from .mlflow_writer import PATIENCE_ENV, BufferedClient, StoreUnavailable, Write, is_transient, patience_s, string_tags
-from .spec import Assets, RunSpec, data_recipe
-from .teachers import record_teacher
+from kd_platform import tracking
+from kd_platform.run.checkpoint import CHECKPOINT_TAG, checkpoint_location
+from kd_platform.run.evaluation import warning_tags
+from kd_platform.run.spec import Assets, RunSpec, data_recipe
+from kd_platform.tracking.mlflow_writer import (
+    PATIENCE_ENV,
+    BufferedClient,
+    StoreUnavailable,
+    Write,
+    is_transient,
+    patience_s,
+    string_tags,
+)
+from kd_platform.tracking.teacher_artifacts import record_teacher
 
 TRIAL_TAG = "ray.trial_id"
 # Strings a trial reports about where it trains (trial.py); gpu_ids is "" on a CPU trial.

@@ -15,8 +15,10 @@ from typing import Any, Callable
 
 import torch
 
-from . import engine, faults, teachers
-from .spec import RunSpec
+from kd_platform import teachers
+from kd_platform.launch import faults
+from kd_platform.run import engine
+from kd_platform.run.spec import RunSpec
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def fit_with_train(spec: RunSpec, launch: Launch, name: str, tune_callback: bool
         from ray.tune.integration.ray_train import TuneReportCallback
         callbacks.append(TuneReportCallback())
     if mlflow:
-        from .train_mlflow import MlflowFromController
+        from kd_platform.tracking.train_mlflow import MlflowFromController
         callbacks.append(MlflowFromController(mlflow["uri"], mlflow["run_id"]))
     use_gpu = launch.gpus > 0
     resources = {"CPU": launch.cpus, **({"GPU": launch.gpus} if use_gpu else {})}

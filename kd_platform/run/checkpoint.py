@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .errors import UsageError
+from kd_platform.errors import UsageError
 
 STATE_FILE = "state.pt"
 

@@ -9,10 +9,10 @@ import functools
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .errors import UsageError
-from .knobs import build_config, knob_specs
-from .methods import get_method
-from .recipe import Recipe
+from kd_platform.config.knobs import build_config, knob_specs
+from kd_platform.config.recipe import Recipe
+from kd_platform.errors import UsageError
+from kd_platform.methods import get_method
 
 if TYPE_CHECKING:
     import torch
@@ -54,10 +54,14 @@ class RunSpec:
         unknown = set(flat) - method_keys - recipe_keys
         if unknown:
             raise UsageError(f"unknown knob '{sorted(unknown)[0]}' for method '{method}'")
-        from .data import check_recipe
-        _check_names(*spec.resolved())
+        from kd_platform.data import check_recipe
+        recipe, cfg = spec.resolved()
+        _check_names(recipe, cfg)
         check_recipe(data_recipe(spec))
         _check_fused(spec)
+        why = get_method(method).degenerate(cfg, recipe)
+        if why:
+            raise UsageError(f"degenerate {method} configuration: {why}")
         return spec
 
     @staticmethod
@@ -77,8 +81,8 @@ class RunSpec:
 def _check_names(recipe: Recipe, cfg: Any) -> None:
     """Architectures and datasets are free-form strings in the knobs; check them against
     the registries here so a typo fails before anything starts."""
-    from .data import dataset_names
-    from .models import model_names
+    from kd_platform.data import dataset_names
+    from kd_platform.models import model_names
     if recipe.dataset not in dataset_names():
         raise UsageError(f"knob 'dataset': unknown dataset '{recipe.dataset}'; known: {', '.join(dataset_names())}")
     archs = {"arch": recipe.arch, **{k: v for k, v in asdict(cfg).items() if k.endswith("_arch")}}
@@ -97,8 +101,8 @@ bench/RESULTS.md."""
 @functools.lru_cache(maxsize=None)
 def _stackable_arch(arch: str) -> bool:
     """Whether ``arch`` stacks; asked at every parse of a run, so each architecture is built once."""
-    from .models import build_model
-    from .models.stacked import is_stackable
+    from kd_platform.models import build_model
+    from kd_platform.models.stacked import is_stackable
     return is_stackable(build_model(arch, 2, 3))
 
 
@@ -106,13 +110,13 @@ def _check_fused(spec: RunSpec) -> None:
     recipe, _ = spec.resolved()
     if recipe.fused != "true":
         return
-    from .methods import method_names
+    from kd_platform.methods import method_names
     if not get_method(spec.method).fusable_peers:
         fusable = [m for m in method_names() if get_method(m).fusable_peers]
         raise UsageError(f"knob 'fused': method '{spec.method}' has no homogeneous peers to fuse into one model "
                          f"(methods that have: {', '.join(fusable)})")
     if not _stackable_arch(recipe.arch):
-        from .models import model_names
+        from kd_platform.models import model_names
         stackable = [a for a in model_names() if _stackable_arch(a)]
         raise UsageError(f"knob 'fused': architecture '{recipe.arch}' cannot be stacked (its layers mix "
                          f"channels outside convolutions); stackable: {', '.join(stackable)}")

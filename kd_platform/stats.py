@@ -1,6 +1,7 @@
-"""Statistics of ablation cells over seeds: a bootstrap confidence interval of the mean, the
-difference to the default cell with its own bootstrap interval, a two-sided Welch t-test
-against the default, and the Holm-Bonferroni correction across one table's cells.
+"""Statistics of configurations over seeds (ablation cells, a sweep's confirmed configurations):
+a bootstrap or Student-t confidence interval of the mean, the difference to a reference with its
+own bootstrap interval, a two-sided Welch t-test, and the Holm-Bonferroni correction across one
+table's comparisons.
 
 Everything here is deterministic: the bootstrap draws from a generator seeded by the caller
 (``seed``, default 0), so the same runs always give the same intervals. A group with fewer
@@ -102,3 +103,24 @@ def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
     out[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
     return out
 
+
+
+def t_interval(x: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Student-t interval of the mean of ``x`` (NaN values dropped): with the three to five seeds
+    a confirmation affords, a bootstrap's percentiles are too narrow. ``(nan, nan)`` under two values."""
+    a = _values(x)
+    if len(a) < 2:
+        return np.nan, np.nan
+    half = float(sps.t.ppf(0.5 + confidence / 2, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a)))
+    return float(a.mean()) - half, float(a.mean()) + half
+
+
+def pooled_std(groups: Sequence[Sequence[float] | np.ndarray]) -> float:
+    """The seed-to-seed standard deviation shared by ``groups`` (each one configuration's values
+    over seeds): the square root of their variances pooled by degrees of freedom. NaN when no
+    group has two values."""
+    arrays = [_values(g) for g in groups]
+    dof = sum(len(a) - 1 for a in arrays if len(a) > 1)
+    if dof == 0:
+        return np.nan
+    return float(np.sqrt(sum(a.var(ddof=1) * (len(a) - 1) for a in arrays if len(a) > 1) / dof))

@@ -12,7 +12,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from .reporting import mlflow_reporter
+from kd_platform.tracking.reporting import mlflow_reporter
 
 
 class MlflowFromController(UserCallback):

@@ -5,8 +5,9 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from . import engine, tracking
-from .evaluation import warning_tags
+from kd_platform import tracking
+from kd_platform.run import engine
+from kd_platform.run.evaluation import warning_tags
 
 log = logging.getLogger(__name__)
 

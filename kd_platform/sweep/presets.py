@@ -26,10 +26,10 @@ from typing import Any
 
 import yaml
 
-from .errors import UsageError
-from .methods.base import MethodKind
+from kd_platform.errors import UsageError
+from kd_platform.methods.base import MethodKind
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "presets"
 _TOP_KEYS = ("kinds", "exclude", "knobs", "per_method")
 
 
@@ -71,7 +71,7 @@ def load_preset(name: str) -> dict[str, Any]:
 
 def preset_methods(name: str) -> list[str]:
     """The methods preset ``name`` serves: every method of its kinds but those it excludes."""
-    from .methods import get_method, method_names
+    from kd_platform.methods import get_method, method_names
     raw = _read(name)
     kinds, exclude = raw["kinds"], {str(m) for m in raw.get("exclude") or []}
     return [m for m in method_names() if (kinds == "all" or get_method(m).kind in kinds) and m not in exclude]
@@ -80,9 +80,9 @@ def preset_methods(name: str) -> list[str]:
 def preset_for_method(name: str, method: str) -> dict[str, Any]:
     """The knobs of preset ``name`` that ``method`` runs with: the preset's knobs, then its
     ``per_method`` entry for ``method``, keeping only recipe knobs and ``method``'s own."""
-    from .knobs import knob_specs
-    from .methods import get_method
-    from .recipe import Recipe
+    from kd_platform.config.knobs import knob_specs
+    from kd_platform.config.recipe import Recipe
+    from kd_platform.methods import get_method
     raw = _read(name)
     merged = {**raw["knobs"], **(raw.get("per_method") or {}).get(method, {})}
     allowed = set(knob_specs(Recipe)) | set(knob_specs(get_method(method).Config))

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import UsageError
-from .knobs import knob
+from kd_platform.config.knobs import knob
+from kd_platform.errors import UsageError
 
 if TYPE_CHECKING:
     import torch

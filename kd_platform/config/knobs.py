@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import UsageError
+from kd_platform.errors import UsageError
 
 
 def knob(default: Any, *, low: float | None = None, high: float | None = None,

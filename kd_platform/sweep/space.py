@@ -8,19 +8,21 @@ anything starts, so a typo fails in a second with the file and key named.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import UsageError
-from .knobs import KnobSpec, knob_specs
-from .methods import get_method
-from .recipe import Recipe
-from .spec import RunSpec
+from kd_platform.config.knobs import KnobSpec, build_config, knob_specs
+from kd_platform.config.recipe import Recipe
+from kd_platform.errors import UsageError
+from kd_platform.methods import get_method
+from kd_platform.methods.base import ANY
+from kd_platform.run.spec import RunSpec
 
-SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACE_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 KINDS = {"uniform": ("low", "high"), "loguniform": ("low", "high"), "int": ("low", "high"),
          "choice": ("values",)}
 
@@ -124,6 +126,53 @@ def parse_space(method: str, raw: dict[str, Any], source: str) -> SearchSpace:
     return space
 
 
+MAX_CORNERS = 20_000
+
+
+def resolve(method: str, flat: dict[str, Any]) -> tuple[Recipe, Any]:
+    """The recipe and method config of a flat mapping of knobs, without a run's other checks."""
+    cls = get_method(method)
+    own = knob_specs(cls.Config)
+    return (build_config(Recipe, {k: v for k, v in flat.items() if k not in own}),
+            build_config(cls.Config, {k: v for k, v in flat.items() if k in own}))
+
+
+def corners(space: SearchSpace, epochs: int | None = None) -> list[dict[str, Any]]:
+    """Every combination of the swept choices and the ends of the swept ranges, over the fixed
+    knobs. A degenerate region of a space (a boolean off, a weight at 0) reaches a corner."""
+    axes = [[(k, v) for v in (d["values"] if d["type"] == "choice" else [d["low"], d["high"]])]
+            for k, d in space.swept.items()]
+    run = {"epochs": epochs or space.fixed.get("epochs", space.epochs)}
+    return [{**space.fixed, **run, **dict(combo)}
+            for combo in itertools.islice(itertools.product(*axes), MAX_CORNERS)]
+
+
+def check_corners(space: SearchSpace, epochs: int | None = None) -> None:
+    """A searched space must not sample a degenerate configuration, and each swept knob must
+    have an effect somewhere in it: a sweep that trains either reports noise about another
+    method. (An ablation pins the knobs it does not ablate and checks its own cells.)"""
+    cls = get_method(space.method)
+    void_everywhere = set(space.swept)
+    reasons: dict[str, str] = {}
+    for flat in corners(space, epochs):
+        recipe, cfg = resolve(space.method, flat)
+        why = cls.degenerate(cfg, recipe)
+        if why:
+            swept = ", ".join(f"{k}={flat[k]}" for k in space.swept)
+            raise UsageError(f"{space.source}: the space samples degenerate configurations ({swept}): {why}; "
+                             f"narrow the space or pin a knob with --set")
+        void = cls.void_knobs(cfg, recipe)
+        for k in list(void_everywhere):
+            if k in void and void[k].same_as is ANY:
+                reasons[k] = void[k].reason
+            else:
+                void_everywhere.discard(k)
+    if void_everywhere:
+        k = sorted(void_everywhere)[0]
+        raise UsageError(f"{space.source}: swept knob '{k}' has no effect anywhere in this space: {reasons[k]}; "
+                         f"pin it with --set or drop it from the space")
+
+
 class _Shapes:
     """Shape information of a small dataset: enough to build a method and read its networks."""
     num_classes, in_channels, image_size = 10, 1, 8
@@ -134,7 +183,7 @@ class _UntrainedTeachers:
     architecture (the names of the networks a method evaluates do not depend on training)."""
 
     def __call__(self, arch: str) -> Any:
-        from .models import build_model
+        from kd_platform.models import build_model
         return build_model(arch, _Shapes.num_classes, _Shapes.in_channels)
 
     def derived(self, *args: Any) -> Any:
@@ -146,7 +195,7 @@ def _network_names(method: str, knobs: tuple) -> tuple[tuple[str, ...], tuple[st
     """``(evaluated networks, groups, online with peers)`` of ``method`` built with ``knobs``."""
     import torch
 
-    from .engine import build_method
+    from kd_platform.run.engine import build_method
     cls = get_method(method)
     try:
         m = build_method(RunSpec.from_flat(method, dict(knobs), 0), _Shapes(), torch.device("cpu"),

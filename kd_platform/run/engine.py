@@ -19,16 +19,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import STATE_FILE, load_checked, save_atomic
-from .data import build_data
-from .errors import UsageError
-from .evaluation import evaluate
-from .methods import get_method
-from .methods.base import Batch, BuildEnv, Method, StepContext
-from .models import build_model
-from .models.base import ZooNet
-from .recipe import Recipe
-from .spec import FUSED_AUTO, Assets, RunSpec, data_recipe, resolve_fused  # noqa: F401  (the engine's API)
+from kd_platform.config.recipe import Recipe
+from kd_platform.data import build_data
+from kd_platform.errors import UsageError
+from kd_platform.methods import get_method
+from kd_platform.methods.base import Batch, BuildEnv, Method, StepContext
+from kd_platform.models import build_model
+from kd_platform.models.base import ZooNet
+from kd_platform.run.checkpoint import STATE_FILE, load_checked, save_atomic
+from kd_platform.run.evaluation import evaluate
+from kd_platform.run.spec import FUSED_AUTO, Assets, RunSpec, data_recipe, resolve_fused  # noqa: F401  (the engine's API)
 
 log = logging.getLogger(__name__)
 class NonFiniteLoss(RuntimeError):
@@ -251,7 +251,7 @@ def fit(spec: RunSpec, report: Reporter, *, device: torch.device | None = None,
         if epoch + 1 == recipe.epochs:
             test = evaluate(method, data, "test", device, reduce=world > 1)
             metrics.update({f"test/{k}": v for k, v in test.items()})
-            from . import flatness  # flatness=final: the flat/* measures of every analysis network
+            from kd_platform.run import flatness  # flatness=final: the flat/* measures of every analysis network
             metrics.update(flatness.final_metrics(spec, method, data, device))
 
         def save(directory: Path, epoch: int = epoch, best: float = best) -> None:

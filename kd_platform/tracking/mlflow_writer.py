@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import OneLineFailure, UsageError
+from kd_platform.errors import OneLineFailure, UsageError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,7 @@
-"""Trained, frozen teachers for offline methods: trained once, cached on disk, reused by every run.
+"""Layer teachers: the teacher stage that runs before an offline method is built, and its
+cross-node store. Imports run and below; MLflow records of a teacher live in tracking.
+
+Trained, frozen teachers for offline methods: trained once, cached on disk, reused by every run.
 
 A teacher is described by everything that changes it: the dataset and its split, the
 architecture, the seed and the teacher's own recipe (the offline method's ``teacher_*``
@@ -17,7 +20,7 @@ are written atomically, and ``teacher.pt`` last, so its presence means the entry
 On a cluster the cache is node-local, and a second tier stops every node from training its
 own copy: the asset ``teacher_store`` (the sweep's ``--storage-path``, ``teachers/`` under it)
 names storage every node reaches, from which a node fetches what it lacks and to which it
-publishes what it trained (``kd_platform.teacher_store``). A run reports where each entry
+publishes what it trained (``kd_platform.teachers.store``). A run reports where each entry
 came from (``teacher.source``: ``cache``, ``fetched``, ``trained`` or ``checkpoint``).
 ``$KD_TEACHER_CACHE`` in a node's environment names that node's own cache, for nodes whose
 local disks are not at the path the command line gave.
@@ -42,18 +45,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import engine, tracking
-from .checkpoint import load_checked, save_atomic
-from .data import DataModule, build_data
-from .errors import UsageError
-from .methods import get_method
-from .methods.base import MethodKind, freeze
-from .models import build_model
-from .models.base import ZooNet
-from .models.torchvision_zoo import PUBLISHED, published_teacher
-from .spec import RunSpec
-from .teacher_store import ERRORS as STORE_ERRORS
-from .teacher_store import TRAINED, TeacherStore, fetch_or_make, origin
+from kd_platform.data import DataModule, build_data
+from kd_platform.errors import UsageError
+from kd_platform.methods import get_method
+from kd_platform.methods.base import MethodKind, freeze
+from kd_platform.models import build_model
+from kd_platform.models.base import ZooNet
+from kd_platform.models.torchvision_zoo import PUBLISHED, published_teacher
+from kd_platform.run import engine
+from kd_platform.run.checkpoint import load_checked, save_atomic
+from kd_platform.run.spec import RunSpec
+from kd_platform.teachers.store import ERRORS as STORE_ERRORS
+from kd_platform.teachers.store import TRAINED, TeacherStore, fetch_or_make, origin
 
 log = logging.getLogger(__name__)
 
@@ -141,39 +144,6 @@ def teacher_info(spec: RunSpec) -> dict[str, str]:
     return {"teacher.hash": digest, "teacher.path": str(cache_dir(spec) / digest / TEACHER_FILE)}
 
 
-def record_teacher(client: Any, run_id: str, spec: RunSpec, artifact_run_id: str | None = None,
-                   logged: set[str] | None = None, result: Mapping[str, Any] | None = None) -> None:
-    """Tag ``run_id`` with its teacher and log the teacher's files as artifacts of
-    ``artifact_run_id`` (default: the run itself) under ``teacher/<hash>/``.
-
-    A sweep passes its parent run and a set ``logged`` of hashes already there, so a
-    teacher shared by all trials is stored once rather than once per trial. The run's last
-    reported ``result`` says where its entries came from. A teacher trained on another node
-    is fetched from the store to be logged."""
-    try:
-        info = teacher_info(spec)
-        if not info:
-            return
-        tags, digest, path = dict(info), info["teacher.hash"], Path(info["teacher.path"])
-        tags.update({k: v for k, v in (result or {}).items() if k.startswith("teacher.") and k.endswith(".source")})
-        target = artifact_run_id or run_id
-        store = None if spec.assets.teacher_checkpoint or path.is_file() else teacher_store(spec)
-        if store is not None:
-            store.fetch(digest, (META_FILE, TEACHER_FILE), path.parent)
-        if path.is_file():
-            where = f"{ARTIFACT_DIR}/{digest}"
-            if logged is None or digest not in logged:
-                user = bool(spec.assets.teacher_checkpoint)
-                for file in [path] if user else [path, path.parent / META_FILE]:
-                    client.log_artifact(target, str(file), where)
-                if logged is not None:
-                    logged.add(digest)
-            tags["teacher.artifact"] = f"runs:/{target}/{where}/{path.name}"
-        tracking.set_tags(client, run_id, tags)
-    except STORE_ERRORS as exc:  # bookkeeping must not fail a finished run (e.g. a user's file since moved)
-        log.warning("could not record the teacher of run %s: %s", run_id, exc)
-
-
 @contextmanager
 def _isolated_rng(device: torch.device) -> Iterator[None]:
     """Training a teacher in the middle of building a run must not move the run's random
@@ -196,7 +166,7 @@ def cached_file(cache: Path, description: Mapping[str, Any], filename: str,
     from ``store``) or ``TRAINED`` (this call ran ``make`` and published the result to
     ``store``). Exactly one of several processes of a node asking at once goes further than
     the local cache: the others block on the lock and then find the file. Across nodes the
-    store's own claim does the same (see ``kd_platform.teacher_store``)."""
+    store's own claim does the same (see ``kd_platform.teachers.store``)."""
     digest = description_hash(description)
     folder = Path(cache) / digest
     target = folder / filename

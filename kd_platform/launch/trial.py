@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import engine, faults, teachers
-from .launch import (
+from kd_platform import teachers
+from kd_platform.launch import faults
+from kd_platform.launch.launcher import (
     Launch,
     checkpoint_reporter,
     device_for,
@@ -17,7 +18,8 @@ from .launch import (
     train_from,
     with_placement,
 )
-from .spec import Assets, RunSpec
+from kd_platform.run import engine
+from kd_platform.run.spec import Assets, RunSpec
 
 
 def run_trial(config: dict[str, Any], *, method: str, fixed: dict[str, Any], seed: int, launch: Launch,

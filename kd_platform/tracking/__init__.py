@@ -1,4 +1,8 @@
-"""MLflow bookkeeping: where the store is, experiments, run tags, params and metrics.
+"""Layer tracking: everything that writes to or reads MLflow during a run or a sweep (this
+module: the store, experiments, tags, params and UI URLs; the writer, the sweep's callback,
+the Ray Train controller's writer and a run's reporter beside it). Imports run and teachers.
+
+MLflow bookkeeping: where the store is, experiments, run tags, params and metrics.
 
 Everything goes through ``MlflowClient`` with explicit experiment and run ids, because
 the fluent API keeps process-global state (an active run, ``MLFLOW_EXPERIMENT_ID``) that
@@ -16,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import UsageError
+from kd_platform.errors import UsageError
 
 DEFAULT_DB = "mlruns.db"
 PARENT_TAG = "mlflow.parentRunId"
@@ -105,7 +109,7 @@ def raw_client(uri: str) -> Any:
     """A plain ``MlflowClient``: each call tried once (briefly retried by MLflow over HTTP)."""
     from mlflow.tracking import MlflowClient
 
-    from .mlflow_writer import call_with_retry, patience_s
+    from kd_platform.tracking.mlflow_writer import call_with_retry, patience_s
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if not uri.startswith("sqlite:///"):
@@ -126,7 +130,7 @@ def raw_client(uri: str) -> Any:
 def client(uri: str) -> Any:
     """An ``MlflowClient`` whose calls wait out a store that is briefly away or locked
     (``mlflow_writer.RetryingClient``)."""
-    from .mlflow_writer import RetryingClient
+    from kd_platform.tracking.mlflow_writer import RetryingClient
     return RetryingClient(raw_client(uri))
 
 
@@ -231,7 +235,7 @@ def describe_data(recipe: Any, seed: int) -> Any:
     import torch
     from mlflow.entities import Dataset
 
-    from .data import build_data
+    from kd_platform.data import build_data
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the run itself logs the dataset's warnings
