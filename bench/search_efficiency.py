@@ -519,8 +519,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     second = dataclasses.replace(bench, seed=args.ceiling_seed)
     sample = ceiling_sample(bench.grid, args.ceiling_sample)
     curves = load_curves(bench, args.cache, args.workers, configs=sample if args.ceiling_only else None)
-    train_s = time.perf_counter() - t0
     curves_2 = load_curves(second, args.cache, args.workers, configs=sample)
+    train_s = time.perf_counter() - t0
     keys = [config_key(c) for c in sample]
     ceil = ceiling([curves[k][-1] for k in keys], [curves_2[k][-1] for k in keys])
     import torch
@@ -542,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(ceiling_line)
         if verdict:
             print(verdict)
-        print(f"done in {time.perf_counter() - t0:.0f} s")
+        print(f"done in {time.perf_counter() - t0:.0f} s (curves {train_s:.0f} s)")
         return
     import ray
     quiet_tune()

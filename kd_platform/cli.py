@@ -66,8 +66,22 @@ def _parse_sets(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _catalogue() -> str:
+    """The methods with their kind, and the presets: what ``--help`` shows after the flags."""
+    from kd_platform.methods import get_method, method_names
+    from kd_platform.sweep.presets import preset_names
+    kinds: dict[str, list[str]] = {}
+    for name in method_names():
+        kinds.setdefault(str(get_method(name).kind), []).append(name)
+    lines = ["methods:"] + [f"  {kind:<8} {', '.join(names)}" for kind, names in sorted(kinds.items())]
+    lines += ["presets (--preset):"] + [f"  {name}" for name in preset_names()]
+    return "\n".join(lines)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("method", help="method name, e.g. okdph")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = _catalogue()
+    p.add_argument("method", help="method name (listed below)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a knob (repeatable)")
     p.add_argument("--space", type=Path, help="search space file (default: search_spaces/METHOD.yaml)")
     p.add_argument("--preset", help="a recipe from presets/ (dataset, architectures, epochs, optimiser, "
@@ -218,6 +232,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m platform.sweep",
                 description="Sweep a distillation method's knobs with Ray Tune (Optuna TPE + ASHA), logged to MLflow.")
     _common(p)
+    p.epilog += "\n\npython -m platform.sweep --list prints every method's swept knobs and their ranges."
     p.add_argument("--samples", type=_positive_int, help="trials to run (default: the space file's)")
     p.add_argument("--max-concurrent", type=_positive_int,
                    help="trials at once (default: as many as the Ray cluster's CPUs and GPUs fit)")
@@ -237,15 +252,32 @@ def sweep_parser() -> argparse.ArgumentParser:
                    help=f"seeds per confirmed configuration (default {DEFAULT_SEEDS})")
     p.add_argument("--no-confirm", action="store_true",
                    help="report the search's best trial (one seed) without confirming it")
-    p.add_argument("--quiet", action="store_true", help="no live trial table")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not write the analysis report (python -m analysis.ablation writes it later)")
+    p.add_argument("--quiet", action="store_true", help="print the summary only")
+    p.add_argument("-v", "--verbose", action="store_true", help="Ray Tune's live tables and the workers' logs")
     return p
 
 
 def _latest_sweep(out: Path, method: str) -> Path:
+    """The newest interrupted TPE sweep of ``method`` in ``out`` (an ablation is resumed by its directory)."""
+    import json
+
     from kd_platform.sweep.tuner import STATE_FILE
-    found = sorted((p.parent for p in out.glob(f"{method}-*/{STATE_FILE}")), key=lambda p: p.stat().st_mtime)
+
+    def interrupted_search(path: Path) -> bool:
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(state, dict) and not state.get("finished") and not state.get("ablation")
+
+    found = sorted((p.parent for p in out.glob(f"*/{STATE_FILE}") if interrupted_search(p.parent)),
+                   key=lambda p: p.stat().st_mtime)
+    found = [p for p in found if json.loads((p / STATE_FILE).read_text()).get("method") == method]
     if not found:
-        raise UsageError(f"--resume: no sweep of '{method}' in '{out}'")
+        raise UsageError(f"--resume: no interrupted sweep of '{method}' in '{out}'")
+    print(f"Resuming {found[-1]} (the newest interrupted {method} sweep in {out})", flush=True)
     return found[-1]
 
 
@@ -266,7 +298,7 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
         s = SweepSettings.from_sweep_dir(path.resolve())
         if s.method != args.method:
             raise UsageError(f"--resume: '{path}' is a sweep of '{s.method}', not '{args.method}'")
-        s.verbose = 0 if args.quiet else 1
+        s.verbose, s.report = _verbosity(args), not args.no_report
         return s
     space = _load_space(args)
     if "val_fraction" in space.swept or float(space.fixed.get("val_fraction", 0.1)) <= 0:
@@ -289,8 +321,14 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
     # No --max-concurrent: run_sweep fits as many trials as the Ray cluster's CPUs and GPUs hold.
     return SweepSettings(args.method, space, samples, epochs, args.max_concurrent, args.seed, uri,
                          args.experiment or args.method, args.out.resolve(), name, launch, address=args.address,
-                         verbose=0 if args.quiet else 1, ablation=ablation, assets=assets,
+                         verbose=_verbosity(args), report=not args.no_report, ablation=ablation, assets=assets,
                          confirm_top=0 if ablation else top, confirm_seeds=seeds)
+
+
+def _verbosity(args: argparse.Namespace) -> int:
+    if args.quiet and args.verbose:
+        raise UsageError("--quiet conflicts with --verbose")
+    return 0 if args.quiet else (2 if args.verbose else 1)
 
 
 def _confirmation(args: argparse.Namespace) -> tuple[int, int]:
@@ -322,7 +360,16 @@ def _ablation(args: argparse.Namespace, space: Any, uri: str, epochs: int, steps
 
 def _sweep(argv: Sequence[str] | None) -> int:
     from kd_platform.sweep.tuner import run_sweep
+    if list(sys.argv[1:] if argv is None else argv) == ["--list"]:
+        print(_listing())
+        return 0
     s = sweep_settings(argv)
+    if s.finished:
+        # Nothing is opened for writing: the store, the parent run and the directory stay as they are.
+        from kd_platform.tracking import ui_url
+        url = ui_url(s.tracking_uri, s.experiment_id or "", s.parent_run_id) or f"MLflow run {s.parent_run_id}"
+        print(f"Sweep {s.name} is finished; nothing to resume. Its parent run: {url}")
+        return 0
     outcome = run_sweep(s)
     print()
     search_s = outcome.wall_s - outcome.confirm_wall_s
@@ -342,9 +389,48 @@ def _sweep(argv: Sequence[str] | None) -> int:
               f"MLflow run {outcome.best_run_id}){collapsed}")
         for key, value in sorted(outcome.best_config.items()):
             print(f"  {key} = {value}")
+    for line in outcome.warnings:
+        print(f"Warning, {line}")
+    if s.report:
+        _report(s, outcome)
     print("Open the MLflow UI on it:")
     _print_ui(s.tracking_uri, outcome.experiment_id, outcome.parent_run_id, "ablation" if s.ablation else "sweep")
     return 0 if outcome.best_metric is not None else 1
+
+
+def _report(s: Any, outcome: Any) -> None:
+    """The analysis report, logged to the parent run so that the MLflow UI shows it; its failure
+    is one line and never the sweep's."""
+    try:
+        from kd_platform.analysis.load import load_sweep, open_client
+        from kd_platform.analysis.report import ARTIFACT_DIR, analyse
+        _, c = open_client(s.tracking_uri)
+        sweep = load_sweep(c, c.get_run(outcome.parent_run_id), None)
+        rep = analyse(c, sweep, s.sweep_dir / "report")
+        print(f"Report: {rep.path} (also under '{ARTIFACT_DIR}/' of the parent run)")
+    except Exception as exc:  # the sweep's results stand without it
+        print(f"Report not written ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+              f"python -m analysis.ablation --sweep {outcome.parent_run_id} --tracking-uri {s.tracking_uri} "
+              f"tries again")
+
+
+def _listing() -> str:
+    """``--list``: every method with its kind and its search space's swept knobs, then the presets."""
+    from kd_platform.methods import get_method, method_names
+    from kd_platform.sweep.presets import preset_names
+    from kd_platform.sweep.space import load_space
+    lines = ["methods, and the knobs their search spaces sweep (search_spaces/METHOD.yaml):"]
+    for name in method_names():
+        knobs = ", ".join(f"{k} {_range(d)}" for k, d in load_space(name).swept.items())
+        lines.append(f"  {name:<6} {str(get_method(name).kind):<8} {knobs}")
+    lines += ["presets (--preset):"] + [f"  {name}" for name in preset_names()]
+    return "\n".join(lines)
+
+
+def _range(dist: dict[str, Any]) -> str:
+    if dist["type"] == "choice":
+        return "{" + ", ".join(map(str, dist["values"])) + "}"
+    return f"[{dist['low']:g}, {dist['high']:g}]" + (" log" if dist["type"] == "loguniform" else "")
 
 
 def _print_confirmation(s: Any, outcome: Any) -> None:

@@ -121,6 +121,9 @@ def test_okdph_degenerate_covers_equal_mixing_too():
     with pytest.raises(UsageError, match="hwm_mix=mean"):
         RunSpec.from_flat("okdph", {"hwm_mix": "mean"}, 0)
     RunSpec.from_flat("okdph", {"hwm_mix": "mean", "views": "per_network"}, 0)
+    with pytest.raises(UsageError, match="omega=1"):
+        RunSpec.from_flat("okdph", {"omega": 1.0}, 0)
+    RunSpec.from_flat("okdph", {"omega": 1.0, "same_init": False}, 0)
     RunSpec.from_flat("okdph", {"variant": "code"}, 0)  # the released code: per-network views
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,13 @@ def run_single(spec: RunSpec, launch: Launch, uri: str, experiment: str, out: Pa
                                  teachers=teachers.prepare(spec, device), hooks=faults.hooks(spec.all_knobs()))
         else:
             from dataclasses import replace
+
+            import ray
+            if not ray.is_initialized():
+                # Each rank's report and Train's controller notes stay in Ray's log files: a DDP run
+                # prints what a one-worker run prints.
+                ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING,
+                         log_to_driver=False)
             result = fit_with_train(spec, replace(launch, storage_path=str(out)), name=name, tune_callback=False,
                                     mlflow={"uri": uri, "run_id": run_id})
             final = dict(result.metrics or {})

@@ -85,12 +85,14 @@ class OKDPH(Method):
     @classmethod
     def degenerate(cls, cfg: OKDPHConfig, recipe: Recipe) -> str | None:
         # Same start, same batch, same targets: only the HWM's gradient (r_i times the HWM's
-        # gradient for student i) can tell the students apart, and it cannot when it is off or
-        # when every r_i is 1/N.
+        # gradient for student i) can tell the students apart, and it cannot when it is off,
+        # when its loss has no weight, or when every r_i is 1/N.
         if not cfg.same_init or cls.views_for(cfg) != 1:
             return None
         if _pick(cfg.hwm_grad, "true", "false", cfg.variant) == "false":
             cause = "hwm_grad=false"
+        elif cfg.omega == 1:
+            cause = "omega=1 (no weight on the HWM's loss)"
         elif _pick(cfg.hwm_mix, "dirichlet", "mean", cfg.variant) == "mean":
             cause = "hwm_mix=mean"
         else:

@@ -68,6 +68,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _epoch_means(sums: dict[str, torch.Tensor], steps: int, world: int) -> dict[str, float]:
+    """Each loss term's mean over the epoch's steps and, under DDP, over every rank's shard:
+    a rank alone would log the loss of its own slice of the data."""
+    if world == 1 or not sums:
+        return {k: float(v) / steps for k, v in sums.items()}
+    import torch.distributed as dist
+    keys = sorted(sums)  # every rank runs the same method, so the same terms in the same order
+    total = torch.stack([torch.as_tensor(sums[k]).float() for k in keys])
+    dist.all_reduce(total)
+    return {k: float(v) / (steps * world) for k, v in zip(keys, total.tolist())}
+
+
 def _scheduler(opt: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LRScheduler:
     if recipe.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
@@ -228,7 +240,7 @@ def fit(spec: RunSpec, report: Reporter, *, device: torch.device | None = None,
         method.after_epoch(ctx)
         method.before_eval(ctx, lambda epoch=epoch: data.train_batches(epoch, method.num_views()))
         sched.step()
-        means = {k: float(v) / (step + 1) for k, v in sums.items()}
+        means = _epoch_means(sums, step + 1, world)
         if not all(math.isfinite(v) for v in means.values()):
             raise NonFiniteLoss(f"non-finite training loss at epoch {epoch + 1}: "
                                 + ", ".join(f"{k}={v}" for k, v in means.items()))

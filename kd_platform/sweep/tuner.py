@@ -64,13 +64,16 @@ class SweepSettings:
     address: str | None = None
     resume: bool = False
     parent_run_id: str | None = None
-    verbose: int = 1
+    verbose: int = 1  # 0: the summary only; 1: a header and a line per trial; 2: Ray Tune's tables and worker logs
     ablation: Ablation | None = None
     assets: Assets = field(default_factory=Assets)
     confirm_top: int = DEFAULT_TOP      # 0: no confirmation stage
     confirm_seeds: int = DEFAULT_SEEDS
     confirm_plan: ConfirmPlan | None = None  # set once the search has finished
     search: dict[str, Any] | None = None     # the search's summary, kept for a resumed confirmation
+    finished: bool = False                   # the sweep ran to its end: --resume changes nothing
+    experiment_id: str | None = None
+    report: bool = True                      # write the analysis report at the end (not kept)
 
     @property
     def confirms(self) -> bool:
@@ -101,7 +104,7 @@ class SweepSettings:
                 "ablation": self.ablation.to_json() if self.ablation else None, "assets": asdict(self.assets),
                 "confirm_top": self.confirm_top, "confirm_seeds": self.confirm_seeds,
                 "confirm_plan": self.confirm_plan.to_json() if self.confirm_plan else None, "search": self.search,
-                "layout": LAYOUT}
+                "finished": self.finished, "experiment_id": self.experiment_id, "layout": LAYOUT}
 
     @staticmethod
     def from_sweep_dir(path: Path) -> "SweepSettings":
@@ -122,7 +125,8 @@ class SweepSettings:
                                  ablation=Ablation(**d["ablation"]) if d.get("ablation") else None,
                                  assets=assets, confirm_top=d["confirm_top"], confirm_seeds=d["confirm_seeds"],
                                  confirm_plan=ConfirmPlan.from_json(d["confirm_plan"]) if d["confirm_plan"] else None,
-                                 search=d["search"])
+                                 search=d["search"], finished=bool(d.get("finished")),
+                                 experiment_id=d.get("experiment_id"))
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"--resume: '{state}' is unreadable ({exc})") from None
 
@@ -149,9 +153,10 @@ class SweepOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     verdict: Verdict | None = None  # the confirmation stage's, when it ran
     confirm_wall_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # what trials' metrics warned about, counted
 
 
-def _init_ray(address: str | None, dashboard: bool) -> None:
+def _init_ray(address: str | None, dashboard: bool, log_to_driver: bool = True) -> None:
     # Checkpointing every epoch is deliberate (a crash costs at most one epoch); Tune's
     # warning about frequent experiment snapshots would only bury the trial table.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -160,9 +165,10 @@ def _init_ray(address: str | None, dashboard: bool) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
     else:
-        ray.init(include_dashboard=dashboard, logging_level=logging.WARNING, configure_logging=True)
+        ray.init(include_dashboard=dashboard, logging_level=logging.WARNING, configure_logging=True,
+                 log_to_driver=log_to_driver)
 
 
 class RayStart:
@@ -173,17 +179,18 @@ class RayStart:
     head processes are started with a parent-death signal, which Linux sends when the thread
     that forked them exits, not the process."""
 
-    def __init__(self, address: str | None, dashboard: bool) -> None:
+    def __init__(self, address: str | None, dashboard: bool, log_to_driver: bool = True) -> None:
         self.error: BaseException | None = None
         self.ready = threading.Event()
         logging.getLogger("ray._private.worker").addFilter(_not_sigterm_note)
-        threading.Thread(target=self._run, args=(address, dashboard), name="ray-init", daemon=True).start()
+        threading.Thread(target=self._run, args=(address, dashboard, log_to_driver), name="ray-init",
+                         daemon=True).start()
 
-    def _run(self, address: str | None, dashboard: bool) -> None:
+    def _run(self, address: str | None, dashboard: bool, log_to_driver: bool) -> None:
         import ray
         started = not ray.is_initialized()
         try:
-            _init_ray(address, dashboard)
+            _init_ray(address, dashboard, log_to_driver)
         except BaseException as exc:  # raised again in the sweep's thread by wait()
             self.error = exc
             started = False
@@ -340,7 +347,11 @@ def _parent_run(s: SweepSettings, c: Any, experiment_id: str, trials_per_gpu: fl
 def run_sweep(s: SweepSettings) -> SweepOutcome:
     """Run (or resume) the sweep described by ``s``; every input was validated beforehand."""
     t0 = time.perf_counter()
-    ray_start = RayStart(s.address, dashboard=not s.launch.in_process())
+    # Workers' own logs reach the console only with -v: the trials' results say what matters.
+    if s.verbose < 2:
+        _quiet_libraries()
+    ray_start = RayStart(s.address, dashboard=not s.launch.in_process(), log_to_driver=s.verbose >= 2)
+    from kd_platform.sweep.progress import Progress
     from kd_platform.tracking.mlflow_callback import MlflowTrialLogger
     from kd_platform.tracking.mlflow_writer import UNSENT_FILE
 
@@ -354,6 +365,8 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
     packing = plan_packing(s.launch, s.samples, ray.cluster_resources(), s.max_concurrent, _max_resources(),
                            resumed=s.resume)
     s.max_concurrent = packing.max_concurrent
+    if s.verbose >= 1:
+        print(_header(s), flush=True)
     if packing.line:
         print(packing.line, flush=True)
     experiment_id = tracking.ensure_experiment(s.tracking_uri, s.experiment)
@@ -369,8 +382,11 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
                                                            "sweep": s.name, "kind": "trial", **stage},
                                    unsent=s.sweep_dir / UNSENT_FILE, assets=s.assets)
         trainable = _trainable(s)
+        progress = Progress(s.space.metric, s.epochs, list(s.ablation.grid if s.ablation else s.space.swept),
+                            s.samples, "ablation" if s.ablation else "search")
+        callbacks = [logger, progress] if s.verbose == 1 else [logger]
         if s.confirm_plan is None:  # the search (or the ablation) has not finished yet
-            results = _search_tuner(s, trainable, logger).fit()
+            results = _search_tuner(s, trainable, callbacks).fit()
             if not s.ablation:
                 _fail_stale_optuna_trials(s)
             s.search = _search_summary(s, results, logger)
@@ -381,8 +397,9 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
                                                    confirm_seeds(s.seed, s.confirm_seeds))
                 _save_state(s)
             logger.tags[STAGE_TAG] = "confirm"
+            progress.start("confirm", len(s.confirm_plan.points()))
             t_confirm = time.perf_counter()
-            confirm_results = _confirm_tuner(s, trainable, logger, s.confirm_plan).fit()
+            confirm_results = _confirm_tuner(s, trainable, callbacks, s.confirm_plan).fit()
             confirm_wall = time.perf_counter() - t_confirm
     except BaseException as exc:
         c.set_terminated(s.parent_run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -391,22 +408,45 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
     # The parent's last writes join the trials' queue: all are sent, or kept in the sweep directory.
     outcome = _finish(s, logger.client, experiment_id, verdict, time.perf_counter() - t0)
     outcome.confirm_wall_s = confirm_wall
+    outcome.warnings = progress.warnings()
     logger.close()
+    s.finished, s.experiment_id = True, experiment_id
+    _save_state(s)
     return outcome
+
+
+def _quiet_libraries() -> None:
+    """MLflow's note that it creates a store's tables and Optuna's that it created a study are
+    bookkeeping the sweep's header already gives."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # Tune's newer console prints an experiment box and paths even at verbose=0; the older one
+    # prints nothing there, and the sweep prints its own lines.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def _header(s: SweepSettings) -> str:
+    what = (f"ablation of {', '.join(s.ablation.knobs)}: {s.ablation.cells} cells x {len(s.ablation.seeds)} seeds"
+            if s.ablation else f"TPE + ASHA search of {s.samples} trials")
+    confirm = (f", then a confirmation of the {s.confirm_top} best and the defaults x {s.confirm_seeds} seeds"
+               if s.confirms else "")
+    return (f"{'Resuming' if s.resume else 'Sweep'} {s.name}: {s.method}, {what}{confirm}, {s.epochs} epochs each\n"
+            f"  MLflow {s.tracking_uri} (experiment {s.experiment}); results in {s.sweep_dir}")
 
 
 def _save_state(s: SweepSettings) -> None:
     (s.sweep_dir / STATE_FILE).write_text(json.dumps(s.to_json(), indent=2, default=str))
 
 
-def _search_tuner(s: SweepSettings, trainable: Any, logger: Any) -> Any:
+def _search_tuner(s: SweepSettings, trainable: Any, callbacks: list[Any]) -> Any:
     from ray import tune
     if s.resume and tune.Tuner.can_restore(s.experiment_path):
         tuner = tune.Tuner.restore(s.experiment_path, trainable=trainable, resume_errored=True, param_space=None)
-        _replace_callbacks(tuner, logger)
+        _replace_callbacks(tuner, callbacks)
         return tuner
     if s.ablation:
-        return _ablation_tuner(s, trainable, logger)
+        return _ablation_tuner(s, trainable, callbacks)
     searcher = optuna_search(s.space, tpe_sampler(s.seed, s.samples), s.name, _optuna_storage(s))
     scheduler = asha_scheduler(s.space, s.epochs)
     return tune.Tuner(
@@ -415,10 +455,10 @@ def _search_tuner(s: SweepSettings, trainable: Any, logger: Any) -> Any:
         # imports torch, ray and mlflow again (seconds each on a small machine).
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.samples,
                                     max_concurrent_trials=s.max_concurrent, reuse_actors=s.launch.in_process()),
-        run_config=_run_config(s, logger))
+        run_config=_run_config(s, callbacks))
 
 
-def _confirm_tuner(s: SweepSettings, trainable: Any, logger: Any, plan: ConfirmPlan) -> Any:
+def _confirm_tuner(s: SweepSettings, trainable: Any, callbacks: list[Any], plan: ConfirmPlan) -> Any:
     """Every confirmed configuration once per fresh seed, to the last epoch (no scheduler), as
     an experiment of its own beside the search's, so that either resumes on its own."""
     from ray import tune
@@ -426,15 +466,17 @@ def _confirm_tuner(s: SweepSettings, trainable: Any, logger: Any, plan: ConfirmP
     path = f"{s.experiment_path}-confirm"
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=None)
-        _replace_callbacks(tuner, logger)
+        _replace_callbacks(tuner, callbacks)
         return tuner
     points = plan.points()
-    # Tune fills a point's keys from the param space, so the space names them all (values unused).
+    # Tune fills a point's keys from the param space, so the space names them all; the values
+    # are never used, and Tune's note that each point overrides them is no news.
+    logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
+    search = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=s.max_concurrent or 0)
     return tune.Tuner(trainable, param_space=dict(points[0]),
-                      tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=points),
-                                                  num_samples=len(points), max_concurrent_trials=s.max_concurrent,
+                      tune_config=tune.TuneConfig(search_alg=search, num_samples=len(points),
                                                   reuse_actors=s.launch.in_process()),
-                      run_config=_run_config(s, logger, f"{s.name}-confirm"))
+                      run_config=_run_config(s, callbacks, f"{s.name}-confirm"))
 
 
 def startup_trials(samples: int) -> int:
@@ -478,26 +520,26 @@ def _fail_stale_optuna_trials(s: SweepSettings) -> None:
         log.info("optuna trial %d was interrupted with its driver; marked FAIL", trial.number)
 
 
-def _run_config(s: SweepSettings, logger: Any, name: str | None = None) -> Any:
+def _run_config(s: SweepSettings, callbacks: list[Any], name: str | None = None) -> Any:
     from ray import tune
-    return tune.RunConfig(name=name or s.name, storage_path=s.launch.storage_path, callbacks=[logger],
-                          verbose=s.verbose, checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+    return tune.RunConfig(name=name or s.name, storage_path=s.launch.storage_path, callbacks=list(callbacks),
+                          verbose=1 if s.verbose >= 2 else 0, checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                           failure_config=tune.FailureConfig(max_failures=1))
 
 
-def _ablation_tuner(s: SweepSettings, trainable: Any, logger: Any) -> Any:
+def _ablation_tuner(s: SweepSettings, trainable: Any, callbacks: list[Any]) -> Any:
     """Every cell of the grid, each once per seed, trained to the last epoch (no early stopping:
     an ablation compares final numbers)."""
     from ray import tune
     a = s.ablation
     space = {k: tune.grid_search(v) for k, v in a.grid.items()}
     space["seed"] = tune.grid_search(a.seeds)
-    return tune.Tuner(trainable, param_space=space, run_config=_run_config(s, logger),
+    return tune.Tuner(trainable, param_space=space, run_config=_run_config(s, callbacks),
                       tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=s.max_concurrent,
                                                   reuse_actors=s.launch.in_process()))
 
 
-def _replace_callbacks(tuner: Any, logger: Any) -> None:
+def _replace_callbacks(tuner: Any, callbacks: list[Any]) -> None:
     """A restored Tuner unpickles the old callback; point it at this process's logger state.
 
     Private Ray API, on purpose: ``Tuner.restore`` takes no ``run_config`` or callbacks (Ray
@@ -507,8 +549,9 @@ def _replace_callbacks(tuner: Any, logger: Any) -> None:
     internal = getattr(tuner, "_local_tuner", None)
     run_config = getattr(internal, "_run_config", None)
     if run_config is not None:
-        run_config.callbacks = [cb for cb in (run_config.callbacks or [])
-                                if type(cb).__name__ != type(logger).__name__] + [logger]
+        live = {type(cb).__name__ for cb in callbacks}
+        run_config.callbacks = [cb for cb in (run_config.callbacks or []) if type(cb).__name__ not in live
+                                and type(cb).__name__ != "Progress"] + list(callbacks)
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:

@@ -115,6 +115,7 @@ def raw_client(uri: str) -> Any:
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
     db_log = logging.getLogger("mlflow.store.db.utils")
+    db_log.setLevel(logging.WARNING)  # "Creating initial MLflow database tables" is no news to a user
     if _quiet_lock_errors not in db_log.filters:
         db_log.addFilter(_quiet_lock_errors)
     # The first client of a process opens the store, and of a new file creates its tables: two
