@@ -109,7 +109,7 @@ def test_the_default_okdph_space_samples_no_degenerate_corner():
 def test_a_space_that_samples_identical_students_is_refused(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("swept:\n  hwm_grad: {type: choice, values: ['true', 'false']}\n"
-                    "  omega: {type: uniform, low: 0.3, high: 1.0}\n")
+                    "  omega: {type: uniform, low: 0.3, high: 0.9}\n")
     with pytest.raises(UsageError, match="degenerate.*hwm_grad=false.*identical"):
         check_corners(load_space("okdph", path))
     path.write_text("fixed: {same_init: false}\nswept:\n  hwm_grad: {type: choice, values: ['true', 'false']}\n")
