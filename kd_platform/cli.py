@@ -9,6 +9,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -87,7 +88,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a recipe from presets/ (dataset, architectures, epochs, optimiser, "
                                     "schedule, augmentation); --set still overrides it")
     p.add_argument("--epochs", type=_positive_int, help="epochs per run (default: the space file's)")
-    p.add_argument("--seed", type=_integer, default=0, help="seed of every generator (default 0)")
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of every generator (default 0)")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
     p.add_argument("--experiment", help="MLflow experiment name (default: the method's name)")
     p.add_argument("--out", type=Path, default=Path("kd_results"), help="results directory (default kd_results)")
@@ -185,6 +186,45 @@ def _check_data(method: str, fixed: dict[str, Any], seed: int) -> int:
 def _epochs(args: argparse.Namespace, space: Any) -> int:
     """``--epochs``, else the preset's or ``--set``'s, else the space file's default."""
     return args.epochs or int(space.fixed.get("epochs", space.epochs))
+
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az", "file")
+
+
+def _check_name(name: str) -> str:
+    """A sweep's name is one folder under --out: no separators, no '..', a sane length."""
+    if not NAME_RE.fullmatch(name) or ".." in name:
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        raise UsageError(f"--name {shown!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter "
+                         f"or digit (it names one folder under --out)")
+    return name
+
+
+def _check_dir(path: Path, flag: str) -> None:
+    """``path`` is, or can be made, a directory this user writes to; checked before anything is created."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} '{path}' is a file, not a directory")
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} '{path}': '{existing}' is not writable")
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """Flags every command checks against what they will meet, before any run or folder exists."""
+    _check_dir(args.out, "--out")
+    if getattr(args, "teacher_cache", None):
+        _check_dir(args.teacher_cache, "--teacher-cache")
+    if args.experiment is not None and not args.experiment.strip():
+        raise UsageError("--experiment must not be empty (leave it out for the method's name)")
+    storage = getattr(args, "storage_path", None)
+    if storage and "://" in storage:
+        scheme = storage.split("://", 1)[0].lower()
+        if scheme not in STORAGE_SCHEMES:
+            raise UsageError(f"--storage-path {storage}: unknown storage scheme '{scheme}://'; use a directory or "
+                             f"one of {', '.join(s + '://' for s in STORAGE_SCHEMES)}")
+    elif storage:
+        _check_dir(Path(storage), "--storage-path")
 
 
 def _storage(args: argparse.Namespace) -> str:
@@ -285,6 +325,9 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
     """Parse and validate a sweep command line into settings; touches nothing on disk."""
     from kd_platform.sweep.tuner import SweepSettings
     args = sweep_parser().parse_args(argv)
+    _check_common(args)
+    if args.name is not None:
+        _check_name(args.name)
     if args.resume:
         conflicting = [f for f, v in (("--confirm-top", args.confirm_top is not None),
                                       ("--confirm-seeds", args.confirm_seeds), ("--no-confirm", args.no_confirm),
@@ -308,6 +351,8 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
     uri = _checked_uri(args)
     steps = _check_data(args.method, space.fixed, args.seed)
     epochs = _epochs(args, space)
+    from kd_platform.run.spec import RunSpec
+    RunSpec.from_flat(args.method, {**space.fixed, "epochs": epochs}, args.seed)  # --epochs within the knob's range
     ablation = _ablation(args, space, uri, epochs, steps)
     if ablation is None:
         from kd_platform.sweep.space import check_corners
@@ -370,7 +415,13 @@ def _sweep(argv: Sequence[str] | None) -> int:
         url = ui_url(s.tracking_uri, s.experiment_id or "", s.parent_run_id) or f"MLflow run {s.parent_run_id}"
         print(f"Sweep {s.name} is finished; nothing to resume. Its parent run: {url}")
         return 0
-    outcome = run_sweep(s)
+    from kd_platform.sweep.tuner import SweepInterrupted
+    try:
+        outcome = run_sweep(s)
+    except SweepInterrupted:
+        print(f"\nSweep {s.name} interrupted; its running trials' runs are closed as KILLED and its state is saved. "
+              f"Resume it with:\n  python -m platform.sweep {s.method} --resume {s.sweep_dir}", flush=True)
+        return 130
     print()
     search_s = outcome.wall_s - outcome.confirm_wall_s
     print(f"Sweep {s.name}: {outcome.trials} trials ({outcome.stopped_early} stopped early by ASHA, "
@@ -469,6 +520,7 @@ def _train(argv: Sequence[str] | None) -> int:
     from kd_platform.launch.single import run_single
     from kd_platform.run.engine import RunSpec
     args = train_parser().parse_args(argv)
+    _check_common(args)
     space = _load_space(args)
     flat = {**space.fixed, "epochs": _epochs(args, space)}
     spec = RunSpec.from_flat(args.method, flat, args.seed, _teacher_assets(args, flat))

@@ -425,7 +425,7 @@ def test_importance_needs_enough_trials(tmp_path):
 
 @pytest.mark.parametrize("case", ["unknown method", "unknown experiment", "unknown run id", "no store",
                                   "not a sweep", "no sweep in experiment", "no target", "method mismatch",
-                                  "unknown metric"])
+                                  "unknown metric", "unreachable server", "out is a file"])
 def test_bad_input(case, store, tmp_path, capsys):
     c = _client(store)
     exp_id = _experiment(c, "okdph", tmp_path)
@@ -438,14 +438,22 @@ def test_bad_input(case, store, tmp_path, capsys):
             "no sweep in experiment": ["okdph"], "no target": [],
             "no store": ["okdph", "--tracking-uri", sqlite_uri(tmp_path / "none.db")],
             "method mismatch": ["kd", "--sweep", sweep],
-            "unknown metric": ["--sweep", sweep, "--metric", "val/acc/nosuch"]}[case]
+            "unknown metric": ["--sweep", sweep, "--metric", "val/acc/nosuch"],
+            "unreachable server": ["okdph", "--tracking-uri", "http://127.0.0.1:9"],
+            "out is a file": ["okdph"]}[case]
     if "--tracking-uri" not in args:
         args += ["--tracking-uri", store]
     out = tmp_path / "report"
+    if case == "out is a file":
+        out = tmp_path / "afile"
+        out.write_text("x")
+    started = time.monotonic()
     assert _main(*args, "--out", str(out)) == 2
+    assert time.monotonic() - started < 30  # an unreachable server fails in seconds, not after retries
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
-    assert not out.exists() and not (tmp_path / "none.db").exists()
+    assert (out.read_text() == "x" if case == "out is a file" else not out.exists())
+    assert not (tmp_path / "none.db").exists()
     assert not _client(store).list_artifacts(sweep)
 
 

@@ -42,6 +42,19 @@ CASES = {
     "--no-confirm with --confirm-top": (["platform.sweep", "okdph", "--no-confirm", "--confirm-top", "1"],
                                         "--no-confirm"),
     "negative --confirm-top": (["platform.sweep", "okdph", "--confirm-top", "-1"], "--confirm-top"),
+    "--name that escapes --out": (["platform.sweep", "okdph", "--name", "../x"], "--name '../x'"),
+    "--name with a separator": (["platform.sweep", "okdph", "--name", "a/b"], "--name 'a/b'"),
+    "--name of 10,000 characters": (["platform.sweep", "okdph", "--name", "x" * 10000], "--name"),
+    "negative --seed": (["platform.sweep", "okdph", "--seed", "-1"], "--seed"),
+    "--epochs above the knob's cap": (["platform.sweep", "okdph", "--epochs", "1000000"], "'epochs'"),
+    "--storage-path of an unknown scheme": (["platform.sweep", "okdph", "--storage-path", "nosuch://x"],
+                                            "nosuch://"),
+    "empty --experiment": (["platform.train", "okdph", "--experiment", ""], "--experiment"),
+    "--teacher-cache that is a file": (["platform.sweep", "kd", "--teacher-cache", "{truncated}"],
+                                       "--teacher-cache"),
+    "val_fraction that leaves no validation image": (["platform.sweep", "okdph", "--set", "val_fraction=0.0001"],
+                                                     "'val_fraction'"),
+    "data_dir for digits": (["platform.train", "okdph", "--set", "data_dir={tmp}"], "'data_dir'"),
     "resume with --set": (["platform.sweep", "okdph", "--resume", "--set", "omega=0.5"], "--set"),
     "missing space file": (["platform.sweep", "okdph", "--space", "{tmp}/none.yaml"], "none.yaml"),
     "unknown architecture": (["platform.train", "okdph", "--set", "arch=resnet9000"], "resnet9000"),
@@ -166,6 +179,17 @@ def test_invalid_cluster_config(tmp_path):
 SPACES = {
     "malformed yaml": ("swept: {omega: [unclosed\n", "malformed YAML"),
     "empty swept": ("swept: {}\nfixed: {}\n", "'swept' is empty"),
+    "a knob swept twice": ("swept:\n  omega: {type: uniform, low: 0.3, high: 0.9}\n"
+                           "  omega: {type: uniform, low: 0.4, high: 0.5}\n", "key 'omega' appears twice (line 3)"),
+    "asha that is a number": ("asha: 5\nswept:\n  omega: {type: uniform, low: 0.3, high: 0.9}\n",
+                              "'asha' must be a mapping"),
+    "fixed as a list": ("fixed: [omega]\nswept:\n  beta: {type: uniform, low: 0.3, high: 0.9}\n",
+                        "'fixed' must be a mapping"),
+    "swept as a list": ("swept: [omega, beta]\n", "'swept' must be a mapping"),
+    "an ASHA reduction factor of 1": ("asha: {reduction_factor: 1}\nswept:\n"
+                                      "  omega: {type: uniform, low: 0.3, high: 0.9}\n", "at least 2"),
+    "a float range on an integer knob": ("swept:\n  fusion_interval: {type: uniform, low: 0, high: 5}\n",
+                                         "'fusion_interval' is an integer"),
     "space that samples identical students": ("swept:\n  hwm_grad: {type: choice, values: ['true', 'false']}\n",
                                               "samples degenerate configurations"),
     "knob the method lacks": ("swept:\n  lambda_x: {type: uniform, low: 0, high: 1}\n", "'lambda_x'"),
@@ -198,3 +222,62 @@ def test_space_file_errors(case, bad_space, tmp_path, capfd):
     line = stderr.strip()
     assert "\n" not in line and needle in line and "space.yaml" in line
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "res").exists()
+
+
+class _RunsCode:
+    """A pickle that, loaded by a plain ``pickle.load``, runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("victim", ["batches.meta", "data_batch_1"])
+def test_a_cifar_file_that_would_run_code_is_refused_unrun(tmp_path, capfd, victim):
+    import pickle
+
+    from dataset_files import write_cifar10
+    write_cifar10(tmp_path / "data")
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "data" / "cifar-10-batches-py" / victim, "wb") as fh:
+        pickle.dump({"label_names": _RunsCode(marker), "data": _RunsCode(marker)}, fh, protocol=2)
+    code, stderr = _run(["platform.train", "ce", "--set", "dataset=cifar10", "--set",
+                         f"data_dir={tmp_path / 'data'}", "--tracking-uri", sqlite_uri(tmp_path / "m.db"),
+                         "--out", str(tmp_path / "res")], capfd)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "refused" in stderr and "posix.system" in stderr and victim in stderr
+    assert not marker.exists() and not (tmp_path / "m.db").exists() and not (tmp_path / "res").exists()
+
+
+def test_a_binary_space_file_and_an_out_that_is_a_file(tmp_path, capfd):
+    binary = tmp_path / "space.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for args, needle in ((["--space", str(binary)], "not a text file"), (["--out", str(afile)], "is a file")):
+        code, stderr = _run(["platform.sweep", "okdph", *args, "--tracking-uri", sqlite_uri(tmp_path / "m.db")],
+                            capfd)
+        assert code == 2 and len(stderr.strip().splitlines()) == 1 and needle in stderr, stderr
+    assert not (tmp_path / "m.db").exists() and afile.read_text() == "x"
+
+
+def test_a_second_driver_on_one_sweep_is_one_line(tmp_path, capfd):
+    """While one driver runs a sweep (it holds the directory's lock), a second ``--resume`` of it
+    is refused before it starts Ray or touches MLflow."""
+    import fcntl
+
+    from kd_platform.cli import sweep_settings
+    from kd_platform.sweep.tuner import LOCK_FILE, _save_state
+    uri = sqlite_uri(tmp_path / "m.db")
+    s = sweep_settings(["okdph", "--out", str(tmp_path / "res"), "--name", "busy", "--tracking-uri", uri])
+    s.sweep_dir.mkdir(parents=True)
+    _save_state(s)
+    with open(s.sweep_dir / LOCK_FILE, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, stderr = _run(["platform.sweep", "okdph", "--resume", str(s.sweep_dir), "--out", str(tmp_path / "res")],
+                            capfd)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "another driver" in stderr, stderr
+    assert not (tmp_path / "m.db").exists()

@@ -190,3 +190,11 @@ def test_effects_against_the_noise_by_hand():
     assert "`lr`" in effects_sentence(table, noise) and "`t`" not in effects_sentence(table, noise)
     unknown = seed_noise(confirm.iloc[[0, 3]], ["lr"], "m", "confirmation runs")
     assert not unknown.known and "Seed noise unknown" in unknown.sentence("m")
+
+
+def test_collapsed_runs_are_counted_in_an_ablation_table():
+    from kd_platform.analysis.noise import collapsed_column
+    runs = pd.DataFrame({"gamma": [0.0, 0.0, 1.0, 1.0], "tag.identical_peers": [None, None, "true", "true"]})
+    table = pd.DataFrame({"gamma": [0.0, 1.0]})
+    assert collapsed_column(table, runs, ["gamma"]) == ["", "2 runs: identical students"]
+    assert collapsed_column(table, runs.assign(**{"tag.identical_peers": None}), ["gamma"]) is None

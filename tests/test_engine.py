@@ -36,3 +36,20 @@ def test_bf16_autocast_and_channels_last_train_on_cpu():
     history = _run(spec)
     assert history[-1]["val/acc/students_mean"] > 50.0
     assert spec.resolved()[0].autocast_dtype(__import__("torch").device("cpu")) is not None
+
+
+def test_an_unreadable_checkpoint_trains_the_run_again_from_its_first_epoch(tmp_path, caplog):
+    """A checkpoint cut short (a full disk, a node killed mid-write by hand) must not fail every
+    retry of its trial: the run starts over, says so, and ends as a run from scratch ends."""
+    import logging
+
+    from kd_platform.run.checkpoint import STATE_FILE
+    spec = RunSpec.from_flat("ce", {"epochs": 2}, seed=1)
+    straight = _run(spec, keep=(1, tmp_path))
+    state = tmp_path / STATE_FILE
+    state.write_bytes(state.read_bytes()[:2000])
+    with caplog.at_level(logging.WARNING, logger="kd_platform.run.engine"):
+        again = _run(spec, resume_from=tmp_path)
+    assert [m["epoch"] for m in again] == [1, 2]
+    assert again[-1]["val/acc/students_mean"] == pytest.approx(straight[-1]["val/acc/students_mean"], abs=1e-9)
+    assert any("corrupt or truncated" in r.message and "starts again" in r.message for r in caplog.records)

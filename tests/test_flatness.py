@@ -195,6 +195,8 @@ def test_flatness_cli_logs_to_the_run(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "0" * 32 in r.stderr
     r = run_cli("analysis.flatness", "--run", run_id, "--networks", "student9", env=env)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "student9" in r.stderr
+    r = run_cli("analysis.flatness", "--run", run_id, "--rho", "inf", env=env)  # would log a meaningless 0
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "'inf'" in r.stderr, r.stderr
     ckpt = run.data.tags["checkpoint_dir"]
     import pathlib
     (pathlib.Path(ckpt) / "state.pt").unlink()

@@ -161,3 +161,38 @@ def test_ablation_rejects_a_range_without_values(tmp_path):
                   "--tracking-uri", sqlite_uri(tmp_path / "m.db"))
     assert out.returncode == 2 and "--seeds only applies" in out.stderr
     assert not (tmp_path / "m.db").exists()
+
+
+def test_ctrl_c_ends_a_sweep_resumably(tmp_path):
+    """Ctrl-C (SIGINT to the command's process group, as a terminal sends it) closes the runs of the
+    trials it stopped as KILLED, says how to resume, and --resume then finishes every sample once."""
+    import optuna
+    db, res = tmp_path / "m.db", tmp_path / "res"
+    space = tmp_path / "s.yaml"
+    space.write_text("method: ce\nswept:\n  lr: {type: choice, values: [0.1, 0.05]}\n")
+    args = ["ce", "--space", str(space), "--samples", "4", "--epochs", "3", "--max-concurrent", "1", "--no-confirm",
+            "--no-report", "--tracking-uri", sqlite_uri(db), "--out", str(res), "--name", "ctrl-c"]
+    proc = subprocess.Popen([sys.executable, "-m", "platform.sweep", *args], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while finished_runs(db) < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    time.sleep(2)  # into the next trial
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+    kill_session(proc.pid)
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out and f"--resume {res / 'ctrl-c'}" in out
+    runs = runs_in(sqlite_uri(db))
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert next(r for r in runs if r.data.tags.get("kind") == "sweep").info.status == "KILLED"
+
+    again = run_cli("platform.sweep", "ce", "--resume", str(res / "ctrl-c"), "--quiet", "--no-report")
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs = runs_in(sqlite_uri(db))
+    parent = next(r for r in runs if r.data.tags.get("kind") == "sweep")
+    children = _children(runs, parent.info.run_id)
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    assert all(c.info.status == "FINISHED" for c in children)
+    study = optuna.load_study(study_name="ctrl-c", storage=f"sqlite:///{res / 'ctrl-c' / 'optuna.db'}")
+    assert len(study.trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)

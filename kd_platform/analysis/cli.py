@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kd_platform.analysis import markdown as md
-from kd_platform.analysis.load import find_parent, load_sweep, open_client
+from kd_platform.analysis.load import check_out_dir, find_parent, load_sweep, open_client
 from kd_platform.console import OneLineParser, run_command
 from kd_platform.errors import UsageError
 from kd_platform.tracking import ui_url
@@ -40,6 +40,8 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     if not (args.method or args.sweep or args.experiment):
         raise UsageError("name a method (e.g. okdph), --experiment NAME or --sweep PARENT_RUN_ID")
+    if args.out is not None:
+        check_out_dir(args.out)
     from mlflow.exceptions import MlflowException
     uri, c = open_client(args.tracking_uri)
     try:

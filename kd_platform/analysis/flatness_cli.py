@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
@@ -40,8 +41,8 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise UsageError(f"expected a number >= 0, got '{text}'") from None
-    if not value >= 0:
-        raise UsageError(f"expected a number >= 0, got '{text}'")
+    if not (value >= 0 and math.isfinite(value)):
+        raise UsageError(f"expected a finite number >= 0, got '{text}'")
     return value
 
 

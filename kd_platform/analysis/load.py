@@ -99,7 +99,19 @@ def open_client(uri: str | None) -> tuple[str, Any]:
         path = Path(uri[len("sqlite:///"):])
         if not path.is_file():
             raise UsageError(f"no MLflow store at '{path}' (pass --tracking-uri or set MLFLOW_TRACKING_URI)")
+    else:
+        # A server that is not there fails in seconds here, not after MLflow's retries (minutes).
+        tracking.check_reachable(uri)
     return uri, tracking.client(uri)
+
+
+def check_out_dir(path: Path) -> None:
+    """A report folder that is a file, or under one, is refused before anything is read or written."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"--out '{path}': '{p}' is a file, not a directory")
+            return
 
 
 def live_run(c: Any, run_id: str) -> Any:

@@ -98,3 +98,20 @@ def mark_collapsed(frame: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     if not flagged:
         return frame
     return frame.assign(collapsed=["identical students" if r in flagged else "" for r in frame["run_id"]])
+
+
+def collapsed_column(table: pd.DataFrame, runs: pd.DataFrame, keys: list[str]) -> list[str] | None:
+    """Per row of ``table`` (one value of ``keys``), how many of its runs' students ended
+    identical; None when no run collapsed, so that tables stay as they were."""
+    if COLLAPSED_TAG not in runs.columns:
+        return None
+    flagged = runs[runs[COLLAPSED_TAG].astype(str) == "true"]
+    if flagged.empty:
+        return None
+    counts = flagged.groupby(keys, dropna=False).size()
+    out = []
+    for _, row in table.iterrows():
+        key = tuple(row[k] for k in keys) if len(keys) > 1 else row[keys[0]]
+        n = int(counts.get(key, 0))
+        out.append(f"{n} run{'s' if n != 1 else ''}: identical students" if n else "")
+    return out

@@ -16,7 +16,14 @@ from kd_platform.analysis import markdown as md
 from kd_platform.analysis import plots
 from kd_platform.analysis.importance import fanova_importance
 from kd_platform.analysis.load import Sweep, history
-from kd_platform.analysis.noise import Noise, effects_sentence, effects_vs_noise, mark_collapsed, seed_noise
+from kd_platform.analysis.noise import (
+    Noise,
+    collapsed_column,
+    effects_sentence,
+    effects_vs_noise,
+    mark_collapsed,
+    seed_noise,
+)
 from kd_platform.analysis.tables import (
     Usable,
     ablation_defaults,
@@ -211,6 +218,9 @@ def _metric_tables(rep: Report, sweep: Sweep, runs: pd.DataFrame, knobs: list[st
                      f"so there are no differences to it.")
         shown = pd.DataFrame({knob: table[knob], "default": ["yes" if d else "" for d in table["default"]],
                               "runs": table["n_runs"], "seeds": table["n_seeds"], **_shown_stats(table, metric)})
+        collapsed = collapsed_column(table, ab.runs, [knob])
+        if collapsed:
+            shown["collapsed"] = collapsed
         rep.table(f"Ablation of {knob} (default {defaults[knob]}): {metric}", table,
                   f"ablation_{safe_name(knob)}{suffix}.csv", shown)
         rep.text(_verdict(table, [knob], metric))

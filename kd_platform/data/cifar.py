@@ -105,11 +105,42 @@ def ensure_files(fmt: CifarFormat, root: Path) -> Path:
     return folder
 
 
+# What a pickle of plain data (dicts, lists, strings, numbers, numpy arrays) may construct.
+# Anything else in a data file is an attempt to run code on load, which a plain pickle.load
+# would do: os.system and its like are refused before they are ever imported.
+_DATA_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    *((f"numpy.{core}.{mod}", fn) for core in ("core", "_core")
+      for mod, fn in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))),
+})
+
+
+class ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
+class DataUnpickler(pickle.Unpickler):
+    """Loads a pickle of plain data only: a global outside ``_DATA_GLOBALS`` raises instead of
+    being imported, so a crafted file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _DATA_GLOBALS:
+            raise ForbiddenGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_data_pickle(fh: Any) -> Any:
+    # The official pickles were written by Python 2; latin1 maps their byte strings 1:1.
+    return DataUnpickler(fh, encoding="latin1").load()
+
+
 def _unpickle(path: Path) -> Any:
     try:
         with open(path, "rb") as fh:
-            # The official pickles were written by Python 2; latin1 maps their byte strings 1:1.
-            return pickle.load(fh, encoding="latin1")
+            return load_data_pickle(fh)
+    except ForbiddenGlobal as err:
+        raise UsageError(f"refused {path}: it asks to load {err}, which a data file never holds "
+                         f"(loading it could run code)") from None
     except Exception as err:  # noqa: BLE001 - a damaged pickle can raise almost anything
         raise UsageError(f"corrupt {path.parent.name} file {path}: cannot unpickle it "
                          f"({type(err).__name__})") from None

@@ -37,6 +37,9 @@ def check_digits(recipe: Recipe) -> None:
     """Digits lives on the device: no loader path, and only augmentations with device forms."""
     if recipe.data_path == "loader":
         raise UsageError("knob 'data_path': dataset 'digits' is held in memory and has no loader path")
+    if recipe.data_dir:
+        # It would be ignored, and recorded as where the data came from.
+        raise UsageError("knob 'data_dir': dataset 'digits' ships with scikit-learn and reads no directory")
     for knob, names in (("augment", [recipe.augment]), ("view_augments", recipe.view_augment_list())):
         lacking = [a for a in names if a not in DEVICE_AUGMENTATIONS]
         if lacking:

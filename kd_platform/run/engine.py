@@ -68,6 +68,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _resume_state(where: Path) -> dict[str, Any] | None:
+    """The state a restarted run continues from; None (train again from the first epoch) where
+    the checkpoint is unreadable, e.g. cut short by a full disk or a killed node: a trial that
+    cannot resume should start over, not fail at every retry."""
+    try:
+        return load_checked(where / STATE_FILE)
+    except UsageError as exc:
+        log.warning("%s: the run starts again from its first epoch", exc)
+        return None
+
+
 def _epoch_means(sums: dict[str, torch.Tensor], steps: int, world: int) -> dict[str, float]:
     """Each loss term's mean over the epoch's steps and, under DDP, over every rank's shard:
     a rank alone would log the loss of its own slice of the data."""
@@ -212,9 +223,10 @@ def fit(spec: RunSpec, report: Reporter, *, device: torch.device | None = None,
     opt = stepper.opt
     sched = _scheduler(opt, recipe)
     start_epoch, best = 0, -math.inf
-    if resume_from is not None:
-        state = load_checked(Path(resume_from) / STATE_FILE)
-        _check_layout(state.get("layout"), layout, Path(resume_from))
+    where = Path(resume_from) if resume_from is not None else None
+    state = _resume_state(where) if where is not None else None
+    if where is not None and state is not None:
+        _check_layout(state.get("layout"), layout, where)
         method.load_state_dict(state["method"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -78,7 +78,11 @@ def load_space(method: str, path: Path | None = None) -> SearchSpace:
     if not path.is_file():
         raise UsageError(f"search space file '{path}' does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a text file (a search space is UTF-8 YAML)") from None
+    except _DuplicateKey as exc:
+        raise UsageError(f"{path}: key '{exc}' appears twice{exc.where}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -86,6 +90,35 @@ def load_space(method: str, path: Path | None = None) -> SearchSpace:
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: expected a mapping with 'swept' and 'fixed' keys")
     return parse_space(method, raw, str(path))
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, mark: Any) -> None:
+        super().__init__(str(key))
+        self.where = f" (line {mark.line + 1})" if mark is not None else ""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML whose mappings refuse a key given twice: PyYAML keeps the last one silently,
+    so a knob swept twice would be swept once, with whichever distribution came last."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _DuplicateKey(key, key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _mapping(source: str, raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UsageError(f"{source}: '{key}' must be a mapping (key: value lines), not a {type(value).__name__}")
+    return dict(value)
 
 
 def parse_space(method: str, raw: dict[str, Any], source: str) -> SearchSpace:
@@ -96,8 +129,8 @@ def parse_space(method: str, raw: dict[str, Any], source: str) -> SearchSpace:
     if raw.get("method", method) != method:
         raise UsageError(f"{source}: file is for method '{raw['method']}', not '{method}'")
     specs = all_specs(method)
-    fixed = dict(raw.get("fixed") or {})
-    swept = dict(raw.get("swept") or {})
+    fixed = _mapping(source, raw, "fixed")
+    swept = _mapping(source, raw, "swept")
     if not swept:
         raise UsageError(f"{source}: 'swept' is empty; a search space needs at least one swept knob")
     for key, dist in swept.items():
@@ -116,12 +149,19 @@ def parse_space(method: str, raw: dict[str, Any], source: str) -> SearchSpace:
     mode = raw.get("mode", "max")
     if mode not in ("max", "min"):
         raise UsageError(f"{source}: mode must be 'max' or 'min', not '{mode}'")
-    asha = raw.get("asha") or {}
+    asha = _mapping(source, raw, "asha")
+    unknown = sorted(set(asha) - {"grace_period", "reduction_factor"})
+    if unknown:
+        raise UsageError(f"{source}: unknown ASHA setting 'asha.{unknown[0]}'; allowed: grace_period, "
+                         f"reduction_factor")
     space = SearchSpace(method, source, swept, fixed, metric=metric,
                         mode=mode, samples=_positive(source, "samples", raw.get("samples", 8)),
                         epochs=_positive(source, "epochs", raw.get("epochs", 5)),
                         grace_period=_positive(source, "asha.grace_period", asha.get("grace_period", 1)),
                         reduction_factor=_positive(source, "asha.reduction_factor", asha.get("reduction_factor", 2)))
+    if space.reduction_factor < 2:
+        raise UsageError(f"{source}: 'asha.reduction_factor' must be at least 2 (ASHA keeps 1 in that many "
+                         f"trials at each rung), not {space.reduction_factor}")
     RunSpec.from_flat(method, fixed, 0)
     return space
 
@@ -257,6 +297,11 @@ def _check_dist(source: str, key: str, dist: Any, specs: dict[str, KnobSpec]) ->
     if missing:
         raise UsageError(f"{source}: swept knob '{key}' ({dist['type']}) lacks '{missing[0]}'")
     spec = specs[key]
+    if spec.type is int and dist["type"] in ("uniform", "loguniform"):
+        raise UsageError(f"{source}: swept knob '{key}' is an integer; sweep it with type int or choice, "
+                         f"not {dist['type']}")
+    if spec.type in (bool, str) and dist["type"] != "choice":
+        raise UsageError(f"{source}: swept knob '{key}' takes {spec.describe()}; sweep it with type choice")
     out = dict(dist)
     try:
         if dist["type"] == "choice":

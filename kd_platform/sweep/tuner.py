@@ -7,6 +7,7 @@ checkpoints, ``optuna.db`` (the study, so a resumed sweep keeps its TPE history)
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -138,6 +139,32 @@ def _without_asset_keys(fixed: dict[str, Any], assets: dict[str, Any] | None) ->
     return {k: v for k, v in fixed.items() if not k.startswith("asset.")}, Assets.from_json({**old, **(assets or {})})
 
 
+class SweepInterrupted(Exception):
+    """Ctrl-C (or SIGINT) ended Tune early: its state is saved and the sweep resumes from it."""
+
+
+def _after_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _fit(tuner: Any) -> Any:
+    """``tuner.fit()``, raising SweepInterrupted where a Ctrl-C ended it.
+
+    Tune answers SIGINT by saving its state and returning as if it were done. Its handler puts
+    back the handler it found when the signal comes, and only then; so the handler installed
+    here before ``fit`` is in place afterwards exactly when Tune was interrupted."""
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        signal.signal(signal.SIGINT, _after_interrupt)
+    results = tuner.fit()
+    if main:
+        interrupted = signal.getsignal(signal.SIGINT) is _after_interrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if interrupted:
+            raise SweepInterrupted
+    return results
+
+
 @dataclass
 class SweepOutcome:
     best_config: dict[str, Any]
@@ -201,6 +228,9 @@ class RayStart:
 
     def wait(self) -> None:
         self.ready.wait()
+        if isinstance(self.error, ConnectionError):
+            first = str(self.error).strip().splitlines()[0] if str(self.error).strip() else "no answer"
+            raise UsageError(f"--address: no Ray cluster to join ({first})") from None
         if self.error is not None:
             raise self.error
         # Ray sets this handler only from the main thread: a SIGTERM ends the driver through
@@ -347,6 +377,7 @@ def _parent_run(s: SweepSettings, c: Any, experiment_id: str, trials_per_gpu: fl
 def run_sweep(s: SweepSettings) -> SweepOutcome:
     """Run (or resume) the sweep described by ``s``; every input was validated beforehand."""
     t0 = time.perf_counter()
+    lock = _hold(s.sweep_dir) if s.resume else None  # before Ray starts: a second driver changes nothing
     # Workers' own logs reach the console only with -v: the trials' results say what matters.
     if s.verbose < 2:
         _quiet_libraries()
@@ -359,6 +390,8 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
     # experiment and the parent run wait for Ray: the default concurrency comes from the
     # cluster's resources and the parent run logs it, and a cluster that cannot be reached
     # leaves no run in MLflow.
+    if s.address or os.environ.get("RAY_ADDRESS"):
+        ray_start.wait()  # a cluster that is not there: one line, before the MLflow store is touched
     c = tracking.client(s.tracking_uri)
     ray_start.wait()
     import ray
@@ -370,7 +403,11 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
     if packing.line:
         print(packing.line, flush=True)
     experiment_id = tracking.ensure_experiment(s.tracking_uri, s.experiment)
-    s.sweep_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        s.sweep_dir.mkdir(parents=True, exist_ok=s.resume)
+    except FileExistsError:
+        raise UsageError(f"sweep directory '{s.sweep_dir}' was just created by another driver") from None
+    lock = lock or _hold(s.sweep_dir)
     s.parent_run_id = _parent_run(s, c, experiment_id, packing.trials_per_gpu)
     confirm_results, confirm_wall = None, 0.0
     try:
@@ -386,7 +423,7 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
                             s.samples, "ablation" if s.ablation else "search")
         callbacks = [logger, progress] if s.verbose == 1 else [logger]
         if s.confirm_plan is None:  # the search (or the ablation) has not finished yet
-            results = _search_tuner(s, trainable, callbacks).fit()
+            results = _fit(_search_tuner(s, trainable, callbacks))
             if not s.ablation:
                 _fail_stale_optuna_trials(s)
             s.search = _search_summary(s, results, logger)
@@ -399,8 +436,14 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
             logger.tags[STAGE_TAG] = "confirm"
             progress.start("confirm", len(s.confirm_plan.points()))
             t_confirm = time.perf_counter()
-            confirm_results = _confirm_tuner(s, trainable, callbacks, s.confirm_plan).fit()
+            confirm_results = _fit(_confirm_tuner(s, trainable, callbacks, s.confirm_plan))
             confirm_wall = time.perf_counter() - t_confirm
+    except SweepInterrupted:
+        # Runs of the trials Tune stopped are closed, not left RUNNING; --resume reopens them.
+        _close_interrupted(logger.client, experiment_id, s.parent_run_id)
+        c.set_terminated(s.parent_run_id, status="KILLED")
+        logger.close()
+        raise
     except BaseException as exc:
         c.set_terminated(s.parent_run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
@@ -433,6 +476,30 @@ def _header(s: SweepSettings) -> str:
                if s.confirms else "")
     return (f"{'Resuming' if s.resume else 'Sweep'} {s.name}: {s.method}, {what}{confirm}, {s.epochs} epochs each\n"
             f"  MLflow {s.tracking_uri} (experiment {s.experiment}); results in {s.sweep_dir}")
+
+
+LOCK_FILE = ".driver.lock"
+
+
+def _hold(sweep_dir: Path) -> Any:
+    """An exclusive lock on the sweep directory for this driver's lifetime: two drivers on one
+    sweep would each delete checkpoints the other needs and ask the searcher twice."""
+    handle = open(sweep_dir / LOCK_FILE, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UsageError(f"sweep '{sweep_dir}' is being run by another driver; wait for it to end or stop it, "
+                         f"then --resume") from None
+    return handle  # the lock lasts as long as the file stays open, released when the process ends
+
+
+def _close_interrupted(client: Any, experiment_id: str, parent_run_id: str) -> None:
+    running = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}' "
+                                                                f"and attributes.status = 'RUNNING'")
+    for run in running:
+        tracking.set_tags(client, run.info.run_id, {"trial_outcome": "interrupted"})
+        client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def _save_state(s: SweepSettings) -> None:
