@@ -242,3 +242,43 @@ def test_a_trial_lost_with_the_driver_is_closed_and_trashed(tmp_path):
     (trashed,) = MlflowClient(uri).search_runs([experiment_id], "tags.`ray.trial_id` = 'lost'",
                                                run_view_type=ViewType.DELETED_ONLY)
     assert trashed.info.status == "KILLED" and trashed.data.tags["trial_outcome"] == "lost"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MB tmpfs for --out, nearly filled: the disk runs out during the sweep."""
+    import subprocess
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    (mount / "filler").write_bytes(bytes(19_000_000))
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_closes_every_run_and_resumes(tmp_path, small_disk):
+    import re
+    uri, out = sqlite_uri(tmp_path / "m.db"), small_disk / "res"
+    space = tmp_path / "s.yaml"
+    space.write_text("method: ce\nswept:\n  lr: {type: choice, values: [0.1, 0.05]}\n")
+    r = run_cli("platform.sweep", "ce", "--space", str(space), "--samples", "2", "--epochs", "3", "--no-confirm",
+                "--no-report", "--out", str(out), "--name", "full", "--tracking-uri", uri)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(r"disk full under .*full \(\d+ KiB free\)", errors[0]), r.stderr
+    runs = runs_in(uri)
+    assert runs and not [x for x in runs if x.info.status == "RUNNING"]
+    assert next(x for x in runs if x.data.tags.get("kind") == "sweep").info.status == "FAILED"
+    (small_disk / "filler").unlink()
+    again = run_cli("platform.sweep", "ce", "--resume", str(out / "full"), "--no-report", "--quiet")
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs = runs_in(uri)
+    parent = next(x for x in runs if x.data.tags.get("kind") == "sweep")
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert all(x.info.status == "FINISHED" for x in children)

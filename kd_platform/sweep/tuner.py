@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_platform import tracking
-from kd_platform.errors import UsageError
+from kd_platform.errors import OneLineFailure, UsageError
 from kd_platform.launch.launcher import Launch
 from kd_platform.launch.trial import run_trial
 from kd_platform.run.spec import Assets
@@ -440,12 +440,24 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
             confirm_wall = time.perf_counter() - t_confirm
     except SweepInterrupted:
         # Runs of the trials Tune stopped are closed, not left RUNNING; --resume reopens them.
-        _close_interrupted(logger.client, experiment_id, s.parent_run_id)
+        _close_running(logger.client, experiment_id, s.parent_run_id, "KILLED", {"trial_outcome": "interrupted"})
         c.set_terminated(s.parent_run_id, status="KILLED")
         logger.close()
         raise
     except BaseException as exc:
-        c.set_terminated(s.parent_run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
+        try:  # best effort: the store may be what failed
+            _close_running(c, experiment_id, s.parent_run_id, status, {"trial_outcome": "failed", "error": reason})
+            tracking.set_tags(c, s.parent_run_id, {"error": reason})
+        except Exception as also:  # noqa: BLE001 - the first failure is the one to report
+            log.debug("runs not closed after %s: %s", reason, also)
+        c.set_terminated(s.parent_run_id, status=status)
+        free = _free_bytes(s.sweep_dir)
+        if status == "FAILED" and free is not None and free < LOW_DISK_BYTES:
+            # A full disk breaks Tune's own files first, and it reports whatever broke, not why.
+            raise OneLineFailure(f"disk full under {s.sweep_dir} ({free // 1024} KiB free) when the sweep failed "
+                                 f"({reason}); free space, then --resume") from exc
         raise
     verdict = _verdict(s, confirm_results, logger) if confirm_results is not None else None
     # The parent's last writes join the trials' queue: all are sent, or kept in the sweep directory.
@@ -464,6 +476,9 @@ def _quiet_libraries() -> None:
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # A failed trial is one line of the sweep's own (its error's last line; the whole error is
+    # the run's `error` tag in MLflow), not Tune's traceback.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     # Tune's newer console prints an experiment box and paths even at verbose=0; the older one
     # prints nothing there, and the sweep prints its own lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -494,12 +509,24 @@ def _hold(sweep_dir: Path) -> Any:
     return handle  # the lock lasts as long as the file stays open, released when the process ends
 
 
-def _close_interrupted(client: Any, experiment_id: str, parent_run_id: str) -> None:
+LOW_DISK_BYTES = 16 * 2 ** 20
+
+
+def _free_bytes(path: Path) -> int | None:
+    import shutil
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _close_running(client: Any, experiment_id: str, parent_run_id: str, status: str, tags: dict[str, str]) -> None:
+    """Close every child run still RUNNING: a sweep that stops for any reason leaves none open."""
     running = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}' "
                                                                 f"and attributes.status = 'RUNNING'")
     for run in running:
-        tracking.set_tags(client, run.info.run_id, {"trial_outcome": "interrupted"})
-        client.set_terminated(run.info.run_id, status="KILLED")
+        tracking.set_tags(client, run.info.run_id, tags)
+        client.set_terminated(run.info.run_id, status=status)
 
 
 def _save_state(s: SweepSettings) -> None:
