@@ -189,6 +189,7 @@ def test_missing_cifar_names_the_directory_after_a_failed_download(tmp_path):
         build_data(file_recipe(dataset="cifar100", data_dir=str(where)), seed=0, device=CPU)
     msg = str(err.value)
     assert str(where / "cifar-100-python") in msg and "download" in msg and "\n" not in msg
+    assert not where.exists()  # no folder, lock file or partial archive left behind
     with pytest.raises(UsageError, match="data_dir"):
         build_data(file_recipe(dataset="cifar10"), seed=0, device=CPU)
 

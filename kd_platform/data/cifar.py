@@ -86,19 +86,27 @@ def ensure_files(fmt: CifarFormat, root: Path) -> Path:
     folder = root / fmt.folder
     if not folder.is_dir():
         from filelock import FileLock
+        created = not root.exists()
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UsageError(f"{fmt.title}: cannot create data directory {root}: {err.strerror}") from None
-        with FileLock(str(root / f".{fmt.folder}.lock")):
+        lock, failed = root / f".{fmt.folder}.lock", ""
+        with FileLock(str(lock)):
             if not folder.is_dir():
                 log.info("%s: %s is absent; downloading %s", fmt.title, folder, fmt.tv_class.url)
                 try:
                     download(fmt, root)
                 except Exception as err:  # noqa: BLE001 - any failure means the same to the user
                     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                    raise UsageError(f"{fmt.title} not found in {folder} and downloading it failed ({reason}); "
-                                     f"extract {fmt.tv_class.filename} into {root}") from None
+                    failed = (f"{fmt.title} not found in {folder} and downloading it failed ({reason}); "
+                              f"extract {fmt.tv_class.filename} into {root}")
+                    (root / fmt.tv_class.filename).unlink(missing_ok=True)
+        if failed:  # a failed command leaves nothing behind: no lock, no partial archive, no new folder
+            lock.unlink(missing_ok=True)
+            if created and not any(root.iterdir()):
+                root.rmdir()
+            raise UsageError(failed)
     missing = [name for name, _ in fmt.files() if not (folder / name).is_file()]
     if missing:
         raise UsageError(f"{fmt.title}: file {folder / missing[0]} is missing")
