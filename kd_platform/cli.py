@@ -165,7 +165,7 @@ def _checked_uri(args: argparse.Namespace) -> str:
     return uri
 
 
-def _check_data(method: str, fixed: dict[str, Any], seed: int) -> int:
+def _check_data(method: str, fixed: dict[str, Any], seed: int, tunes: bool = False) -> int:
     """Open the dataset once here, so that a missing directory or a corrupt file is a one-line
     error now rather than a failed trial later (and a download happens once, not per trial).
     Returns the training steps per epoch (what an ablation's batch-unit knobs are measured in)."""
@@ -178,9 +178,14 @@ def _check_data(method: str, fixed: dict[str, Any], seed: int) -> int:
     level = root.level
     root.setLevel(logging.ERROR)  # the trial logs the dataset's warnings; an error here stays one line
     try:
-        return build_data(recipe, seed, torch.device("cpu")).steps_per_epoch()
+        data = build_data(recipe, seed, torch.device("cpu"))
     finally:
         root.setLevel(level)
+    val = getattr(data, "splits", {}).get("val")
+    if tunes and val is not None and len(val) == 0:  # a sweep would tune on an empty split: every trial 0.00
+        raise UsageError(f"knob 'val_fraction': {recipe.val_fraction:g} of this dataset's training images leaves "
+                         f"no validation image; raise it")
+    return data.steps_per_epoch()
 
 
 def _epochs(args: argparse.Namespace, space: Any) -> int:
@@ -349,7 +354,7 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
                          "(val_fraction=0 is for a final 'python -m platform.train' run)")
     assets = _teacher_assets(args, space.fixed, list(space.swept))
     uri = _checked_uri(args)
-    steps = _check_data(args.method, space.fixed, args.seed)
+    steps = _check_data(args.method, space.fixed, args.seed, tunes=True)
     epochs = _epochs(args, space)
     from kd_platform.run.spec import RunSpec
     RunSpec.from_flat(args.method, {**space.fixed, "epochs": epochs}, args.seed)  # --epochs within the knob's range

@@ -66,7 +66,7 @@ def test_help_lists_the_methods_and_presets():
         assert out.returncode == 0
         assert "online" in out.stdout and "okdph" in out.stdout and "cifar100-resnet32" in out.stdout
     listing = run_cli("platform.sweep", "--list")
-    assert listing.returncode == 0 and "okdph" in listing.stdout and "omega [0.3, 1]" in listing.stdout
+    assert listing.returncode == 0 and "okdph" in listing.stdout and "omega [0.3, 0.95]" in listing.stdout
 
 
 def test_a_report_that_fails_is_one_line_and_not_the_sweeps_failure(tmp_path, capsys):

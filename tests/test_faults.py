@@ -46,8 +46,9 @@ def _history(uri: str, run_id: str, key: str) -> list:
 def test_killed_train_worker_resumes_from_its_last_checkpoint(tmp_path):
     uri = sqlite_uri(tmp_path / "mlruns.db")
     once = tmp_path / "fault-fired"
-    out = run_cli("platform.sweep", "ce", "--space", str(_space(tmp_path)), "--samples", "1", "--epochs", "3", "--no-confirm",
-                  "--use-train", "--tracking-uri", uri, "--out", str(tmp_path / "res"), "--quiet",
+    out = run_cli("platform.sweep", "ce", "--space", str(_space(tmp_path)), "--samples", "1", "--epochs", "3",
+                  "--no-confirm",
+                  "--use-train", "--tracking-uri", uri, "--out", str(tmp_path / "res"), "-v",  # the workers' logs
                   env={"KD_PLATFORM_FAULT": "exit@2", "KD_PLATFORM_FAULT_ONCE": str(once)})
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
@@ -164,13 +165,19 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
     assert str(path) in str(err.value) and "corrupt or truncated" in str(err.value)
 
 
-def test_resuming_from_a_truncated_checkpoint_names_the_file(tmp_path):
+def test_resuming_from_a_truncated_checkpoint_names_the_file_and_starts_over(tmp_path, caplog):
+    """A restarted trial whose checkpoint is cut short trains again from its first epoch, and its
+    log names the file, rather than failing at every retry."""
+    import logging
+
     from kd_platform.run.engine import RunSpec, train
     path = _truncated_checkpoint(tmp_path)
     spec = RunSpec.from_flat("ce", {"dataset": "digits", "arch": "resnet8", "epochs": 1}, 0)
-    with pytest.raises(UsageError) as err:
-        train(spec, lambda metrics, save: None, resume_from=tmp_path)
-    assert str(path) in str(err.value) and "corrupt or truncated" in str(err.value)
+    epochs = []
+    with caplog.at_level(logging.WARNING, logger="kd_platform.run.engine"):
+        train(spec, lambda metrics, save: epochs.append(metrics["epoch"]), resume_from=tmp_path)
+    assert epochs == [1]
+    assert any(str(path) in r.message and "corrupt or truncated" in r.message for r in caplog.records)
 
 
 class _Trial:

@@ -17,7 +17,7 @@ from kd_platform.sweep.tuner import plan_packing
 # Both epochs for every trial: ASHA must not stop one before the others have started.
 SPACE = """\
 swept:
-  omega: {type: uniform, low: 0.3, high: 1.0}
+  omega: {type: uniform, low: 0.3, high: 0.9}
 asha: {grace_period: 5}
 """
 

@@ -64,7 +64,7 @@ def test_two_trial_sweep_lands_in_mlflow(ray_local, tmp_path):
 def test_failed_trials_end_as_failed_runs_with_the_error(tmp_path):
     uri = sqlite_uri(tmp_path / "mlruns.db")
     space = tmp_path / "space.yaml"  # ASHA may not stop a trial before its loss turns NaN
-    space.write_text("swept:\n  omega: {type: uniform, low: 0.3, high: 1.0}\nasha: {grace_period: 3}\n")
+    space.write_text("swept:\n  omega: {type: uniform, low: 0.3, high: 0.9}\nasha: {grace_period: 3}\n")
     out = run_cli("platform.sweep", "okdph", "--space", str(space), "--samples", "2", "--epochs", "2", "--no-confirm",
                   "--tracking-uri", uri, "--out", str(tmp_path / "res"), "--quiet",
                   env={"KD_PLATFORM_FAULT": "nan@2"})

@@ -90,9 +90,6 @@ def split_train(train: Split, val_fraction: float, seed: int) -> dict[str, Split
     if val_fraction <= 0:
         return {"train": train}
     kept, held = stratified_split(train.labels, val_fraction, seed)
-    if len(held) == 0:
-        raise UsageError(f"knob 'val_fraction': {val_fraction:g} of {len(train.labels)} training images holds no "
-                         f"validation image; raise it, or set 0 for a final run without one")
     return {"train": Split(train.source, train.indices[kept], train.labels[kept]),
             "val": Split(train.source, train.indices[held], train.labels[held])}
 
