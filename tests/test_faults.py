@@ -287,5 +287,9 @@ def test_a_full_disk_is_one_line_closes_every_run_and_resumes(tmp_path, small_di
     runs = runs_in(uri)
     parent = next(x for x in runs if x.data.tags.get("kind") == "sweep")
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.status == "FINISHED" and len(children) == 2
-    assert all(x.info.status == "FINISHED" for x in children)
+    # Two samples finished; a trial whose state the full disk kept Tune from saving was asked for
+    # again, and its first run stays FAILED with the reason. None is left RUNNING.
+    assert parent.info.status == "FINISHED"
+    assert len([x for x in children if x.info.status == "FINISHED"]) == 2
+    assert all(x.info.status == "FINISHED" or (x.info.status == "FAILED" and x.data.tags.get("error"))
+               for x in children), [(x.info.status, x.data.tags.get("error")) for x in children]
