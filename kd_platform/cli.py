@@ -38,13 +38,6 @@ _positive_int = _int_at_least(1, "positive")
 _nonnegative_int = _int_at_least(0, "non-negative")
 
 
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-
-
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -70,13 +63,16 @@ def _parse_sets(pairs: Sequence[str]) -> dict[str, str]:
 def _catalogue() -> str:
     """The methods with their kind, and the presets: what ``--help`` shows after the flags."""
     from kd_platform.methods import get_method, method_names
-    from kd_platform.sweep.presets import preset_names
     kinds: dict[str, list[str]] = {}
     for name in method_names():
         kinds.setdefault(str(get_method(name).kind), []).append(name)
     lines = ["methods:"] + [f"  {kind:<8} {', '.join(names)}" for kind, names in sorted(kinds.items())]
-    lines += ["presets (--preset):"] + [f"  {name}" for name in preset_names()]
-    return "\n".join(lines)
+    return "\n".join(lines + _preset_lines())
+
+
+def _preset_lines() -> list[str]:
+    from kd_platform.sweep.presets import preset_names
+    return ["presets (--preset):"] + [f"  {name}" for name in preset_names()]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -310,16 +306,16 @@ def _latest_sweep(out: Path, method: str) -> Path:
 
     from kd_platform.sweep.tuner import STATE_FILE
 
-    def interrupted_search(path: Path) -> bool:
+    def interrupted_search(state_file: Path) -> bool:
         try:
-            state = json.loads((path / STATE_FILE).read_text())
+            state = json.loads(state_file.read_text())
         except (OSError, ValueError):
             return False
-        return isinstance(state, dict) and not state.get("finished") and not state.get("ablation")
+        return (isinstance(state, dict) and state.get("method") == method and not state.get("finished")
+                and not state.get("ablation"))
 
-    found = sorted((p.parent for p in out.glob(f"*/{STATE_FILE}") if interrupted_search(p.parent)),
+    found = sorted((p.parent for p in out.glob(f"*/{STATE_FILE}") if interrupted_search(p)),
                    key=lambda p: p.stat().st_mtime)
-    found = [p for p in found if json.loads((p / STATE_FILE).read_text()).get("method") == method]
     if not found:
         raise UsageError(f"--resume: no interrupted sweep of '{method}' in '{out}'")
     print(f"Resuming {found[-1]} (the newest interrupted {method} sweep in {out})", flush=True)
@@ -473,14 +469,12 @@ def _report(s: Any, outcome: Any) -> None:
 def _listing() -> str:
     """``--list``: every method with its kind and its search space's swept knobs, then the presets."""
     from kd_platform.methods import get_method, method_names
-    from kd_platform.sweep.presets import preset_names
     from kd_platform.sweep.space import load_space
     lines = ["methods, and the knobs their search spaces sweep (search_spaces/METHOD.yaml):"]
     for name in method_names():
         knobs = ", ".join(f"{k} {_range(d)}" for k, d in load_space(name).swept.items())
         lines.append(f"  {name:<6} {str(get_method(name).kind):<8} {knobs}")
-    lines += ["presets (--preset):"] + [f"  {name}" for name in preset_names()]
-    return "\n".join(lines)
+    return "\n".join(lines + _preset_lines())
 
 
 def _range(dist: dict[str, Any]) -> str:

@@ -145,7 +145,12 @@ def _diversity(method: Method, disagreement: float, kl: float) -> dict[str, floa
     return out
 
 
+def collapsed(metrics: dict[str, Any]) -> bool:
+    """Whether an epoch's metrics say the students are one network (``val/diversity/identical``)."""
+    return metrics.get("val/diversity/identical") == 1
+
+
 def warning_tags(metrics: dict[str, Any]) -> dict[str, str]:
     """Run tags for what an epoch's metrics warn about: ``identical_peers`` when the students
-    are one network (``val/diversity/identical``)."""
-    return {"identical_peers": "true"} if metrics.get("val/diversity/identical") == 1 else {}
+    are one network."""
+    return {"identical_peers": "true"} if collapsed(metrics) else {}

@@ -44,14 +44,18 @@ class RunSpec:
     assets: Assets = field(default_factory=Assets)
 
     @staticmethod
+    def split(method: str, flat: Mapping[str, Any], seed: int = 0, assets: Assets | None = None) -> "RunSpec":
+        """One flat mapping of knobs as method knobs and recipe knobs, unchecked (unknown keys dropped)."""
+        method_keys = set(knob_specs(get_method(method).Config))
+        return RunSpec(method, {k: v for k, v in flat.items() if k in method_keys},
+                       {k: v for k, v in flat.items() if k in knob_specs(Recipe) and k not in method_keys}, seed,
+                       assets or Assets())
+
+    @staticmethod
     def from_flat(method: str, flat: Mapping[str, Any], seed: int, assets: Assets | None = None) -> "RunSpec":
         """Split one flat mapping of knobs into method knobs and recipe knobs, validating both."""
-        method_keys = set(knob_specs(get_method(method).Config))
-        recipe_keys = set(knob_specs(Recipe))
-        spec = RunSpec(method, {k: v for k, v in flat.items() if k in method_keys},
-                       {k: v for k, v in flat.items() if k in recipe_keys and k not in method_keys}, seed,
-                       assets or Assets())
-        unknown = set(flat) - method_keys - recipe_keys
+        spec = RunSpec.split(method, flat, seed, assets)
+        unknown = set(flat) - set(spec.knobs) - set(spec.recipe)
         if unknown:
             raise UsageError(f"unknown knob '{sorted(unknown)[0]}' for method '{method}'")
         from kd_platform.data import check_recipe

@@ -12,6 +12,8 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from kd_platform.run.evaluation import collapsed
+
 
 def short(value: Any) -> str:
     if isinstance(value, float):
@@ -37,7 +39,7 @@ class Progress(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self.last[trial.trial_id] = result
-        if result.get("val/diversity/identical") == 1:
+        if collapsed(result):
             ids = self.warned.setdefault("the students ended identical (one network, not an online distillation)",
                                          [])
             if trial.trial_id not in ids:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from kd_platform.config.knobs import KnobSpec, build_config, knob_specs
+from kd_platform.config.knobs import KnobSpec, knob_specs
 from kd_platform.config.recipe import Recipe
 from kd_platform.errors import UsageError
 from kd_platform.methods import get_method
@@ -171,10 +171,7 @@ MAX_CORNERS = 20_000
 
 def resolve(method: str, flat: dict[str, Any]) -> tuple[Recipe, Any]:
     """The recipe and method config of a flat mapping of knobs, without a run's other checks."""
-    cls = get_method(method)
-    own = knob_specs(cls.Config)
-    return (build_config(Recipe, {k: v for k, v in flat.items() if k not in own}),
-            build_config(cls.Config, {k: v for k, v in flat.items() if k in own}))
+    return RunSpec.split(method, flat).resolved()
 
 
 def corners(space: SearchSpace, epochs: int | None = None) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from kd_platform import tracking
 from kd_platform.errors import OneLineFailure, UsageError
 from kd_platform.launch.launcher import Launch
 from kd_platform.launch.trial import run_trial
+from kd_platform.run.evaluation import collapsed
 from kd_platform.run.spec import Assets
 from kd_platform.sweep.ablate import Ablation
 from kd_platform.sweep.confirm import (
@@ -669,7 +670,7 @@ def _search_summary(s: SweepSettings, results: Any, logger: Any) -> dict[str, An
         summary.update(best_config=dict(best.config), best_value=float(best.metrics[metric]),
                        best_run=logger.run_of(best.metrics.get("trial_id", "")),
                        best_metrics=_numeric(best.metrics),
-                       best_collapsed=best.metrics.get("val/diversity/identical") == 1)
+                       best_collapsed=collapsed(best.metrics))
     return summary
 
 
@@ -685,7 +686,7 @@ def _verdict(s: SweepSettings, results: Any, logger: Any) -> Verdict:
         row = rows[cand.label]
         row.values.append(float(r.metrics[metric]))
         row.run_ids.append(logger.run_of(r.metrics.get("trial_id", "")) or "")
-        row.collapsed = row.collapsed or r.metrics.get("val/diversity/identical") == 1
+        row.collapsed = row.collapsed or collapsed(r.metrics)
         figures[cand.label].append(_numeric(r.metrics))
     for label, row in rows.items():
         keys = set().union(*figures[label]) if figures[label] else set()
