@@ -85,8 +85,13 @@ def _common(p: argparse.ArgumentParser) -> None:
                                     "schedule, augmentation); --set still overrides it")
     p.add_argument("--epochs", type=_positive_int, help="epochs per run (default: the space file's)")
     p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of every generator (default 0)")
+    add_run_flags(p, "the method's name")
+
+
+def add_run_flags(p: argparse.ArgumentParser, experiment_default: str) -> None:
+    """Where runs are logged, kept and placed: the flags every command that trains shares."""
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
-    p.add_argument("--experiment", help="MLflow experiment name (default: the method's name)")
+    p.add_argument("--experiment", help=f"MLflow experiment name (default: {experiment_default})")
     p.add_argument("--out", type=Path, default=Path("kd_results"), help="results directory (default kd_results)")
     p.add_argument("--workers-per-trial", type=_positive_int, default=1,
                    help="Ray Train DDP workers per run (1 runs in-process unless --use-train)")
@@ -103,6 +108,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "instead of one trained and cached by the platform")
     p.add_argument("--teacher-cache", type=Path, metavar="DIR",
                    help="offline methods: where trained teachers are kept and reused (default OUT/teachers)")
+    p.add_argument("--log-models", choices=LOG_MODELS, metavar="{" + ",".join(LOG_MODELS) + "}",
+                   help="MLflow models of the trained networks: none; best (only the network a sweep "
+                        "registers); completed (every run trained to its last epoch; the default)")
+    p.add_argument("--no-system-metrics", action="store_true",
+                   help="do not log CPU, memory, disk and GPU use to the runs")
+
+
+LOG_MODELS = ("none", "best", "completed")  # tracking.models.LOG_MODELS, without importing MLflow for --help
 
 
 def _teacher_assets(args: argparse.Namespace, fixed: dict[str, Any], swept: Sequence[str] = ()) -> "Assets":
@@ -158,6 +171,10 @@ def _checked_uri(args: argparse.Namespace) -> str:
     from kd_platform.tracking import check_reachable, resolve_tracking_uri
     uri = resolve_tracking_uri(args.tracking_uri)
     check_reachable(uri)
+    experiment = args.experiment or getattr(args, "method", None)
+    if isinstance(experiment, str):  # models and reports go there: refuse a store that cannot take them
+        from kd_platform.tracking.models import check_artifact_location
+        check_artifact_location(uri, experiment)
     return uri
 
 
@@ -241,7 +258,7 @@ def _launch(args: argparse.Namespace) -> Any:
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         _check_local_fit(args)
     return Launch(workers=args.workers_per_trial, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial,
-                  use_train=args.use_train, storage_path=_storage(args))
+                  use_train=args.use_train, storage_path=_storage(args), system_metrics=not args.no_system_metrics)
 
 
 def _check_local_fit(args: argparse.Namespace) -> None:
@@ -343,6 +360,10 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
         if s.method != args.method:
             raise UsageError(f"--resume: '{path}' is a sweep of '{s.method}', not '{args.method}'")
         s.verbose, s.report = _verbosity(args), not args.no_report
+        s.log_models = args.log_models or s.log_models
+        if args.no_system_metrics:
+            from dataclasses import replace
+            s.launch = replace(s.launch, system_metrics=False)
         return s
     space = _load_space(args)
     if "val_fraction" in space.swept or float(space.fixed.get("val_fraction", 0.1)) <= 0:
@@ -368,7 +389,8 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
     return SweepSettings(args.method, space, samples, epochs, args.max_concurrent, args.seed, uri,
                          args.experiment or args.method, args.out.resolve(), name, launch, address=args.address,
                          verbose=_verbosity(args), report=not args.no_report, ablation=ablation, assets=assets,
-                         confirm_top=0 if ablation else top, confirm_seeds=seeds)
+                         confirm_top=0 if ablation else top, confirm_seeds=seeds,
+                         log_models=args.log_models or "completed")
 
 
 def _verbosity(args: argparse.Namespace) -> int:
@@ -495,6 +517,8 @@ def _print_confirmation(s: Any, outcome: Any) -> None:
     for line in table_lines(v, s.space.swept):
         print(line)
     print(v.headline(metric))
+    if outcome.registered:
+        print(outcome.registered)
 
 
 def _print_ui(uri: str, experiment_id: str, run_id: str, what: str) -> None:
@@ -527,7 +551,8 @@ def _train(argv: Sequence[str] | None) -> int:
     _check_data(args.method, flat, args.seed)
     launch = _launch(args)
     result = run_single(spec, launch, uri, args.experiment or args.method, args.out.resolve(),
-                        tags={"preset": args.preset} if args.preset else None)
+                        tags={"preset": args.preset} if args.preset else None,
+                        log_models=args.log_models or "completed")
     m = result["metrics"]
     print(f"val/acc/students_mean = {m.get('val/acc/students_mean', float('nan')):.2f}   "
           f"test/acc/students_mean = {m.get('test/acc/students_mean', float('nan')):.2f}")

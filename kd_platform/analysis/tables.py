@@ -224,9 +224,26 @@ def extra_metric_columns(runs: pd.DataFrame, extra_metrics: Sequence[str] | None
     return present, [m for m in dict.fromkeys(extra_metrics) if m != primary and m not in present]
 
 
+PARAMS_PREFIX, SIZE_PREFIX = "model/params/", "model/size_mb/"  # logged with each run's models (tracking.models)
+
+
+def with_model_sizes(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """``runs`` with, per network that was logged as a model, its test accuracy beside its size
+    (parameters, MB on disk) and the accuracy per million parameters; and those columns."""
+    out, cols = runs.copy(), []
+    for params in sorted(c for c in runs.columns if isinstance(c, str) and c.startswith(PARAMS_PREFIX)):
+        net = params[len(PARAMS_PREFIX):]
+        acc, per = f"test/acc/{net}", f"test/acc_per_mparam/{net}"
+        if acc in out.columns:
+            out[per] = out[acc] / (out[params] / 1e6)
+        cols += [c for c in (acc, params, SIZE_PREFIX + net, per) if c in out.columns]
+    return out, cols
+
+
 def best_trials(runs: pd.DataFrame, metric: str, mode: str, knobs: list[str], n: int = 5) -> pd.DataFrame:
-    ranked = runs.sort_values(metric, ascending=mode == "min").head(n)
-    cols = ["run_id", metric, *[k for k in knobs if k in ranked.columns], "seed", "epochs_run"]
+    """The ``n`` best runs with their knobs and, where they logged models, each network's size."""
+    ranked, sizes = with_model_sizes(runs.sort_values(metric, ascending=mode == "min").head(n))
+    cols = ["run_id", metric, *[k for k in knobs if k in ranked.columns], "seed", "epochs_run", *sizes]
     out = ranked[cols].reset_index(drop=True)
     out.index = out.index + 1
     out.index.name = "rank"

@@ -30,6 +30,7 @@ class Launch:
     use_train: bool = False          # force a TorchTrainer even for one worker
     storage_path: str = ""           # absolute; Train's run state lives under it
     max_failures: int = 2
+    system_metrics: bool = True      # sample CPU, memory, disk and GPU into the run's MLflow metrics
 
     def in_process(self) -> bool:
         return self.workers == 1 and not self.use_train
@@ -87,6 +88,16 @@ def with_placement(reporter: engine.Reporter, placement: dict[str, str]) -> engi
     return report
 
 
+def with_system_metrics(reporter: engine.Reporter, sampler: Any, world: int = 1) -> engine.Reporter:
+    """Adds the system metrics sampled since the last epoch to every report (see
+    ``tracking.system_metrics``); under DDP every rank calls it, as it gathers every node's."""
+    from kd_platform.tracking.system_metrics import attach
+
+    def report(metrics: dict[str, Any], save: Callable[[Path], None]) -> None:
+        reporter(attach(metrics, sampler, world), save)
+    return report
+
+
 def _worker_placement(world: int) -> dict[str, str]:
     """Where every rank trains (one collective call: all ranks must make it): comma-joined
     sorted node ids, and each rank's GPU ids in rank order, ';'-separated."""
@@ -127,7 +138,7 @@ def fit_with_train(spec: RunSpec, launch: Launch, name: str, tune_callback: bool
     resources = {"CPU": launch.cpus, **({"GPU": launch.gpus} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker=train_worker,
-        train_loop_config={"spec": asdict(spec), "cpus": launch.cpus},
+        train_loop_config={"spec": asdict(spec), "cpus": launch.cpus, "system_metrics": launch.system_metrics},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=train.ScalingConfig(num_workers=launch.workers, use_gpu=use_gpu,
                                            resources_per_worker=resources),
@@ -166,8 +177,17 @@ def train_worker(config: dict[str, Any]) -> None:
     injected = faults.hooks(spec.all_knobs())
     # Every rank must call report (it is a barrier); only rank 0 attaches the checkpoint.
     placement = {"node_id": node_id(), "gpu_ids": gpu_ids(), **_worker_placement(world)}
-    reporter = with_placement(checkpoint_reporter(_report_committed, attach=rank == 0), placement)
+    from kd_platform.tracking import system_metrics
+    # One sampler per node, named, so that a run over several nodes logs each node's figures.
+    sampler = system_metrics.start(config.get("system_metrics", True) and ctx.get_local_rank() == 0,
+                                   system_metrics.node_name(), placement["gpu_ids"])
+    reporter = with_system_metrics(with_placement(checkpoint_reporter(_report_committed, attach=rank == 0),
+                                                  placement), sampler, world)
     device = rt.get_device()
-    train_from(train.get_checkpoint(),
-               lambda resume: engine.train(spec, reporter, device=device, resume_from=resume, rank=rank, world=world,
-                                           teachers=teachers.prepare(spec, device), hooks=injected))
+    try:
+        train_from(train.get_checkpoint(),
+                   lambda resume: engine.train(spec, reporter, device=device, resume_from=resume, rank=rank,
+                                               world=world, teachers=teachers.prepare(spec, device), hooks=injected))
+    finally:
+        if sampler is not None:
+            sampler.close()

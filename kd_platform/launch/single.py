@@ -9,7 +9,7 @@ from typing import Any
 
 from kd_platform import teachers, tracking
 from kd_platform.launch import faults
-from kd_platform.launch.launcher import Launch, device_for, fit_with_train, set_threads
+from kd_platform.launch.launcher import Launch, device_for, fit_with_train, set_threads, with_system_metrics
 from kd_platform.run import engine
 from kd_platform.run.checkpoint import CHECKPOINT_TAG, checkpoint_location
 from kd_platform.run.spec import RunSpec
@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def run_single(spec: RunSpec, launch: Launch, uri: str, experiment: str, out: Path,
-               tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Train ``spec`` once; returns the final metrics and the MLflow run id."""
+               tags: dict[str, str] | None = None, log_models: str = "completed") -> dict[str, Any]:
+    """Train ``spec`` once; returns the final metrics and the MLflow run id. With ``log_models``
+    "completed" its networks are logged as MLflow models (a single run registers none)."""
     c = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(uri, experiment)
     name = f"{spec.method}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -37,8 +38,16 @@ def run_single(spec: RunSpec, launch: Launch, uri: str, experiment: str, out: Pa
             checkpoint_dir = (out / name / "checkpoint").resolve()
             tracking.set_tags(c, run_id, {CHECKPOINT_TAG: str(checkpoint_dir)})
             device = device_for(launch.gpus)
-            final = engine.train(spec, mlflow_reporter(uri, run_id, checkpoint_dir), device=device,
-                                 teachers=teachers.prepare(spec, device), hooks=faults.hooks(spec.all_knobs()))
+            from kd_platform.tracking import system_metrics
+            sampler = system_metrics.start(launch.system_metrics)
+            try:
+                final = engine.train(spec, with_system_metrics(mlflow_reporter(uri, run_id, checkpoint_dir), sampler),
+                                     device=device, teachers=teachers.prepare(spec, device),
+                                     hooks=faults.hooks(spec.all_knobs()))
+            finally:
+                if sampler is not None:
+                    sampler.close()
+            location: str | None = str(checkpoint_dir)
         else:
             from dataclasses import replace
 
@@ -59,5 +68,8 @@ def run_single(spec: RunSpec, launch: Launch, uri: str, experiment: str, out: Pa
         c.set_terminated(run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     record_teacher(c, run_id, spec, result=final)  # an offline run's teacher: tags and the file as an artifact
+    if log_models == "completed" and location:
+        from kd_platform.tracking.models import log_run_models
+        log_run_models(c, uri, run_id, spec, location)
     c.set_terminated(run_id, status="FINISHED")
     return {"run_id": run_id, "experiment_id": experiment_id, "metrics": final}

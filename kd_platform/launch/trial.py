@@ -17,6 +17,7 @@ from kd_platform.launch.launcher import (
     set_threads,
     train_from,
     with_placement,
+    with_system_metrics,
 )
 from kd_platform.run import engine
 from kd_platform.run.spec import Assets, RunSpec
@@ -34,10 +35,16 @@ def run_trial(config: dict[str, Any], *, method: str, fixed: dict[str, Any], see
     if launch.in_process():
         set_threads(launch.cpus)
         device = device_for(launch.gpus)
-        reporter = with_placement(checkpoint_reporter(tune.report, attach=True),
-                                  {"node_id": node_id(), "gpu_ids": gpu_ids()})
-        train_from(tune.get_checkpoint(),
-                   lambda resume: engine.train(spec, reporter, device=device, resume_from=resume,
-                                               teachers=teachers.prepare(spec, device), hooks=injected))
+        from kd_platform.tracking import system_metrics
+        sampler = system_metrics.start(launch.system_metrics, gpus=gpu_ids())
+        reporter = with_system_metrics(with_placement(checkpoint_reporter(tune.report, attach=True),
+                                                      {"node_id": node_id(), "gpu_ids": gpu_ids()}), sampler)
+        try:
+            train_from(tune.get_checkpoint(),
+                       lambda resume: engine.train(spec, reporter, device=device, resume_from=resume,
+                                                   teachers=teachers.prepare(spec, device), hooks=injected))
+        finally:
+            if sampler is not None:
+                sampler.close()
     else:
         fit_with_train(spec, launch, name=f"train-{tune.get_context().get_trial_id()}", tune_callback=True)

@@ -41,6 +41,7 @@ from kd_platform.sweep.confirm import (
     plan_confirmation,
 )
 from kd_platform.sweep.space import SearchSpace
+from kd_platform.tracking.models import DEFAULT_LOG_MODELS
 
 log = logging.getLogger(__name__)
 STATE_FILE = "kd_sweep.json"
@@ -76,6 +77,8 @@ class SweepSettings:
     finished: bool = False                   # the sweep ran to its end: --resume changes nothing
     experiment_id: str | None = None
     report: bool = True                      # write the analysis report at the end (not kept)
+    log_models: str = DEFAULT_LOG_MODELS     # none | best | completed (see tracking.models)
+    register: bool = True                    # register the confirmed best network at the end
 
     @property
     def confirms(self) -> bool:
@@ -106,7 +109,8 @@ class SweepSettings:
                 "ablation": self.ablation.to_json() if self.ablation else None, "assets": asdict(self.assets),
                 "confirm_top": self.confirm_top, "confirm_seeds": self.confirm_seeds,
                 "confirm_plan": self.confirm_plan.to_json() if self.confirm_plan else None, "search": self.search,
-                "finished": self.finished, "experiment_id": self.experiment_id, "layout": LAYOUT}
+                "finished": self.finished, "experiment_id": self.experiment_id, "layout": LAYOUT,
+                "log_models": self.log_models, "register": self.register}
 
     @staticmethod
     def from_sweep_dir(path: Path) -> "SweepSettings":
@@ -128,7 +132,8 @@ class SweepSettings:
                                  assets=assets, confirm_top=d["confirm_top"], confirm_seeds=d["confirm_seeds"],
                                  confirm_plan=ConfirmPlan.from_json(d["confirm_plan"]) if d["confirm_plan"] else None,
                                  search=d["search"], finished=bool(d.get("finished")),
-                                 experiment_id=d.get("experiment_id"))
+                                 experiment_id=d.get("experiment_id"),
+                                 log_models=d.get("log_models", DEFAULT_LOG_MODELS), register=d.get("register", True))
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"--resume: '{state}' is unreadable ({exc})") from None
 
@@ -182,6 +187,7 @@ class SweepOutcome:
     verdict: Verdict | None = None  # the confirmation stage's, when it ran
     confirm_wall_s: float = 0.0
     warnings: list[str] = field(default_factory=list)  # what trials' metrics warned about, counted
+    registered: str = ""  # the model registry's line, where the sweep registered (or tried to)
 
 
 def _init_ray(address: str | None, dashboard: bool, log_to_driver: bool = True) -> None:
@@ -418,7 +424,7 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
                                    s.seed, s.epochs, tags={"method": s.method, "seed": str(s.seed),
                                                            "git_commit": tracking.git_commit(),
                                                            "sweep": s.name, "kind": "trial", **stage},
-                                   unsent=s.sweep_dir / UNSENT_FILE, assets=s.assets)
+                                   unsent=s.sweep_dir / UNSENT_FILE, assets=s.assets, log_models=s.log_models)
         trainable = _trainable(s)
         progress = Progress(s.space.metric, s.epochs, list(s.ablation.grid if s.ablation else s.space.swept),
                             s.samples, "ablation" if s.ablation else "search")
@@ -440,35 +446,48 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
             confirm_results = _fit(_confirm_tuner(s, trainable, callbacks, s.confirm_plan))
             confirm_wall = time.perf_counter() - t_confirm
     except SweepInterrupted:
-        # Runs of the trials Tune stopped are closed, not left RUNNING; --resume reopens them.
-        _close_running(logger.client, experiment_id, s.parent_run_id, "KILLED", {"trial_outcome": "interrupted"})
-        c.set_terminated(s.parent_run_id, status="KILLED")
-        logger.close()
+        close_interrupted(c, logger, experiment_id, s.parent_run_id)
         raise
     except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
-        try:  # best effort: the store may be what failed
-            _close_running(c, experiment_id, s.parent_run_id, status, {"trial_outcome": "failed", "error": reason})
-            tracking.set_tags(c, s.parent_run_id, {"error": reason})
-        except Exception as also:  # noqa: BLE001 - the first failure is the one to report
-            log.debug("runs not closed after %s: %s", reason, also)
-        c.set_terminated(s.parent_run_id, status=status)
-        free = _free_bytes(s.sweep_dir)
-        if status == "FAILED" and free is not None and free < LOW_DISK_BYTES:
-            # A full disk breaks Tune's own files first, and it reports whatever broke, not why.
-            raise OneLineFailure(f"disk full under {s.sweep_dir} ({free // 1024} KiB free) when the sweep failed "
-                                 f"({reason}); free space, then --resume") from exc
+        close_failed(exc, c, experiment_id, s.parent_run_id, s.sweep_dir)
         raise
     verdict = _verdict(s, confirm_results, logger) if confirm_results is not None else None
     # The parent's last writes join the trials' queue: all are sent, or kept in the sweep directory.
     outcome = _finish(s, logger.client, experiment_id, verdict, time.perf_counter() - t0)
     outcome.confirm_wall_s = confirm_wall
     outcome.warnings = progress.warnings()
+    if verdict is not None and verdict.rows and s.register and s.log_models != "none":
+        outcome.registered = register_best(s, logger, verdict)
     logger.close()
     s.finished, s.experiment_id = True, experiment_id
     _save_state(s)
     return outcome
+
+
+def close_interrupted(c: Any, logger: Any, experiment_id: str, parent_run_id: str) -> None:
+    """After Ctrl-C: runs of the trials Tune stopped are closed, not left RUNNING (``--resume``
+    reopens them), and the held writes are sent."""
+    _close_running(logger.client, experiment_id, parent_run_id, "KILLED", {"trial_outcome": "interrupted"})
+    c.set_terminated(parent_run_id, status="KILLED")
+    logger.close()
+
+
+def close_failed(exc: BaseException, c: Any, experiment_id: str, parent_run_id: str, sweep_dir: Path) -> None:
+    """After any other failure: every run still RUNNING closed with the reason; a full disk
+    raises one line saying so (a full disk breaks Tune's own files first, and Tune reports
+    whatever broke, not why)."""
+    status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
+    try:  # best effort: the store may be what failed
+        _close_running(c, experiment_id, parent_run_id, status, {"trial_outcome": "failed", "error": reason})
+        tracking.set_tags(c, parent_run_id, {"error": reason})
+    except Exception as also:  # noqa: BLE001 - the first failure is the one to report
+        log.debug("runs not closed after %s: %s", reason, also)
+    c.set_terminated(parent_run_id, status=status)
+    free = _free_bytes(sweep_dir)
+    if status == "FAILED" and free is not None and free < LOW_DISK_BYTES:
+        raise OneLineFailure(f"disk full under {sweep_dir} ({free // 1024} KiB free) when the run failed "
+                             f"({reason}); free space, then --resume") from exc
 
 
 def _quiet_libraries() -> None:
@@ -740,3 +759,43 @@ def _finish(s: SweepSettings, c: Any, experiment_id: str, verdict: Verdict | Non
     return SweepOutcome(best_config, best_value, best_run, parent, experiment_id, s.sweep_dir,
                         search.get("count", 0), search.get("failed", 0), search.get("stopped", 0), wall, best_metrics,
                         verdict)
+
+
+def register_best(s: SweepSettings, logger: Any, verdict: Verdict) -> str:
+    """Register the confirmed best configuration's best network (highest validation accuracy
+    over its seeds' runs; the test split stays out of every choice) as ``kd-<method>-<dataset>-<arch>``,
+    its version tagged with the sweep, the metric with its interval and the seeds; the line to print.
+    With ``--log-models best`` only that network is logged, here."""
+    from kd_platform.run.checkpoint import CHECKPOINT_TAG
+    from kd_platform.tracking import models
+    if logger.client.flush():
+        return "Model registry: the MLflow store is away; nothing registered"
+    c, top, metric = logger.client.client, verdict.rows[0], s.space.metric
+    best: tuple[float, Any, str] | None = None
+    for run in (c.get_run(r) for r in top.run_ids if r):
+        names = models.logged_models(run) if s.log_models == "completed" else \
+            models.network_names(logger.spec_of(dict(top.candidate.knobs)))
+        for name in names:
+            acc = run.data.metrics.get(f"val/acc/{name}")
+            if acc is not None and (best is None or acc > best[0]):
+                best = (acc, run, name)
+    if best is None:
+        return "Model registry: no logged model of the confirmed best configuration; nothing registered"
+    acc, run, network = best
+    spec = logger.spec_of({**top.candidate.knobs, "seed": int(run.data.tags.get("seed", s.seed))})
+    model_id = models.logged_models(run).get(network)
+    if model_id is None:  # --log-models best: this network is logged now, and only it
+        location = run.data.tags.get(CHECKPOINT_TAG, "")
+        logged = models.log_run_models(c, s.tracking_uri, run.info.run_id, spec, location, only=[network])
+        model_id = logged.get(network)
+        if model_id is None:
+            return f"Model registry: network '{network}' of run {run.info.run_id} not logged; nothing registered"
+    low, high = top.interval
+    tags = {"sweep": s.name, "sweep_run_id": s.parent_run_id, "run_id": run.info.run_id, "network": network,
+            "configuration": top.candidate.name, "metric": metric, f"{metric}.mean": f"{top.mean:.4f}",
+            f"{metric}.std": f"{top.std:.4f}", f"{metric}.ci95": f"[{low:.4f}, {high:.4f}]",
+            "confirm.seeds": ",".join(map(str, s.confirm_plan.seeds if s.confirm_plan else [])),
+            "confirm.verdict": "winner" if verdict.winner else "indistinguishable",
+            f"val/acc/{network}": f"{acc:.4f}", "knobs_hash": models.knobs_hash(spec),
+            **{f"knob.{k}": v for k, v in top.candidate.knobs.items()}}
+    return models.register(c, models.registered_name(spec, network), model_id, run.info.run_id, tags)

@@ -31,6 +31,8 @@ from kd_platform.tracking.mlflow_writer import (
     patience_s,
     string_tags,
 )
+from kd_platform.tracking.models import DEFAULT_LOG_MODELS, log_run_models
+from kd_platform.tracking.system_metrics import metrics_of
 from kd_platform.tracking.teacher_artifacts import record_teacher
 
 TRIAL_TAG = "ray.trial_id"
@@ -44,8 +46,10 @@ log = logging.getLogger(__name__)
 class MlflowTrialLogger(Callback):
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, method: str,
                  fixed: dict[str, Any], seed: int, epochs: int, tags: dict[str, str],
-                 unsent: Path | None = None, assets: Assets | None = None) -> None:
+                 unsent: Path | None = None, assets: Assets | None = None,
+                 log_models: str = DEFAULT_LOG_MODELS) -> None:
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
+        self.log_models = log_models  # "completed": every trial that trains to its last epoch logs its networks
         self.assets = assets or Assets()
         self.method, self.fixed, self.seed, self.epochs, self.tags = method, fixed, seed, epochs, tags
         self.runs: dict[str, str] = {}
@@ -58,6 +62,7 @@ class MlflowTrialLogger(Callback):
         self.checkpoints: dict[str, str] = {}  # per trial, the checkpoint location last tagged
         self.datasets: dict[tuple, Any] = {}  # per data recipe and seed, the dataset its runs log
         self.existing_epoch: dict[str, int] = {}  # per trial whose run a resumed sweep found: its last epoch
+        self.system_step: dict[str, int] = {}  # per trial, the step of its next system metrics point
         self.unsent = unsent  # where writes the store never took are kept (and, on resume, read back)
         self.gave_up = False
         self._client: BufferedClient | None = None
@@ -67,7 +72,7 @@ class MlflowTrialLogger(Callback):
         if self._client is None:
             self._client = BufferedClient(tracking.raw_client(self.uri), self._open,
                                           lambda trial_id, step: 0 < step <= self.existing_epoch.get(trial_id, 0),
-                                          spill_to=self.unsent)
+                                          spill_to=self.unsent, handlers={"log_models": self._log_models})
             if self.unsent and self._client.load(self.unsent):
                 log.warning("sending %d MLflow write(s) kept in %s", len(self._client.pending), self.unsent)
         return self._client
@@ -104,10 +109,10 @@ class MlflowTrialLogger(Callback):
                 self.runs[trial_id] = run_id
                 return run_id
             seed = self.spec_of(config).seed
-            tags = string_tags({**self.tags, "seed": seed, TRIAL_TAG: trial_id,
+            tags = string_tags({**self.tags, "seed": seed, **self.run_tags(config), TRIAL_TAG: trial_id,
                                 tracking.PARENT_TAG: self.parent_run_id})
             run_id = found[0].info.run_id if found else c.create_run(
-                self.experiment_id, run_name=f"{self.method}-{trial_id}", tags=tags).info.run_id
+                self.experiment_id, run_name=f"{self.spec_of(config).method}-{trial_id}", tags=tags).info.run_id
             write.args["created"] = run_id
         spec = self.spec_of(config)
         tracking.log_params(c, run_id, spec.all_knobs())
@@ -118,6 +123,10 @@ class MlflowTrialLogger(Callback):
 
     def spec(self, trial: Any) -> RunSpec:
         return self.spec_of(trial.config)
+
+    def run_tags(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Tags of one trial's run besides the sweep's own (a comparison names its cell)."""
+        return {}
 
     def spec_of(self, config: dict[str, Any]) -> RunSpec:
         config = dict(config)
@@ -159,6 +168,9 @@ class MlflowTrialLogger(Callback):
         else:  # guarded: a resumed run found only once the store is back may hold the epoch already
             tracking.log_metrics(self.client, run_id, result, step=epoch, guard=[trial.trial_id, epoch])
             self.logged_epoch[trial.trial_id] = max(epoch, self.logged_epoch.get(trial.trial_id, 0))
+        system, self.system_step[trial.trial_id] = metrics_of(result, self.system_step.get(trial.trial_id, 0))
+        if system:
+            self.client.log_batch(run_id, metrics=system)
         self.tag_placement(trial, run_id, result)
         warnings = warning_tags(result)
         if warnings and trial.trial_id not in self.warned:
@@ -187,12 +199,15 @@ class MlflowTrialLogger(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.run_id(trial)
         last = self.last_epoch.get(trial.trial_id) or self.logged_epoch.get(trial.trial_id, 0)
-        stopped = last < self.epochs
+        stopped = last < int(self.spec(trial).recipe.get("epochs", self.epochs))
         tracking.set_tags(self.client, run_id, {
             "trial_outcome": "asha_stopped" if stopped else "completed",
             "asha_stopped": str(stopped).lower(), "epochs_run": last})
         self.tag_checkpoint(trial, getattr(trial, "checkpoint", None))
         self.record_teacher(trial, run_id)
+        location = self.checkpoints.get(trial.trial_id)
+        if self.log_models == "completed" and not stopped and location:
+            self.client.submit(Write("log_models", run_id, {"config": dict(trial.config), "location": location}))
         self.client.set_terminated(run_id, status="FINISHED")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
@@ -227,6 +242,10 @@ class MlflowTrialLogger(Callback):
                                                   "the resumed sweep ran another trial in its place"})
             self.client.set_terminated(run.info.run_id, status="KILLED")
             self.client.delete_run(run.info.run_id)
+
+    def _log_models(self, run_id: str, args: dict[str, Any]) -> None:
+        """A completed trial's networks as MLflow models (a queued write: held while the store is away)."""
+        log_run_models(self.client.client, self.uri, run_id, self.spec_of(args["config"]), args["location"])
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.run_id(trial)

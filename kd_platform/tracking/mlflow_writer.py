@@ -170,12 +170,16 @@ class BufferedClient:
     ``opener(write) -> run id`` runs an ``open`` write; ``had_step(trial, step)`` says whether a
     resumed run already holds a step (so a metrics write queued before its run was found is
     not sent twice). ``spill_to``: a file that holds the queue whenever a write is left in it (so
-    that a driver killed while the store is away loses nothing), removed once the queue is empty."""
+    that a driver killed while the store is away loses nothing), removed once the queue is empty.
+    ``handlers``: writes of the owner's own (``method -> handler(run id, args)``), such as
+    logging a run's models, queued and held like the others."""
 
     def __init__(self, client: Any, opener: Callable[[Write], str] | None = None,
-                 had_step: Callable[[str, int], bool] | None = None, spill_to: Path | None = None) -> None:
+                 had_step: Callable[[str, int], bool] | None = None, spill_to: Path | None = None,
+                 handlers: dict[str, Callable[[str, dict[str, Any]], None]] | None = None) -> None:
         self.client = client
         self.opener, self.had_step, self.spill_to = opener, had_step, spill_to
+        self.handlers = handlers or {}
         self.pending: deque[Write] = deque()
         self.resolved: dict[str, str] = {}  # PENDING ids to real run ids
         self.down_since: float | None = None
@@ -185,7 +189,7 @@ class BufferedClient:
         self._sending = False
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles the callback that holds this
-        return {**self.__dict__, "client": None, "opener": None, "had_step": None}
+        return {**self.__dict__, "client": None, "opener": None, "had_step": None, "handlers": {}}
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or self.__dict__.get("client") is None:
@@ -292,6 +296,8 @@ class BufferedClient:
             self.client.log_artifact(run_id, a["local_path"], a["artifact_path"])
         elif w.method in ("set_terminated", "update_run", "delete_run"):
             getattr(self.client, w.method)(run_id, **a)
+        elif w.method in self.handlers:
+            self.handlers[w.method](run_id, a)
         else:
             raise ValueError(f"unknown MLflow write '{w.method}'")
 

@@ -8,6 +8,7 @@ from typing import Callable
 from kd_platform import tracking
 from kd_platform.run import engine
 from kd_platform.run.evaluation import warning_tags
+from kd_platform.tracking.system_metrics import metrics_of
 
 log = logging.getLogger(__name__)
 
@@ -15,9 +16,14 @@ log = logging.getLogger(__name__)
 def mlflow_reporter(uri: str, run_id: str, checkpoint_dir: Path | None) -> engine.Reporter:
     """Logs each epoch's metrics to ``run_id`` and keeps the latest checkpoint in ``checkpoint_dir``."""
     c = tracking.client(uri)
+    system_step = 0
 
     def report(metrics: dict[str, float], save: Callable[[Path], None]) -> None:
+        nonlocal system_step
         tracking.log_metrics(c, run_id, metrics, step=int(metrics["epoch"]))
+        system, system_step = metrics_of(metrics, system_step)
+        if system:
+            c.log_batch(run_id, metrics=system)
         warnings = warning_tags(metrics)
         if warnings:
             tracking.set_tags(c, run_id, warnings)
