@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"launch"},      # where a run executes: in-process, Ray Train, a Tune trial
     {"sweep"},       # many runs: tuner, spaces, ablations, presets
     {"analysis"},
-    {"cli", "cluster_config"},
+    {"cli", "cluster_config", "cluster_smoke", "compare"},
 ]
 
 

@@ -129,7 +129,11 @@ def live_run(c: Any, run_id: str) -> Any:
 def find_parent(c: Any, method: str | None, experiment: str | None, run_id: str | None) -> Any:
     """The sweep parent run: ``run_id`` if given, else the newest parent of the experiment."""
     if run_id:
-        return live_run(c, run_id)
+        run = live_run(c, run_id)
+        if run.data.tags.get("kind") == "comparison":
+            raise UsageError(f"run '{run_id}' is a comparison, not a sweep: python -m platform.compare --report "
+                             f"{run_id} rebuilds its table")
+        return run
     name = experiment or method
     if not name:
         raise UsageError("name a method (e.g. okdph), --experiment or --sweep RUN_ID")
