@@ -127,6 +127,7 @@ def test_a_malformed_reference_file_is_one_line(tmp_path):
     (["okdph", "ce", "--tuned"], "--tuned: no finished sweep of 'okdph'"),
     (["okdph", "ce", "--pairs", "resnet32x4:resnet8x4"], "'okdph' is an online method"),
     (["okdph", "ce", "--set", "nosuch=1"], "unknown knob 'nosuch'"),
+    (["okdph", "ce", "--register", "--log-models", "none"], "--register needs the runs' models"),
     ([], "name the methods to compare"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
@@ -156,7 +157,7 @@ def test_embedded_comparison_lands_in_mlflow_and_its_report_rebuilds(ray_local, 
     from kd_platform.compare.runner import print_table, run_compare
     uri = sqlite_uri(tmp_path / "mlruns.db")
     s = settings(["okdph", "dml", "ce", "--seeds", "3", "--epochs", "2", "--tracking-uri", uri,
-                  "--out", str(tmp_path / "res"), "--name", "cmp", "--quiet"])
+                  "--out", str(tmp_path / "res"), "--name", "cmp", "--quiet", "--register"])
     outcome = run_compare(s)
     runs = runs_in(uri)
     parents = [r for r in runs if r.data.tags.get("kind") == "comparison"]
@@ -181,6 +182,13 @@ def test_embedded_comparison_lands_in_mlflow_and_its_report_rebuilds(ray_local, 
     from mlflow.tracking import MlflowClient
     listed = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id, "comparison")}
     assert listed == {"comparison/comparison.md", "comparison/comparison.csv", "comparison/comparison.png"}
+    # --register: the first-ranked method's best network, tagged with the comparison and its interval.
+    assert len(outcome.registered) == 1 and outcome.registered[0].startswith("Registered kd-"), outcome.registered
+    versions = MlflowClient(uri).search_model_versions("name LIKE 'kd-%-digits-resnet8'")
+    assert len(versions) == 1 and versions[0].tags["comparison_run_id"] == parent.info.run_id
+    winner = versions[0].tags["method"]
+    assert next(r for r in outcome.table.rows if r.method == winner).rank == 1
+    assert versions[0].tags["seeds"] == "0,1,2" and versions[0].tags[f"{PRIMARY}.ci95"].startswith("[")
     print_table(outcome.table, s.protocol)
     shown = capsys.readouterr().out
     assert "Protocol:" in shown and "okdph" in shown and "95% [" in shown

@@ -61,6 +61,9 @@ def parser() -> OneLineParser:
                    help="finish an interrupted comparison (default: the newest one in --out)")
     p.add_argument("--report", metavar="RUN_ID",
                    help="rebuild the table of a finished comparison from its MLflow parent run (nothing trains)")
+    p.add_argument("--register", action="store_true",
+                   help="register, per pair, the best network of the first-ranked method in MLflow's model "
+                        "registry (a comparison registers nothing without it)")
     p.add_argument("--quiet", action="store_true", help="print the table only")
     p.add_argument("-v", "--verbose", action="store_true", help="Ray Tune's live tables and the workers' logs")
     return p
@@ -152,7 +155,8 @@ def settings(argv: Sequence[str] | None) -> Any:
     if args.resume:
         given = [f for f, v in (("METHOD", args.methods), ("--preset", args.preset), ("--pairs", args.pairs),
                                 ("--seeds", args.seeds), ("--set", args.set), ("--epochs", args.epochs),
-                                ("--tuned", args.tuned), ("--baseline", args.baseline), ("--name", args.name))
+                                ("--tuned", args.tuned), ("--baseline", args.baseline), ("--name", args.name),
+                                ("--register", args.register))
                  if v]
         if given:
             raise UsageError(f"--resume continues a comparison as it was started; drop {given[0]}")
@@ -165,6 +169,8 @@ def settings(argv: Sequence[str] | None) -> Any:
         return s
     if not args.methods:
         raise UsageError("name the methods to compare (e.g. okdph dml ce), or --resume, or --report RUN_ID")
+    if args.register and args.log_models not in (None, "completed"):
+        raise UsageError(f"--register needs the runs' models: it conflicts with --log-models {args.log_models}")
     methods = check_methods(args.methods)
     baseline = _baseline(args, methods)
     if args.name is not None:
@@ -201,7 +207,7 @@ def settings(argv: Sequence[str] | None) -> Any:
         raise UsageError(f"comparison directory '{args.out / name}' already exists (use --resume or another --name)")
     return CompareSettings(methods, columns, cells, seeds, baseline, uri, args.experiment, args.out.resolve(), name,
                            launch, args.address, args.max_concurrent, _protocol(columns, cells, seeds, baseline, sets),
-                           verbose=verbose, log_models=args.log_models or "completed")
+                           verbose=verbose, log_models=args.log_models or "completed", register=args.register)
 
 
 def _latest(out: Path) -> Path:
@@ -238,6 +244,8 @@ def _main(argv: Sequence[str] | None) -> int:
     print()
     print(f"Comparison {s.name}: {s.trials} runs ({outcome.failed} failed) in {outcome.wall_s:.0f}s")
     print_table(outcome.table, s.protocol)
+    for line in outcome.registered:
+        print(line)
     print(f"Report: {outcome.report} (also under 'comparison/' of the parent run; rebuilt by "
           f"python -m platform.compare --report {outcome.parent_run_id} --tracking-uri {s.tracking_uri})")
     print("Open the MLflow UI on it:")

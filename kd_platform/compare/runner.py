@@ -63,7 +63,8 @@ class CompareSettings:
     experiment_id: str | None = None
     finished: bool = False
     verbose: int = 1
-    log_models: str = "completed"  # "best" logs none: a comparison registers nothing
+    log_models: str = "completed"  # "best" logs none: a comparison has no single best to keep
+    register: bool = False         # register each column's first-ranked method's best network
 
     @property
     def run_dir(self) -> Path:
@@ -87,7 +88,8 @@ class CompareSettings:
                 "tracking_uri": self.tracking_uri, "experiment": self.experiment, "name": self.name,
                 "launch": asdict(self.launch), "address": self.address, "max_concurrent": self.max_concurrent,
                 "protocol": self.protocol, "parent_run_id": self.parent_run_id,
-                "experiment_id": self.experiment_id, "finished": self.finished, "log_models": self.log_models}
+                "experiment_id": self.experiment_id, "finished": self.finished, "log_models": self.log_models,
+                "register": self.register}
 
     @staticmethod
     def from_dir(path: Path) -> "CompareSettings":
@@ -102,7 +104,7 @@ class CompareSettings:
                                    d.get("address"), d.get("max_concurrent"), list(d.get("protocol", [])),
                                    resume=True, parent_run_id=d.get("parent_run_id"),
                                    experiment_id=d.get("experiment_id"), finished=bool(d.get("finished")),
-                                   log_models=d.get("log_models", "completed"))
+                                   log_models=d.get("log_models", "completed"), register=bool(d.get("register")))
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"--resume: '{state}' is unreadable ({exc})") from None
 
@@ -115,6 +117,7 @@ class CompareOutcome:
     report: Path
     wall_s: float
     failed: int
+    registered: list[str] = field(default_factory=list)  # one line per registered version
 
 
 def run_cell(config: dict[str, Any], *, cells: dict[str, dict[str, Any]], launch: Launch) -> None:
@@ -272,8 +275,40 @@ def _finish(s: CompareSettings, c: Any, experiment_id: str, failed: int, wall: f
                                if r.n > 1 else {})})
     tracking.log_metrics(c, s.parent_run_id, metrics, step=0)
     tracking.set_tags(c, s.parent_run_id, {"compare.summary": " ".join(table.verdicts())[:5000]})
+    registered = register_winners(s, c.client, table) if s.register else []
     c.set_terminated(s.parent_run_id, status="FINISHED" if failed == 0 else "FAILED")
-    return CompareOutcome(table, s.parent_run_id, experiment_id, report, wall, failed)
+    return CompareOutcome(table, s.parent_run_id, experiment_id, report, wall, failed, registered)
+
+
+def register_winners(s: CompareSettings, c: Any, table: Table) -> list[str]:
+    """``--register``: per column, the network with the best validation accuracy among the runs
+    of the first-ranked method with the highest mean, registered as ``kd-<method>-<dataset>-<arch>``
+    and tagged with the comparison, its figure with the interval, and the seeds; the lines to print."""
+    from kd_platform.tracking import models
+    lines = []
+    cells = {(c_.method, c_.column): c_ for c_ in s.cells}
+    for label in table.columns:
+        ranked = [r for r in table.column(label) if r.rank == 1 and r.values]
+        if not ranked:
+            continue
+        top = max(ranked, key=lambda r: r.mean)
+        best = models.best_network(c, top.run_ids)
+        if best is None:
+            lines.append(f"Model registry: no logged model of {top.method} on {label}; nothing registered")
+            continue
+        acc, run, network = best
+        spec = cells[(top.method, label)].spec(int(run.data.tags.get("seed", 0)))
+        low, high = top.interval
+        shared = [r.method for r in ranked if r is not top]
+        tags = {"comparison": s.name, "comparison_run_id": s.parent_run_id, "column": label, "method": top.method,
+                "run_id": run.info.run_id, "network": network, "metric": PRIMARY,
+                f"{PRIMARY}.mean": f"{top.mean:.4f}", f"{PRIMARY}.std": f"{top.std:.4f}",
+                f"{PRIMARY}.ci95": f"[{low:.4f}, {high:.4f}]", "seeds": ",".join(map(str, top.seeds)),
+                "rank_shared_with": ",".join(shared) or "none", f"val/acc/{network}": f"{acc:.4f}",
+                "knobs_hash": models.knobs_hash(spec)}
+        lines.append(models.register(c, models.registered_name(spec, network), models.logged_models(run)[network],
+                                     run.info.run_id, tags))
+    return lines
 
 
 def records_of(client: Any, experiment_id: str, parent_run_id: str) -> list[Record]:

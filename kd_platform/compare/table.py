@@ -56,6 +56,7 @@ class Row:
     rank: int | None = None
     is_baseline: bool = False
     collapsed: int = 0  # seeds whose students ended identical (one network, not an ensemble)
+    run_ids: list[str] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -139,7 +140,7 @@ def build_table(records: Sequence[Record], columns: Sequence[Column], methods: S
                           key=lambda r: r.seed)
             row = Row(m, label, [r.metrics[PRIMARY] for r in mine], [r.seed for r in mine],
                       [r.metrics[BEST_VAL] for r in mine if BEST_VAL in r.metrics], is_baseline=m == baseline,
-                      collapsed=sum(1 for r in mine if collapsed(r.metrics)))
+                      collapsed=sum(1 for r in mine if collapsed(r.metrics)), run_ids=[r.run_id for r in mine])
             for name, key in EXTRAS.items():
                 found = [r.metrics[key] for r in mine if key in r.metrics]
                 if found:

@@ -771,14 +771,8 @@ def register_best(s: SweepSettings, logger: Any, verdict: Verdict) -> str:
     if logger.client.flush():
         return "Model registry: the MLflow store is away; nothing registered"
     c, top, metric = logger.client.client, verdict.rows[0], s.space.metric
-    best: tuple[float, Any, str] | None = None
-    for run in (c.get_run(r) for r in top.run_ids if r):
-        names = models.logged_models(run) if s.log_models == "completed" else \
-            models.network_names(logger.spec_of(dict(top.candidate.knobs)))
-        for name in names:
-            acc = run.data.metrics.get(f"val/acc/{name}")
-            if acc is not None and (best is None or acc > best[0]):
-                best = (acc, run, name)
+    best = models.best_network(c, top.run_ids, None if s.log_models == "completed" else
+                               lambda run: models.network_names(logger.spec_of(dict(top.candidate.knobs))))
     if best is None:
         return "Model registry: no logged model of the confirmed best configuration; nothing registered"
     acc, run, network = best

@@ -222,6 +222,19 @@ def logged_models(run: Any) -> dict[str, str]:
             if k.startswith(MODEL_TAG) and v.startswith("models:/")}
 
 
+def best_network(c: Any, run_ids: list[str], names_of: Any = None) -> tuple[float, Any, str] | None:
+    """Among the networks of these runs (``names_of(run)``; default: the ones logged as models),
+    the one with the highest validation accuracy, as (accuracy, run, network). The test split
+    stays out of the choice."""
+    best: tuple[float, Any, str] | None = None
+    for run in (c.get_run(r) for r in run_ids if r):
+        for name in (names_of or logged_models)(run):
+            acc = run.data.metrics.get(f"val/acc/{name}")
+            if acc is not None and (best is None or acc > best[0]):
+                best = (acc, run, name)
+    return best
+
+
 def register(c: Any, name: str, model_id: str, run_id: str, tags: Mapping[str, Any]) -> str:
     """Register model ``model_id`` as a new version of ``name``; the console's line. A store
     without a model registry is that line, not a failure."""
