@@ -1,13 +1,14 @@
 """The MLflow UI, in a real headless Chromium, shows what a finished sweep and its analysis
 logged, at the URLs the commands print: the experiment in the model-training view (its runs
 table, not GenAI traces) with the sweep's parent run and children, the parent run with its child
-runs, the report's plots as artifacts (logged through the running server), and a child run's
-dataset, metrics and chart groups.
+runs, the report's plots as artifacts (logged through the running server), a child run's
+dataset, metrics and chart groups, and the child's networks as MLflow models (listed on the run
+and on the experiment's Models page) with the best one registered as the sweep registers it.
 
 The UI is a JavaScript app, so the page is rendered by Chromium (``--dump-dom`` after a
 virtual-time budget) rather than fetched as HTML. Chromium is not installed by the test.
 Screenshots go to the test's tmp dir; ``KD_PLATFORM_UPDATE_SCREENSHOT=1`` also refreshes
-``docs/mlflow-ui.png``.
+``docs/mlflow-ui.png`` and ``docs/mlflow-ui-models.png``.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from conftest import REPO, sqlite_uri
@@ -35,6 +38,10 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 BUDGETS_MS = (15_000, 45_000)  # a slow machine gets a second, longer render before a check fails
 SERVER_START_S = 180
 DOCS_SHOT = REPO / "docs" / "mlflow-ui.png"
+DOCS_MODELS_SHOT = REPO / "docs" / "mlflow-ui-models.png"
+WINDOW = "1400,900"
+WIDE_WINDOW = "1920,600"  # the experiment's Models table up to its Registered models column
+REGISTERED = "kd-okdph-digits-resnet8"
 
 
 def _free_port() -> int:
@@ -97,8 +104,8 @@ class Browser:
     def __init__(self, folder: Path) -> None:
         self.profile = folder / "chromium-profile"
 
-    def _run(self, url: str, budget_ms: int, *extra: str) -> str:
-        out = subprocess.run([str(CHROMIUM), *FLAGS, f"--user-data-dir={self.profile}", "--window-size=1400,900",
+    def _run(self, url: str, budget_ms: int, *extra: str, window: str = WINDOW) -> str:
+        out = subprocess.run([str(CHROMIUM), *FLAGS, f"--user-data-dir={self.profile}", f"--window-size={window}",
                               f"--virtual-time-budget={budget_ms}", *extra, url],
                              capture_output=True, text=True, timeout=180, check=False)
         assert out.returncode == 0, out.stderr[-2000:]
@@ -112,8 +119,8 @@ class Browser:
                 break
         return page
 
-    def screenshot(self, url: str, path: Path) -> Path:
-        self._run(url, BUDGETS_MS[-1], f"--screenshot={path}")
+    def screenshot(self, url: str, path: Path, window: str = WINDOW) -> Path:
+        self._run(url, BUDGETS_MS[-1], f"--screenshot={path}", window=window)
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         return path
 
@@ -124,6 +131,51 @@ def _missing(page: str, expected: list[str]) -> list[str]:
 
 def _printed_urls(out: str) -> list[str]:
     return [w for w in out.split() if w.startswith(("http://", "https://"))]
+
+
+def _untrained_networks(spec: Any) -> dict[str, Any]:
+    """The networks ``load_networks`` gives for ``spec``, from a freshly built method's state (the
+    synthetic runs have no checkpoint to rebuild them from)."""
+    import torch
+
+    from kd_platform.methods.base import freeze
+    from kd_platform.models import build_model
+    from kd_platform.run.engine import build_method
+    from kd_platform.tracking import models
+    classes, channels, size = models.data_shape(spec)
+    shape = SimpleNamespace(num_classes=classes, in_channels=channels, image_size=size)
+    method = build_method(spec, shape, torch.device("cpu"), lambda arch: freeze(build_model(arch, classes, channels)))
+    return models.load_networks(spec, {"method": method.state_dict()})
+
+
+def _log_and_register(server: str, run_id: str, sweep_name: str, sweep_run_id: str) -> tuple[dict[str, str], str]:
+    """The run's networks logged as MLflow models through the server, as the sweep's driver logs
+    them, and the best of them registered with the tags ``register_best`` gives its version.
+    Returns ``{network: model_id}`` and the registered network."""
+    from mlflow.tracking import MlflowClient
+
+    from kd_platform.run.spec import RunSpec
+    from kd_platform.tracking import models
+    c = MlflowClient(tracking_uri=server)
+    run = c.get_run(run_id)
+    params = dict(run.data.params)
+    seed = int(params.pop("seed"))
+    spec = RunSpec.split("okdph", params, seed)
+    networks = _untrained_networks(spec)
+    assert list(networks) == ["student1", "student2", "hwm"]
+    logged = models.log_networks(c, server, run_id, spec, networks, int(run.data.tags["epochs_run"]))
+    assert models.logged_models(c.get_run(run_id)) == logged
+    network = max(logged, key=lambda n: run.data.metrics[f"val/acc/{n}"])
+    assert models.registered_name(spec, network) == REGISTERED
+    value = run.data.metrics[METRIC]
+    tags = {"sweep": sweep_name, "sweep_run_id": sweep_run_id, "run_id": run_id, "network": network,
+            "configuration": "best-1", "metric": METRIC, f"{METRIC}.mean": f"{value:.4f}",
+            f"{METRIC}.std": "0.0000", f"{METRIC}.ci95": f"[{value:.4f}, {value:.4f}]", "confirm.seeds": "1,2",
+            "confirm.verdict": "winner", f"val/acc/{network}": f"{run.data.metrics[f'val/acc/{network}']:.4f}",
+            "knobs_hash": models.knobs_hash(spec), **{f"knob.{k}": params[k] for k in ("omega", "fusion_unit")}}
+    line = models.register(c, REGISTERED, logged[network], run_id, tags)
+    assert line == f"Registered {REGISTERED} version 1 (models:/{REGISTERED}/1)", line
+    return logged, network
 
 
 def test_mlflow_ui_shows_the_sweep_its_runs_and_the_report(tmp_path):
@@ -192,13 +244,42 @@ def test_mlflow_ui_shows_the_sweep_its_runs_and_the_report(tmp_path):
         page = browser.dom(curves_url, expected)
         assert not _missing(page, expected), f"child run's charts lack {_missing(page, expected)}"
 
+        # The child's networks as MLflow models, the best one registered: the run's Overview lists
+        # them (and the registered version), so does the experiment's Models page, with the run
+        # they came from; the registry shows the model, its version and the sweep's tags.
+        logged, network = _log_and_register(server, best_child, parent_name, parent)
+        best_name = next(r.info.run_name for r in children if r.info.run_id == best_child)
+        model_links = [f'<a href="#/experiments/{exp_id}/models/{mid}">{name}</a>' for name, mid in logged.items()]
+        version_link = f'href="#/models/{REGISTERED}/versions/1"'
+        expected = [f">Logged models ({len(logged)})<", *model_links, version_link]
+        page = browser.dom(child_url, expected)
+        assert not _missing(page, expected), f"child run page lacks {_missing(page, expected)}"
+        models_url = f"{server}/#/experiments/{exp_id}/models{query}"
+        expected = [*model_links, f'#/experiments/{exp_id}/runs/{best_child}" target="_blank">{best_name}</a>',
+                    version_link]
+        page = browser.dom(models_url, expected)
+        assert not _missing(page, expected), f"experiment's models page lacks {_missing(page, expected)}"
+        registered_url = f"{server}/#/models/{REGISTERED}{query}"
+        expected = [f">{REGISTERED}<", f"{version_link}>Version 1</a>"]
+        page = browser.dom(registered_url, expected)
+        assert not _missing(page, expected), f"registered model page lacks {_missing(page, expected)}"
+        version_url = f"{server}/#/models/{REGISTERED}/versions/1{query}"
+        source_link = f'href="#/experiments/{exp_id}/runs/{best_child}">{best_name}</a>'
+        expected = [f"{REGISTERED}</a>", ">Version 1<", source_link, f">{parent_name}</div>", f">{parent}</div>",
+                    ">winner</div>"]
+        page = browser.dom(version_url, expected)
+        assert not _missing(page, expected), f"model version page lacks {_missing(page, expected)}"
+
         browser.screenshot(curves_url, tmp_path / "mlflow-ui-child-curves.png")
         browser.screenshot(runs_url, tmp_path / "mlflow-ui-runs.png")
+        browser.screenshot(version_url, tmp_path / "mlflow-ui-model-version.png")
+        models_shot = browser.screenshot(models_url, tmp_path / "mlflow-ui-models.png", window=WIDE_WINDOW)
         shot = browser.screenshot(plot_url, tmp_path / "mlflow-ui.png")
-    # The screenshot in docs/ is committed; refresh it only when asked (or when it is missing),
+    # The screenshots in docs/ are committed; refresh them only when asked (or when one is missing),
     # so that a test run does not leave a changed tracked file behind.
-    if os.environ.get("KD_PLATFORM_UPDATE_SCREENSHOT") == "1" or not DOCS_SHOT.is_file():
-        _save_for_docs(shot, DOCS_SHOT)
+    for taken, target in ((shot, DOCS_SHOT), (models_shot, DOCS_MODELS_SHOT)):
+        if os.environ.get("KD_PLATFORM_UPDATE_SCREENSHOT") == "1" or not target.is_file():
+            _save_for_docs(taken, target)
 
 
 def _save_for_docs(shot: Path, target: Path) -> None:
