@@ -1,13 +1,19 @@
 """One prepared benchmark of the platform's GPU training paths; every figure and ratio it
-prints is measured in the same run, on the same machine:
+prints is measured in the same run, on the same machine. On a GPU machine:
 
-    PYTHONPATH=. python3 bench/gpu.py [--json results.json] [--budget 330] [--quick]
+    PYTHONPATH=. python3 bench/gpu.py --out "$OUT/gpu" 2>&1 | tee "$OUT/gpu.log"
+
+``--out DIR`` writes ``DIR/results.json`` and ``DIR/bench.log`` after every section and on
+SIGTERM, so a run that is cut short keeps what it finished; ``--sections 3,5`` reruns only
+those. The default budget (360 s, compile's 140 s of it its own) fits one call of at most
+7 minutes with Python's start and the data writing.
 
 It needs only torch, torchvision, numpy and pyyaml (no Ray, MLflow or Optuna), writes its
 CIFAR-100-shaped data in the real on-disk format to a temporary directory (no download),
 and builds every run through the platform's own code (``RunSpec``, ``build_method``,
-``build_data``, ``train``). Sections, in order, each skipped with a note once the time
-budget (default 330 s) is spent:
+``build_data``, ``train``). The environment probe comes first (versions, device, /dev/shm,
+a C compiler, ``Python.h``, triton, one bare ``decode_jpeg`` on the GPU). Sections, in
+order, each skipped with a note once its time budget is spent:
 
 1. data path: training images/s of the loader (default workers, and one process) against
    the device-resident path, ``standard`` augmentation, batch 128;
@@ -19,12 +25,17 @@ budget (default 330 s) is spent:
 3. one full epoch of the ``cifar100-resnet32`` OKDPH preset through ``engine.train`` on
    50,000 written training images, and the time 300 epochs imply;
 4. 1 against 4 trainings at once on one GPU (separate processes): aggregate images/s;
-5. ``compile=on`` against off, if time remains.
+5. ``compile=on`` against off, with a budget of its own: the first step (the compilation)
+   and the steady step time apart.
 
 Without CUDA it runs the same sections at CPU sizes (resnet8, fewer images, 1 against 2
 processes; no compile section); ``--quick`` shrinks them further (a smoke test, well under
-a minute). Images/s count training images: each one goes through every student (and
-OKDPH's hybrid-weight model), so student-img/s = img/s x students.
+a minute). ``--sim-cuda`` runs the GPU grid at tiny sizes on the CPU with ``auto``
+resolving as on CUDA (bf16 autocast, channels-last, ImageNet's device path), compile
+included, and exits 1 if anything in it failed: CI's check of the GPU-only branches.
+Fallbacks are counted and printed: files the GPU decoder handed to PIL, and what every
+``auto`` resolved to. Images/s count training images: each one goes through every student
+(and OKDPH's hybrid-weight model), so student-img/s = img/s x students.
 """
 from __future__ import annotations
 
@@ -34,13 +45,16 @@ import json
 import logging
 import os
 import pickle
+import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 import numpy as np
 import torch
@@ -51,7 +65,10 @@ try:
 except ImportError:  # run from elsewhere: the checkout this file lives in
     sys.path.append(str(REPO))
 
+from gpu_probe import environment, environment_lines, first_line, simulate_cuda  # noqa: E402
+
 from kd_platform.data import build_data  # noqa: E402
+from kd_platform.data.imagenet_augment import DECODED  # noqa: E402
 from kd_platform.methods.base import Batch, StepContext  # noqa: E402
 from kd_platform.run.engine import RunSpec, build_method, data_recipe, resolve_fused, train  # noqa: E402
 from kd_platform.run.engine import make_stepper as make_engine_stepper  # noqa: E402
@@ -67,9 +84,9 @@ IMAGENET_CROP = 224
 
 @dataclass(frozen=True)
 class Sizes:
-    """Everything that differs between the GPU run, the CPU run and the quick CPU run."""
+    """Everything that differs between the GPU run, the CPU runs and the simulated GPU run."""
     name: str
-    budget_s: float
+    budget_s: float          # the whole run, section 5's share included
     data_train: int          # section 1: training images written
     data_seconds: float      # section 1: least time each data path is measured
     step_arch: str           # section 2, 4, 5
@@ -90,14 +107,24 @@ class Sizes:
     compile_section: bool
     imagenet_train: int = 0  # section 1b: JPEGs written
     imagenet_batch: int = 256
+    compile_s: float = 0     # section 5's own budget, kept back from the sections before it
+    compile_batch: int = 0   # section 5's batch (default: step_batch)
+    gpu_like: bool = False   # the data rows and the strictness of a GPU run
 
 
-GPU = Sizes("gpu", 330, 10_000, 3.0, "resnet32", 128, (2, 4), ("off", "bf16"), ("false", "true"),
-            5, 1.5, 20, 50_000, 10_000, None, None, True, 4, 10.0, True, 3_000, 256)
+# A first CUDA compile of resnet32 x3 (students and hybrid), forward and backward: 60-150 s.
+GPU = Sizes("gpu", 360, 10_000, 3.0, "resnet32", 128, (2, 4), ("off", "bf16"), ("false", "true"),
+            5, 1.5, 20, 50_000, 10_000, None, None, True, 4, 10.0, True, 3_000, 256, 140, 0, True)
 CPU = Sizes("cpu", 330, 3_000, 2.0, "resnet8", 128, (2, 4), ("off",), ("false",),
             2, 2.0, 5, 1_280, 500, None, None, False, 2, 5.0, False, 400, 64)
 QUICK = Sizes("cpu-quick", 120, 1_000, 0.5, "resnet8", 32, (2,), ("off",), ("false",),
               1, 0.3, 3, 640, 200, "resnet8", 64, False, 2, 1.5, False, 48, 16)
+# The GPU grid at tiny sizes: every branch once, no figure worth keeping. 640 training images,
+# so that a tenth for validation still leaves full batches. The budget is only a cap (the run
+# takes 1-3 minutes on 2 cores, most of it the first compile): on a busy machine a section
+# skipped for time would fail the check.
+SIM = Sizes("sim-cuda", 900, 640, 0.3, "resnet8", 16, (2,), ("off", "bf16"), ("false", "true"),
+            1, 0.2, 2, 640, 64, "resnet8", 32, True, 2, 1.0, True, 24, 8, 450, 8, True)
 
 
 class Budget:
@@ -116,11 +143,20 @@ class Budget:
 
 @dataclass
 class Report:
-    """Prints labelled lines and keeps the same figures for ``--json``."""
-    data: dict[str, Any] = field(default_factory=lambda: {"sections": {}, "ratios": {}, "notes": []})
+    """Prints labelled lines and keeps the same figures; with ``--out`` (or ``--json``) it
+    writes them after every section, so whatever ends the run, the finished sections stay."""
+    data: dict[str, Any] = field(default_factory=lambda: {
+        "status": "running", "sections_done": [], "sections": {}, "ratios": {}, "notes": [], "failures": [],
+        "fallbacks": {"auto": {}, "decode_jpeg": {}}})
+    json_paths: list[Path] = field(default_factory=list)
+    log: TextIO | None = None
+    auto: Counter[str] = field(default_factory=Counter)
 
     def line(self, text: str = "") -> None:
         print(text, flush=True)
+        if self.log is not None:
+            self.log.write(text + "\n")
+            self.log.flush()
 
     def section(self, key: str, title: str) -> dict[str, Any]:
         self.line()
@@ -135,10 +171,26 @@ class Report:
         self.data["notes"].append(text)
         self.line(f"  note: {text}")
 
+    def failed(self, what: str, exc: BaseException) -> str:
+        """A row or section that could not run: printed by the caller, kept as a failure."""
+        self.data["failures"].append(f"{what}: {first_line(exc)}")
+        return first_line(exc)
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    def resolved(self, knobs: dict[str, Any], choices: dict[str, Any]) -> None:
+        """Count what each knob left at ``auto`` resolved to."""
+        for knob, value in choices.items():
+            if str(knobs.get(knob, "auto")) == "auto":
+                self.auto[f"{knob}=auto -> {value}"] += 1
+
+    def save(self) -> None:
+        self.data["fallbacks"] = {"auto": dict(sorted(self.auto.items())), "decode_jpeg": dict(DECODED)}
+        text = json.dumps(self.data, indent=2, default=str)
+        for path in self.json_paths:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)  # a reader, or a kill mid-write, never sees half a file
+
+
 
 
 def _sync(device: torch.device) -> None:
@@ -206,7 +258,7 @@ def measure_rows(out: Report, s: dict[str, Any], rows: list[tuple[str, dict[str,
             del data
             gc.collect()
         except Exception as exc:  # noqa: BLE001 - a path that cannot run is a finding, not a crash
-            out.line(f"  {key:<16} not available ({_first_line(exc)})")
+            out.line(f"  {key:<16} not available ({out.failed(f'data path {key}', exc)})")
             continue
         finally:
             torch.set_num_threads(threads)
@@ -223,7 +275,8 @@ def _loader_how(key: str, workers: int) -> str | None:
 
 # The loader with worker processes last: its workers outlive the measurement for a while.
 DATA_ROWS = [("device", {"data_path": "device"}, None), ("device_1thread", {"data_path": "device"}, 1),
-             ("loader_1proc", {"data_path": "loader", "loader_workers": 0}, 1), ("loader", {"data_path": "loader"}, None)]
+             ("loader_1proc", {"data_path": "loader", "loader_workers": 0}, 1),
+             ("loader", {"data_path": "loader"}, None)]
 
 
 def data_ratios(out: Report, prefix: str, rates: dict[str, float], device: torch.device) -> None:
@@ -237,9 +290,9 @@ def data_ratios(out: Report, prefix: str, rates: dict[str, float], device: torch
                   rates["device_1thread"] / rates["loader_1proc"], "loader workers one device-path thread replaces")
 
 
-def _rows_for(device: torch.device) -> list[tuple[str, dict[str, Any], int | None]]:
+def _rows_for(sz: Sizes) -> list[tuple[str, dict[str, Any], int | None]]:
     # On a GPU the device path's work is there: one host thread changes nothing.
-    return [r for r in DATA_ROWS if not (device.type == "cuda" and r[0] == "device_1thread")]
+    return [r for r in DATA_ROWS if not (sz.gpu_like and r[0] == "device_1thread")]
 
 
 def section_data(out: Report, sz: Sizes, device: torch.device, root: Path, budget: Budget) -> None:
@@ -251,7 +304,7 @@ def section_data(out: Report, sz: Sizes, device: torch.device, root: Path, budge
             "device": f"device-resident, {threads} threads" if device.type == "cpu" else "device-resident (GPU)",
             "device_1thread": "device-resident, 1 thread"}[key]
     knobs = {"dataset": "cifar100", "data_dir": str(root), "augment": "standard", "batch_size": 128}
-    rates = measure_rows(out, s, _rows_for(device), knobs, how, device, sz.data_seconds, budget)
+    rates = measure_rows(out, s, _rows_for(sz), knobs, how, device, sz.data_seconds, budget)
     data_ratios(out, "data", rates, device)
 
 
@@ -282,9 +335,19 @@ def section_imagenet(out: Report, sz: Sizes, device: torch.device, root: Path, b
     knobs = {"dataset": "imagenet", "data_dir": str(root), "augment": "rrc", "batch_size": sz.imagenet_batch,
              "val_fraction": 0.0}
     # The smoke test skips the rows that start worker processes: seconds each on a busy machine.
-    rows = [r for r in _rows_for(device) if r[2] == 1 or sz is not QUICK]
+    rows = [r for r in _rows_for(sz) if r[2] == 1 or sz is not QUICK]
+    before = Counter(DECODED)
     rates = measure_rows(out, s, rows, knobs, how, device, sz.data_seconds, budget)
     data_ratios(out, "imagenet", rates, device)
+    decoded = {k: v - before[k] for k, v in DECODED.items() if v - before[k]}
+    s["decode_jpeg"] = decoded
+    if "device" in rates:
+        out.line(f"  device path: {decoded.get('device', 0)} files decoded by decode_jpeg on {device.type}, "
+                 f"{decoded.get('pil_header', 0)} sent to PIL by the header check, "
+                 f"{decoded.get('pil_after_error', 0)} to PIL after a decode_jpeg error")
+        if decoded.get("pil_after_error"):
+            out.note(f"decode_jpeg on {device.type} failed for {decoded['pil_after_error']} files: the device "
+                     "row measured PIL decoding for them")
 
 
 # --------------------------------------------------------------------------- training steps
@@ -323,6 +386,14 @@ def make_stepper(cfg: dict[str, Any], device: torch.device) -> tuple[Callable[[i
                 "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
                 "channels_last": layout, "compile": recipe.compile}
     return step, cfg["batch"], resolved
+
+
+def count_auto(out: Report, cfg: dict[str, Any], resolved: dict[str, Any]) -> None:
+    """What ``make_stepper``'s knobs left at ``auto`` resolved to (``resolved`` as it returns it)."""
+    amp = "bf16" if resolved["amp"] == "bfloat16" else resolved["amp"]
+    layout = "channels-last" if resolved["channels_last"] else "NCHW"
+    out.resolved({k: cfg.get(k, "auto") for k in ("amp", "channels_last", "fused")},
+                 {"amp": amp, "channels_last": layout, "fused": "on" if resolved["fused"] else "off"})
 
 
 def time_steps(step: Callable[[int], None], device: torch.device, warmup: int, min_steps: int,
@@ -380,8 +451,9 @@ def section_steps(out: Report, sz: Sizes, device: torch.device, budget: Budget) 
                         del step
                     except Exception as exc:  # noqa: BLE001
                         what = "fused" if fused == "true" else label
-                        out.line(f"  {label:<50} {what}: not available ({_first_line(exc)})")
-                        rows.append({"config": label, "error": _first_line(exc)})
+                        err = out.failed(f"section 2 '{label}'", exc)
+                        out.line(f"  {label:<50} {what}: not available ({err})")
+                        rows.append({"config": label, "error": err})
                         continue
                     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None
                     times[key] = sec
@@ -462,7 +534,7 @@ def section_epoch(out: Report, sz: Sizes, device: torch.device, root: Path, budg
             spec = RunSpec.from_flat(METHOD, {**knobs, **extra}, 0)
             records: list[dict[str, Any]] = []
             t0 = time.perf_counter()
-            train(spec, lambda metrics, save: records.append(dict(metrics)), device=device,
+            train(spec, lambda metrics, save, records=records: records.append(dict(metrics)), device=device,
                   teachers=lambda data: _no_teacher)
             wall = time.perf_counter() - t0
             val_s = float(records[-1]["time/val_s"])
@@ -474,21 +546,24 @@ def section_epoch(out: Report, sz: Sizes, device: torch.device, root: Path, budg
             amp = recipe.autocast_dtype(device)
             layout = recipe.use_channels_last(device)
             del data
+            m = records[-1]
+            epoch_s, img_s = float(m["time/epoch_s"]), float(m["throughput/img_s"])
+            need = 1.3 * (wall + val_s) + 10  # the next variant: about as long as this one
+            n = int(spec.resolved()[1].n_students)
+            # Scaled to full CIFAR-100 (a no-op for the GPU run, which writes all 50,000 images).
+            val_frac = float(knobs.get("val_fraction", 0.1))
+            seen = epoch_s * img_s
+            full_train, full_val = 50_000 * (1 - val_frac), 50_000 * val_frac
+            val_part = val_s * full_val / val_n if val_n else 0.0  # no validation split: none to scale
+            implied = 300 * (full_train / img_s + val_part)
         except Exception as exc:  # noqa: BLE001
             label = "fused: not available" if extra else "not available"
-            out.line(f"  {key}: {label} ({_first_line(exc)})")
+            out.line(f"  {key}: {label} ({out.failed(f'section 3 {key}', exc)})")
             continue
-        m = records[-1]
-        epoch_s, img_s = float(m["time/epoch_s"]), float(m["throughput/img_s"])
-        need = 1.3 * (wall + val_s) + 10  # the next variant: about as long as this one
-        n = int(spec.resolved()[1].n_students)
-        # Scaled to full CIFAR-100 (a no-op for the GPU run, which writes all 50,000 images).
-        val_frac = float(knobs.get("val_fraction", 0.1))
-        seen = epoch_s * img_s
-        full_train, full_val = 50_000 * (1 - val_frac), 50_000 * val_frac
-        implied = 300 * (full_train / img_s + val_s * full_val / val_n)
-        how = (f"fused {'on' if fused else 'off'}, data path {path}, "
-               f"{'bf16' if amp is not None else 'fp32'}, {'channels-last' if layout else 'NCHW'}")
+        choices = {"fused": "on" if fused else "off", "data_path": path, "amp": "bf16" if amp is not None else "fp32",
+                   "channels_last": "channels-last" if layout else "NCHW"}
+        out.resolved({**knobs, **extra}, choices)
+        how = (f"fused {choices['fused']}, data path {path}, {choices['amp']}, {choices['channels_last']}")
         s[key] = {"epoch_s": epoch_s, "img_s": img_s, "student_img_s": img_s * n, "val_pass_s": val_s,
                   "train_call_s": wall, "epoch_images": seen, "implied_300_epochs_h": implied / 3600, "resolved": how,
                   "val_acc_students_mean": m.get("val/acc/students_mean")}
@@ -512,12 +587,19 @@ def worker(cfg: dict[str, Any]) -> None:
     """One training process of sections 4 and 5: build, warm up, say ready, wait for the go
     file, train for ``seconds``, print a JSON result line."""
     logging.getLogger("kd_platform").setLevel(logging.ERROR)
+    if cfg.get("sim_cuda"):
+        simulate_cuda()
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
     t0 = time.perf_counter()
     step, bs, resolved = make_stepper(cfg, device)
-    for i in range(cfg["warmup"]):
+    built = time.perf_counter() - t0
+    # The first step apart: with compile=on it is the compilation.
+    step(0)
+    _sync(device)
+    first = time.perf_counter() - t0 - built
+    for i in range(1, cfg["warmup"]):
         step(i)
     _sync(device)
     warm = time.perf_counter() - t0
@@ -533,7 +615,8 @@ def worker(cfg: dict[str, Any]) -> None:
     took = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     print("RESULT " + json.dumps({"images": n * bs, "steps": n, "seconds": took, "img_s": n * bs / took,
-                                  "warmup_s": warm, "peak_mib": peak, "resolved": resolved}), flush=True)
+                                  "build_s": built, "first_step_s": first, "warmup_s": warm, "peak_mib": peak,
+                                  "resolved": resolved}), flush=True)
 
 
 def run_workers(cfg: dict[str, Any], count: int, budget: Budget, tmp: Path,
@@ -570,7 +653,9 @@ def run_workers(cfg: dict[str, Any], count: int, budget: Budget, tmp: Path,
                 procs[i].wait()
                 errs[i].seek(0)
                 tail = [x for x in errs[i].read().splitlines() if x.strip()]
-                raise RuntimeError(tail[-1] if tail else f"worker exited with {procs[i].returncode}")
+                # The exception's own line, not a hint printed after it (dynamo's "Set TORCHDYNAMO_VERBOSE=1").
+                named = [x for x in tail if re.match(r"[\w.]*(Error|Exception|Interrupt)\b.*:", x)]
+                raise RuntimeError((named or tail or [f"worker exited with {procs[i].returncode}"])[-1])
         return got
 
     try:
@@ -598,7 +683,7 @@ def section_concurrency(out: Report, sz: Sizes, device: torch.device, budget: Bu
                          f"{sz.proc_seconds:.0f} s each")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     base = {"arch": sz.step_arch, "batch": sz.step_batch, "n": 2, "device": str(device), "warmup": sz.warmup_steps,
-            "seconds": sz.proc_seconds}
+            "seconds": sz.proc_seconds, "sim_cuda": sz.name == SIM.name}
     agg: dict[int, float] = {}
     for count in (1, k):
         if budget.left() < sz.proc_seconds + 30:
@@ -608,8 +693,10 @@ def section_concurrency(out: Report, sz: Sizes, device: torch.device, budget: Bu
         try:
             results = run_workers({**base, "threads": threads}, count, budget, tmp)
         except Exception as exc:  # noqa: BLE001
-            out.line(f"  {_procs(count)}: not available ({_first_line(exc)})")
+            out.line(f"  {_procs(count)}: not available ({out.failed(f'section 4, {_procs(count)}', exc)})")
             continue
+        for r in results:
+            count_auto(out, base, r["resolved"])
         agg[count] = sum(r["img_s"] for r in results)
         peak = max((r["peak_mib"] or 0) for r in results)
         s[f"procs_{count}"] = {"aggregate_img_s": agg[count], "per_process_img_s": [r["img_s"] for r in results],
@@ -624,24 +711,31 @@ def section_concurrency(out: Report, sz: Sizes, device: torch.device, budget: Bu
 
 
 def section_compile(out: Report, sz: Sizes, device: torch.device, budget: Budget, tmp: Path) -> None:
-    s = out.section("5", f"compile=on against off: OKDPH {sz.step_arch} x2, batch {sz.step_batch} "
-                         f"(one process each)")
+    batch = sz.compile_batch or sz.step_batch
+    s = out.section("5", f"compile=on against off: OKDPH {sz.step_arch} x2, batch {batch}, auto choices "
+                         f"(one process each; own budget {budget.seconds:.0f} s)")
     rates: dict[str, dict[str, Any]] = {}
-    for mode in ("off", "on"):
-        if budget.left() < 45:
+    # "on" first: its figure is the one this section exists for, and the slow one.
+    for mode in ("on", "off"):
+        if budget.left() < (30 if mode == "on" else 20) + sz.proc_seconds:
             out.note(f"time budget spent: compile={mode} skipped")
             continue
-        cfg = {"arch": sz.step_arch, "batch": sz.step_batch, "n": 2, "device": str(device),
-               "warmup": sz.warmup_steps + (5 if mode == "on" else 0), "seconds": sz.proc_seconds, "compile": mode}
+        cfg = {"arch": sz.step_arch, "batch": batch, "n": 2, "device": str(device), "compile": mode,
+               "warmup": sz.warmup_steps + (3 if mode == "on" else 0), "seconds": sz.proc_seconds,
+               "sim_cuda": sz.name == SIM.name}
+        t = time.perf_counter()
         try:
-            (r,) = run_workers(cfg, 1, budget, tmp)
+            (r,) = run_workers(cfg, 1, budget, tmp, ready_within=budget.left())
         except Exception as exc:  # noqa: BLE001
-            out.line(f"  compile={mode}: not available ({_first_line(exc)})")
+            err = out.failed(f"section 5 compile={mode}", exc)
+            out.line(f"  compile={mode}: not available after {time.perf_counter() - t:.0f} s ({err})")
             continue
+        count_auto(out, cfg, r["resolved"])
         rates[mode] = r
         s[f"compile_{mode}"] = r
         out.line(f"  compile={mode:<3}  step {r['seconds'] / r['steps'] * 1e3:7.1f} ms  {r['img_s']:8.0f} img/s  "
-                 f"(build + warm-up {r['warmup_s']:.0f} s)")
+                 f"(build {r['build_s']:.1f} s, first step {r['first_step_s']:.1f} s, "
+                 f"all warm-up {r['warmup_s']:.1f} s)")
     if len(rates) == 2:
         on, off = (rates[m]["seconds"] / rates[m]["steps"] for m in ("on", "off"))
         out.ratio("compile.on_over_off", "compile on / off step time", on / off, "< 1: compile is faster")
@@ -650,91 +744,166 @@ def section_compile(out: Report, sz: Sizes, device: torch.device, budget: Budget
 # --------------------------------------------------------------------------- main
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    import torchvision
-    env: dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__,
-                           "torchvision": torchvision.__version__, "numpy": np.__version__,
-                           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
-    if hasattr(os, "sched_getaffinity"):
-        env["cpus_usable"] = len(os.sched_getaffinity(0))
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update({"device_name": props.name, "device_memory_gib": round(props.total_memory / 2 ** 30, 1),
-                    "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                    "bf16": torch.cuda.is_bf16_supported(), "gpus": torch.cuda.device_count()})
-    else:
-        name = ""
-        try:
-            name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                         if ln.startswith("model name")), "")
-        except OSError:
-            pass
-        env.update({"device_name": name or "CPU", "cuda": None})
-    return env
+SECTIONS = ("1", "1b", "2", "3", "4", "5")
+
+
+def _usage_error(args: argparse.Namespace) -> str | None:
+    """The one-line complaint about the command line, checked before anything is written."""
+    if args.sections is not None:
+        keys = [k.strip() for k in args.sections.split(",") if k.strip()]
+        bad = next((k for k in keys if k not in SECTIONS), None)
+        if bad is not None or not keys:
+            return f"--sections: unknown section '{bad or args.sections}' (sections: {', '.join(SECTIONS)})"
+    if args.budget is not None and not args.budget > 0:
+        return f"--budget: must be a positive number of seconds, not {args.budget:g}"
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        return f"--out: '{args.out}' exists and is not a directory"
+    if args.json is not None and args.json.is_dir():
+        return f"--json: '{args.json}' is a directory"
+    if sum(map(bool, (args.quick, args.cpu, args.sim_cuda))) > 1:
+        return "--quick, --cpu and --sim-cuda: choose one"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
-    p.add_argument("--budget", type=float, help="seconds for the whole run (default 330 on a GPU, 120 with --quick)")
+    p.add_argument("--out", type=Path, help="write results.json and bench.log here, after every section")
+    p.add_argument("--json", type=Path, help="also write every figure to this JSON file (after every section)")
+    p.add_argument("--sections", help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
+    p.add_argument("--budget", type=float,
+                   help="seconds for the whole run, section 5's own share included (default 360 on a GPU)")
     p.add_argument("--quick", action="store_true", help="smallest CPU sizes (a smoke test); implies --cpu")
     p.add_argument("--cpu", action="store_true", help="CPU sizes on the CPU even where CUDA is available")
+    p.add_argument("--sim-cuda", action="store_true",
+                   help="the GPU grid at tiny sizes on the CPU, auto resolving as on CUDA; exit 1 on any failure")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:
         worker(json.loads(args._worker))
         return 0
+    error = _usage_error(args)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     logging.getLogger("kd_platform").setLevel(logging.ERROR)  # e.g. "checksums differ": the files are ours
-    cuda = torch.cuda.is_available() and not (args.quick or args.cpu)
+    if args.sim_cuda:
+        simulate_cuda()
+    cuda = torch.cuda.is_available() and not (args.quick or args.cpu or args.sim_cuda)
     device = torch.device("cuda") if cuda else torch.device("cpu")
-    sz = QUICK if args.quick else (GPU if cuda else CPU)
-    budget = Budget(args.budget or sz.budget_s)
+    sz = SIM if args.sim_cuda else QUICK if args.quick else GPU if cuda else CPU
+    wanted = [k.strip() for k in args.sections.split(",")] if args.sections else list(SECTIONS)
     out = Report()
-    env = environment(device)
-    out.data["env"] = env
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        out.json_paths.append(args.out / "results.json")
+        out.log = open(args.out / "bench.log", "w")
+    if args.json is not None:
+        out.json_paths.append(args.json)
+    current = ["setup"]
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        out.data["status"] = "terminated"
+        out.note(f"terminated by signal {signum} during {current[0]}")
+        out.save()
+        raise SystemExit(128 + signum)  # unwinds: worker processes killed, temporary files removed
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        run(out, sz, device, wanted, args.budget or sz.budget_s, current)
+        out.data["status"] = "done"
+    finally:
+        if out.data["status"] == "running":
+            out.data["status"] = f"interrupted during {current[0]}"
+        out.save()
+        if out.log is not None:
+            out.log.close()
+    for path in out.json_paths:
+        print(f"wrote {path}")
+    strict = sz.gpu_like and device.type == "cpu"  # --sim-cuda: CI's check that every branch runs
+    skipped = [n for n in out.data["notes"] if n.startswith("time budget spent")]
+    if strict and (out.data["failures"] or skipped):
+        for what in out.data["failures"] + skipped:
+            print(f"FAILED: {what}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(out: Report, sz: Sizes, device: torch.device, wanted: list[str], total: float, current: list[str]) -> None:
+    """The probe and the ``wanted`` sections; ``current[0]`` says where it is, for a signal."""
+    overall = Budget(total)
+    compiling = "5" in wanted and sz.compile_section
+    # Section 5 keeps its share back from the sections before it, which then share the rest.
+    others = [k for k in wanted if k != "5"]
+    budget = Budget(total - (min(sz.compile_s, total / 2) if compiling and others else 0))
     out.data["mode"] = sz.name
-    out.line(f"kd-platform benchmark ({sz.name} sizes), time budget {budget.seconds:.0f} s")
-    gpu_info = (f" ({env['device_memory_gib']} GiB, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
-                f"bf16 {'yes' if env['bf16'] else 'no'}, {env['gpus']} visible)" if cuda else "")
-    out.line(f"device: {env['device_name']}{gpu_info}")
-    out.line(f"python {env['python']}, torch {env['torch']}, torchvision {env['torchvision']}, numpy {env['numpy']}, "
-             f"{env['cpus']} CPUs ({env.get('cpus_usable', env['cpus'])} usable), {env['torch_threads']} torch threads")
+    out.data["sections_wanted"] = wanted
+    out.line(f"kd-platform benchmark ({sz.name} sizes), time budget {total:.0f} s"
+             + (f" (section 5: {total - budget.seconds:.0f} s of it)" if compiling and others else ""))
+    try:
+        env = environment(device)
+        out.data["env"] = env
+        for text in environment_lines(env, sim=sz.name == SIM.name):
+            out.line(text)
+    except Exception as exc:  # noqa: BLE001 - a broken probe must not cost the measurements
+        out.note(f"environment probe failed: {out.failed('environment probe', exc)}")
+    out.save()
     with tempfile.TemporaryDirectory(prefix="kdbench") as tmp_name:
         tmp = Path(tmp_name)
-        t = time.perf_counter()
-        write_cifar100(tmp / "small", sz.data_train, 200)
-        write_cifar100(tmp / "full", sz.epoch_train, sz.epoch_test)
-        out.line(f"wrote CIFAR-100 files ({sz.data_train} and {sz.epoch_train} training images) "
-                 f"in {time.perf_counter() - t:.1f} s")
-        sections: list[tuple[str, Callable[[], None]]] = [
-            ("1", lambda: section_data(out, sz, device, tmp / "small", budget)),
-            ("1b", lambda: section_imagenet(out, sz, device, tmp / "imagenet", budget)),
-            ("2", lambda: section_steps(out, sz, device, budget)),
-            ("3", lambda: section_epoch(out, sz, device, tmp / "full", budget)),
-            ("4", lambda: section_concurrency(out, sz, device, budget, tmp)),
-        ]
-        if sz.compile_section:
-            sections.append(("5", lambda: section_compile(out, sz, device, budget, tmp)))
-        else:
-            out.data["notes"].append("section 5 (compile) runs on a GPU only")
-        for key, run in sections:
-            if budget.left() <= 10:
+        sections: dict[str, Callable[[], None]] = {
+            "1": lambda: section_data(out, sz, device, tmp / "small", budget),
+            "1b": lambda: section_imagenet(out, sz, device, tmp / "imagenet", budget),
+            "2": lambda: section_steps(out, sz, device, budget),
+            "3": lambda: section_epoch(out, sz, device, tmp / "full", budget),
+            "4": lambda: section_concurrency(out, sz, device, budget, tmp),
+            "5": lambda: section_compile(out, sz, device, Budget(overall.left()), tmp),
+        }
+        if not sz.compile_section and "5" in wanted:
+            out.data["notes"].append("section 5 (compile) runs on a GPU and with --sim-cuda only")
+        if "1" in wanted or "3" in wanted:
+            current[0] = "writing data"
+            t = time.perf_counter()
+            try:
+                write_cifar100(tmp / "small", sz.data_train, 200)
+                write_cifar100(tmp / "full", sz.epoch_train, sz.epoch_test)
+                out.line(f"wrote CIFAR-100 files ({sz.data_train} and {sz.epoch_train} training images) "
+                         f"in {time.perf_counter() - t:.1f} s")
+            except Exception as exc:  # noqa: BLE001
+                out.note(f"writing the CIFAR-100 files failed: {out.failed('data files', exc)}")
+        for key in SECTIONS:
+            if key not in wanted or (key == "5" and not sz.compile_section):
+                continue
+            current[0] = f"section {key}"
+            if (budget if key != "5" else overall).left() <= 10:
                 out.line()
                 out.note(f"time budget spent: section {key} skipped")
                 continue
             t = time.perf_counter()
             try:
-                run()
+                sections[key]()
             except Exception as exc:  # noqa: BLE001 - one broken section must not hide the others
-                out.note(f"section {key} failed: {_first_line(exc)}")
+                out.note(f"section {key} failed: {out.failed(f'section {key}', exc)}")
             out.data["sections"].setdefault(key, {})["seconds"] = time.perf_counter() - t
-    out.data["wall_s"] = budget.elapsed()
+            out.data["sections_done"].append(key)
+            out.data["wall_s"] = overall.elapsed()
+            out.save()
+        current[0] = "the summary"
+        summary(out)
+    out.data["wall_s"] = overall.elapsed()
     out.line()
-    out.line(f"done in {budget.elapsed():.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(out.data, indent=2, default=str))
-        out.line(f"wrote {args.json}")
-    return 0
+    out.line(f"done in {overall.elapsed():.0f} s")
+
+
+def summary(out: Report) -> None:
+    """The fallbacks, counted over the whole run."""
+    out.line()
+    out.line("fallbacks and auto choices")
+    auto = ", ".join(f"{k} x{v}" for k, v in sorted(out.auto.items())) or "none left at auto"
+    out.line(f"  auto: {auto}")
+    d = DECODED
+    out.line(f"  decode_jpeg: {d['device']} files on the device, {d['pil_header']} to PIL by the header check, "
+             f"{d['pil_after_error']} to PIL after a decode_jpeg error")
+    if out.data["failures"]:
+        out.line(f"  {len(out.data['failures'])} failed: " + "; ".join(out.data["failures"]))
 
 
 if __name__ == "__main__":

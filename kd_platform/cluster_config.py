@@ -1,7 +1,8 @@
 """Offline validation of a Ray cluster config with Ray's own schema and rules.
 
 ``python -m platform.check_cluster cluster.yaml`` runs it before ``ray up``, so a typo in
-the config is one line here instead of a half-started cluster.
+the config is one line here instead of a half-started cluster. After ``ray up``,
+``python -m platform.check_cluster --smoke`` trains on every node (``cluster_smoke``).
 """
 from __future__ import annotations
 
@@ -38,10 +39,16 @@ def check_cluster_config(path: Path) -> dict[str, Any]:
     return config
 
 
+USAGE = ("usage: python -m platform.check_cluster CLUSTER_YAML\n"
+         "       python -m platform.check_cluster --smoke [--address ADDRESS] [--timeout SECONDS]")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "--smoke":
+        return smoke_main(args[1:])
     if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python -m platform.check_cluster CLUSTER_YAML", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     try:
         config = check_cluster_config(Path(args[0]))
@@ -51,3 +58,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{args[0]}: valid ({config.get('provider', {}).get('type', '?')} provider, "
           f"{len(config.get('available_node_types', {}))} node types)")
     return 0
+
+
+def smoke_main(args: Sequence[str]) -> int:
+    """0 when every node passed, 1 when one failed, 2 for a bad command line or no cluster."""
+    from kd_platform.cluster_smoke import format_rows, parse_smoke_args, run_smoke
+    try:
+        address, timeout = parse_smoke_args(args)
+        print(f"Training OKDPH resnet8 x2 on every node of the Ray cluster at '{address}' ...", flush=True)
+        rows = run_smoke(address, timeout)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in format_rows(rows):
+        print(line)
+    return 0 if rows and all(r.get("ok") for r in rows) else 1

@@ -13,11 +13,15 @@ The same code serves a CPU run, where the loader path is usually faster, and the
 :func:`decode_batch` decodes a batch of JPEG files on the device with
 ``torchvision.io.decode_jpeg`` (nvJPEG on a GPU). A few ImageNet files are not what the
 GPU decoder takes (CMYK JPEGs, a PNG named ``.JPEG``): a header check sends those through
-PIL on the host, and a file nothing can decode is a one-line error naming it.
+PIL on the host, and a file nothing can decode is a one-line error naming it. Where the
+device decoder raises on files its header check accepted, they go through PIL too: counted
+in :data:`DECODED` and logged once, so a run never claims device decoding it did not do.
 """
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
 from typing import Sequence
 
 import torch
@@ -35,6 +39,12 @@ EVAL_RESIZE = 256 / 224
 # torchvision's GPU decoder handles (with one or three colour components).
 _DEVICE_SOF = (0xC0, 0xC1, 0xC2)
 _ANY_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+log = logging.getLogger(__name__)
+
+DECODED: Counter[str] = Counter()
+"""Files this process decoded, by how: ``device`` (``decode_jpeg`` on the device), ``pil_header``
+(sent to PIL by the header check) and ``pil_after_error`` (the device decoder raised)."""
 
 
 def eval_resize(size: int) -> int:
@@ -123,6 +133,7 @@ def decode_batch(files: Sequence[Tensor], paths: Sequence[str], device: torch.de
     if batch:
         try:
             decoded = decode_jpeg([files[i] for i in batch], mode=ImageReadMode.RGB, device=device)
+            DECODED["device"] += len(batch)
         except RuntimeError:
             decoded = [_decode_one(files[i], paths[i], device) for i in batch]  # find the file that failed
         for i, img in zip(batch, decoded):
@@ -130,11 +141,18 @@ def decode_batch(files: Sequence[Tensor], paths: Sequence[str], device: torch.de
     for i, ok in enumerate(flags):
         if not ok:
             out[i] = read_image(paths[i], None).to(device)
+            DECODED["pil_header"] += 1
     return out  # type: ignore[return-value]
 
 
 def _decode_one(data: Tensor, path: str, device: torch.device) -> Tensor:
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
+        img = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        DECODED["device"] += 1
+        return img
+    except RuntimeError as err:
+        if not DECODED["pil_after_error"]:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            log.warning("decode_jpeg on %s failed (%s); such files are decoded with PIL on the host", device, first)
+        DECODED["pil_after_error"] += 1
         return read_image(path, None).to(device)  # PIL decodes what it can, or names the file

@@ -87,17 +87,23 @@ class Peers(nn.Module):
 
         With ``keep_grad`` the parameters stay functions of the live peer tensors, so a loss on
         the mixture sends ``r_i`` times its gradient to peer ``i``. Float buffers (BatchNorm
-        statistics) are mixed the same way; integer buffers come from the first peer."""
+        statistics) are mixed the same way; integer buffers come from the first peer. The
+        mixture keeps the peers' dtype under autocast too."""
         out: State = {}
         params = self.stacked()
-        r = r.to(next(iter(params.values())))  # one host-to-device copy per step, not one per tensor
-        for key, stack in params.items():
-            out[key] = torch.tensordot(r, stack if keep_grad else stack.detach(), dims=1)
-        with torch.no_grad():
-            for key, stack in self.stacked(buffers=True).items():
-                out[key] = torch.tensordot(r.to(stack.dtype), stack, dims=1)
-            for key, b in self.first_int_buffers().items():
-                out[key] = b.clone()
+        first = next(iter(params.values()))
+        r = r.to(first)  # one host-to-device copy per step, not one per tensor
+        # Mixed in the peers' own precision even under bf16 autocast (which would round every
+        # mixed weight and running statistic to bf16): the hybrid then holds fp32 weights like
+        # the students, and autocast casts them per matmul, for it as for them.
+        with torch.autocast(first.device.type, enabled=False):
+            for key, stack in params.items():
+                out[key] = torch.tensordot(r, stack if keep_grad else stack.detach(), dims=1)
+            with torch.no_grad():
+                for key, stack in self.stacked(buffers=True).items():
+                    out[key] = torch.tensordot(r.to(stack.dtype), stack, dims=1)
+                for key, b in self.first_int_buffers().items():
+                    out[key] = b.clone()
         return out
 
     def first_int_buffers(self) -> State:
