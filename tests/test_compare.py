@@ -267,3 +267,38 @@ def test_a_comparison_killed_halfway_resumes_without_training_a_cell_twice(tmp_p
     assert "ce" in out.stdout and "95%" in out.stdout
     again = run_cli("platform.compare", "--resume", str(res / "cmp-resume"))
     assert again.returncode == 0 and "nothing to resume" in again.stdout
+
+
+def _fake_sweep(c, experiment_id: str, method: str, best: dict[str, str], finished: bool = True) -> str:
+    """A sweep's parent run as a finished sweep leaves it: kind=sweep and its best.* tags."""
+    run = c.create_run(experiment_id, tags={"kind": "sweep", "method": method,
+                                            **{f"best.{k}": v for k, v in best.items()}})
+    c.set_terminated(run.info.run_id, status="FINISHED" if finished else "FAILED")
+    return run.info.run_id
+
+
+def test_tuned_takes_each_methods_newest_or_named_sweep(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from kd_platform.compare.cli import settings
+    uri = sqlite_uri(tmp_path / "mlruns.db")
+    c = MlflowClient(uri)
+    exp = c.create_experiment("okdph")
+    older = _fake_sweep(c, exp, "okdph", {"omega": "0.5"})
+    time.sleep(0.02)
+    newer = _fake_sweep(c, exp, "okdph", {"omega": "0.7", "beta": "0.3"})
+    _fake_sweep(c, exp, "okdph", {"omega": "0.9"}, finished=False)  # a failed sweep is never taken
+    dml = _fake_sweep(c, c.create_experiment("dml"), "dml", {"temperature": "2"})
+    common = ["--seeds", "2", "--tracking-uri", uri, "--out", str(tmp_path / "res")]
+    s = settings(["okdph", "dml", "--tuned", *common])
+    cells = {cell.method: cell for cell in s.cells}
+    assert cells["okdph"].fixed["omega"] == "0.7" and cells["okdph"].fixed["beta"] == "0.3"
+    assert cells["okdph"].knobs_from == f"sweep {newer}" and cells["dml"].knobs_from == f"sweep {dml}"
+    assert any(f"okdph from sweep {newer}" in line for line in s.protocol)
+    s = settings(["okdph", "ce", "--tuned", older, *common])  # named: ce keeps its preset knobs
+    cells = {cell.method: cell for cell in s.cells}
+    assert cells["okdph"].fixed["omega"] == "0.5" and cells["ce"].knobs_from == "preset"
+    from kd_platform.errors import UsageError
+    with pytest.raises(UsageError, match="is a sweep of 'dml', which is not compared here"):
+        settings(["okdph", "ce", "--tuned", dml, *common])
+    assert not (tmp_path / "res").exists()
