@@ -25,15 +25,14 @@ from kd_platform.launch.trial import run_trial
 from kd_platform.run.spec import RunSpec
 from kd_platform.sweep.progress import Progress
 from kd_platform.sweep.tuner import (
-    RayStart,
     SweepInterrupted,
     _fit,
-    _hold,
-    _quiet_libraries,
-    _replace_callbacks,
     close_failed,
     close_interrupted,
-    plan_packing,
+    restored,
+    run_config,
+    start_driver,
+    with_trial_resources,
 )
 from kd_platform.tracking.mlflow_callback import MlflowTrialLogger
 from kd_platform.tracking.mlflow_writer import UNSENT_FILE
@@ -176,27 +175,22 @@ def _save_state(s: CompareSettings) -> None:
 
 
 def _tuner(s: CompareSettings, trainable: Any, callbacks: list[Any]) -> Any:
+    """Every cell once per seed, to the last epoch (no scheduler); a resumed comparison's grid as it was."""
     from ray import tune
-    if s.resume and tune.Tuner.can_restore(s.experiment_path):
-        tuner = tune.Tuner.restore(s.experiment_path, trainable=trainable, resume_errored=True, param_space=None)
-        _replace_callbacks(tuner, callbacks)
+    tuner = restored(s.experiment_path, trainable, callbacks) if s.resume else None
+    if tuner is not None:
         return tuner
     space = {"cell": tune.grid_search([c.key for c in s.cells]), "seed": tune.grid_search(s.seeds)}
     return tune.Tuner(trainable, param_space=space,
                       tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=s.max_concurrent,
                                                   reuse_actors=s.launch.in_process()),
-                      run_config=tune.RunConfig(name=s.name, storage_path=s.launch.storage_path,
-                                                callbacks=callbacks, verbose=1 if s.verbose >= 2 else 0,
-                                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                                failure_config=tune.FailureConfig(max_failures=1)))
+                      run_config=run_config(s.name, s.launch.storage_path, callbacks, s.verbose))
 
 
 def _trainable(s: CompareSettings) -> Any:
     from ray import tune
-    fn = tune.with_parameters(run_cell, cells={c.key: c.to_json() for c in s.cells}, launch=s.launch)
-    if s.launch.in_process():
-        return tune.with_resources(fn, {"CPU": s.launch.cpus, "GPU": s.launch.gpus})
-    return tune.with_resources(fn, {"CPU": 0.01})
+    return with_trial_resources(tune.with_parameters(run_cell, cells={c.key: c.to_json() for c in s.cells},
+                                                     launch=s.launch), s.launch)
 
 
 def header(s: CompareSettings) -> str:
@@ -209,28 +203,10 @@ def header(s: CompareSettings) -> str:
 def run_compare(s: CompareSettings) -> CompareOutcome:
     """Run (or resume) the comparison ``s``; every input was validated beforehand."""
     t0 = time.perf_counter()
-    lock = _hold(s.run_dir) if s.resume else None
-    if s.verbose < 2:
-        _quiet_libraries()
-    ray_start = RayStart(s.address, dashboard=not s.launch.in_process(), log_to_driver=s.verbose >= 2)
-    c = tracking.client(s.tracking_uri)
-    ray_start.wait()
-    import ray
-
-    from kd_platform.sweep.tuner import _max_resources
-    packing = plan_packing(s.launch, s.trials, ray.cluster_resources(), s.max_concurrent, _max_resources(),
-                           resumed=s.resume)
-    s.max_concurrent = packing.max_concurrent
-    if s.verbose >= 1:
-        print(header(s), flush=True)
-    if packing.line:
-        print(packing.line, flush=True)
-    experiment_id = tracking.ensure_experiment(s.tracking_uri, s.experiment)
-    try:
-        s.run_dir.mkdir(parents=True, exist_ok=s.resume)
-    except FileExistsError:
-        raise UsageError(f"comparison directory '{s.run_dir}' was just created by another driver") from None
-    lock = lock or _hold(s.run_dir)
+    d = start_driver(s.run_dir, s.resume, s.address, s.launch, s.trials, s.max_concurrent, s.verbose, header(s),
+                     s.tracking_uri, s.experiment, "comparison")
+    c, experiment_id = d.client, d.experiment_id  # d holds the directory's lock until return
+    s.max_concurrent = d.packing.max_concurrent
     s.parent_run_id = _parent_run(s, c, experiment_id)
     logger = CellLogger(s.cells, uri=s.tracking_uri, experiment_id=experiment_id, parent_run_id=s.parent_run_id,
                         seed=s.seeds[0], epochs=s.epochs,
@@ -252,7 +228,6 @@ def run_compare(s: CompareSettings) -> CompareOutcome:
     logger.close()
     s.finished, s.experiment_id = True, experiment_id
     _save_state(s)
-    del lock
     return outcome
 
 

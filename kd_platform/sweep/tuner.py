@@ -340,10 +340,15 @@ def plan_packing(launch: Launch, samples: int, resources: dict[str, float], max_
 
 def _trainable(s: SweepSettings) -> Any:
     from ray import tune
-    fn = tune.with_parameters(run_trial, method=s.method, fixed=s.trial_fixed,
-                              seed=s.seed, launch=s.launch, assets=s.assets)
-    if s.launch.in_process():
-        resources = {"CPU": s.launch.cpus, "GPU": s.launch.gpus}
+    return with_trial_resources(tune.with_parameters(run_trial, method=s.method, fixed=s.trial_fixed,
+                                                     seed=s.seed, launch=s.launch, assets=s.assets), s.launch)
+
+
+def with_trial_resources(fn: Any, launch: Launch) -> Any:
+    """A trainable with what one trial reserves on the cluster."""
+    from ray import tune
+    if launch.in_process():
+        resources = {"CPU": launch.cpus, "GPU": launch.gpus}
     else:  # the trial only drives a TorchTrainer whose workers reserve the real resources
         resources = {"CPU": 0.01}
         import ray
@@ -381,40 +386,57 @@ def _parent_run(s: SweepSettings, c: Any, experiment_id: str, trials_per_gpu: fl
     return run.info.run_id
 
 
+@dataclass
+class Driver:
+    """What a driver holds once it may start trials: the store, its experiment, the packing
+    of trials on the cluster, and the lock on its directory (held while this object lives)."""
+    client: Any
+    experiment_id: str
+    packing: Packing
+    lock: Any
+
+
+def start_driver(run_dir: Path, resume: bool, address: str | None, launch: Launch, trials: int,
+                 max_concurrent: int | None, verbose: int, header: str, uri: str, experiment: str,
+                 what: str) -> Driver:
+    """Start (or join) Ray, open the MLflow store and the experiment, plan the packing, print the
+    header, and create and lock ``run_dir``: the steps a sweep and a comparison share."""
+    lock = _hold(run_dir) if resume else None  # before Ray starts: a second driver changes nothing
+    # Workers' own logs reach the console only with -v: the trials' results say what matters.
+    if verbose < 2:
+        _quiet_libraries()
+    ray_start = RayStart(address, dashboard=not launch.in_process(), log_to_driver=verbose >= 2)
+    # While Ray's processes start, this thread opens the MLflow store. The experiment and the
+    # parent run wait for Ray: the default concurrency comes from the cluster's resources and
+    # the parent run logs it, and a cluster that cannot be reached leaves no run in MLflow.
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray_start.wait()  # a cluster that is not there: one line, before the MLflow store is touched
+    c = tracking.client(uri)
+    ray_start.wait()
+    import ray
+    packing = plan_packing(launch, trials, ray.cluster_resources(), max_concurrent, _max_resources(), resumed=resume)
+    if verbose >= 1:
+        print(header, flush=True)
+    if packing.line:
+        print(packing.line, flush=True)
+    experiment_id = tracking.ensure_experiment(uri, experiment)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=resume)
+    except FileExistsError:
+        raise UsageError(f"{what} directory '{run_dir}' was just created by another driver") from None
+    return Driver(c, experiment_id, packing, lock or _hold(run_dir))
+
+
 def run_sweep(s: SweepSettings) -> SweepOutcome:
     """Run (or resume) the sweep described by ``s``; every input was validated beforehand."""
     t0 = time.perf_counter()
-    lock = _hold(s.sweep_dir) if s.resume else None  # before Ray starts: a second driver changes nothing
-    # Workers' own logs reach the console only with -v: the trials' results say what matters.
-    if s.verbose < 2:
-        _quiet_libraries()
-    ray_start = RayStart(s.address, dashboard=not s.launch.in_process(), log_to_driver=s.verbose >= 2)
     from kd_platform.sweep.progress import Progress
     from kd_platform.tracking.mlflow_callback import MlflowTrialLogger
     from kd_platform.tracking.mlflow_writer import UNSENT_FILE
-
-    # While Ray's processes start, this thread imports Tune and opens the MLflow store. The
-    # experiment and the parent run wait for Ray: the default concurrency comes from the
-    # cluster's resources and the parent run logs it, and a cluster that cannot be reached
-    # leaves no run in MLflow.
-    if s.address or os.environ.get("RAY_ADDRESS"):
-        ray_start.wait()  # a cluster that is not there: one line, before the MLflow store is touched
-    c = tracking.client(s.tracking_uri)
-    ray_start.wait()
-    import ray
-    packing = plan_packing(s.launch, s.samples, ray.cluster_resources(), s.max_concurrent, _max_resources(),
-                           resumed=s.resume)
+    d = start_driver(s.sweep_dir, s.resume, s.address, s.launch, s.samples, s.max_concurrent, s.verbose,
+                     _header(s), s.tracking_uri, s.experiment, "sweep")
+    c, experiment_id, packing = d.client, d.experiment_id, d.packing  # d holds the directory's lock until return
     s.max_concurrent = packing.max_concurrent
-    if s.verbose >= 1:
-        print(_header(s), flush=True)
-    if packing.line:
-        print(packing.line, flush=True)
-    experiment_id = tracking.ensure_experiment(s.tracking_uri, s.experiment)
-    try:
-        s.sweep_dir.mkdir(parents=True, exist_ok=s.resume)
-    except FileExistsError:
-        raise UsageError(f"sweep directory '{s.sweep_dir}' was just created by another driver") from None
-    lock = lock or _hold(s.sweep_dir)
     s.parent_run_id = _parent_run(s, c, experiment_id, packing.trials_per_gpu)
     confirm_results, confirm_wall = None, 0.0
     try:
@@ -553,11 +575,21 @@ def _save_state(s: SweepSettings) -> None:
     (s.sweep_dir / STATE_FILE).write_text(json.dumps(s.to_json(), indent=2, default=str))
 
 
+def restored(path: str, trainable: Any, callbacks: list[Any]) -> Any:
+    """The Tune experiment at ``path`` restored with this driver's callbacks, or None where
+    there is none to restore."""
+    from ray import tune
+    if not tune.Tuner.can_restore(path):
+        return None
+    tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=None)
+    _replace_callbacks(tuner, callbacks)
+    return tuner
+
+
 def _search_tuner(s: SweepSettings, trainable: Any, callbacks: list[Any]) -> Any:
     from ray import tune
-    if s.resume and tune.Tuner.can_restore(s.experiment_path):
-        tuner = tune.Tuner.restore(s.experiment_path, trainable=trainable, resume_errored=True, param_space=None)
-        _replace_callbacks(tuner, callbacks)
+    tuner = restored(s.experiment_path, trainable, callbacks) if s.resume else None
+    if tuner is not None:
         return tuner
     if s.ablation:
         return _ablation_tuner(s, trainable, callbacks)
@@ -577,10 +609,8 @@ def _confirm_tuner(s: SweepSettings, trainable: Any, callbacks: list[Any], plan:
     an experiment of its own beside the search's, so that either resumes on its own."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
-    path = f"{s.experiment_path}-confirm"
-    if tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=None)
-        _replace_callbacks(tuner, callbacks)
+    tuner = restored(f"{s.experiment_path}-confirm", trainable, callbacks)
+    if tuner is not None:
         return tuner
     points = plan.points()
     # Tune fills a point's keys from the param space, so the space names them all; the values
@@ -635,9 +665,14 @@ def _fail_stale_optuna_trials(s: SweepSettings) -> None:
 
 
 def _run_config(s: SweepSettings, callbacks: list[Any], name: str | None = None) -> Any:
+    return run_config(name or s.name, s.launch.storage_path, callbacks, s.verbose)
+
+
+def run_config(name: str, storage_path: str, callbacks: list[Any], verbose: int) -> Any:
+    """Tune's run config of every experiment here: each trial's last checkpoint kept, one retry."""
     from ray import tune
-    return tune.RunConfig(name=name or s.name, storage_path=s.launch.storage_path, callbacks=list(callbacks),
-                          verbose=1 if s.verbose >= 2 else 0, checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+    return tune.RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
+                          verbose=1 if verbose >= 2 else 0, checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                           failure_config=tune.FailureConfig(max_failures=1))
 
 
