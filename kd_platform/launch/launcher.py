@@ -177,17 +177,13 @@ def train_worker(config: dict[str, Any]) -> None:
     injected = faults.hooks(spec.all_knobs())
     # Every rank must call report (it is a barrier); only rank 0 attaches the checkpoint.
     placement = {"node_id": node_id(), "gpu_ids": gpu_ids(), **_worker_placement(world)}
-    from kd_platform.tracking import system_metrics
-    # One sampler per node, named, so that a run over several nodes logs each node's figures.
-    sampler = system_metrics.start(config.get("system_metrics", True) and ctx.get_local_rank() == 0,
-                                   system_metrics.node_name(), placement["gpu_ids"])
-    reporter = with_system_metrics(with_placement(checkpoint_reporter(_report_committed, attach=rank == 0),
-                                                  placement), sampler, world)
+    from kd_platform.tracking.system_metrics import node_name, sampling
     device = rt.get_device()
-    try:
+    # One sampler per node, named, so that a run over several nodes logs each node's figures.
+    with sampling(config.get("system_metrics", True) and ctx.get_local_rank() == 0, node_name(),
+                  placement["gpu_ids"]) as sampler:
+        reporter = with_system_metrics(with_placement(checkpoint_reporter(_report_committed, attach=rank == 0),
+                                                      placement), sampler, world)
         train_from(train.get_checkpoint(),
                    lambda resume: engine.train(spec, reporter, device=device, resume_from=resume, rank=rank,
                                                world=world, teachers=teachers.prepare(spec, device), hooks=injected))
-    finally:
-        if sampler is not None:
-            sampler.close()

@@ -38,15 +38,11 @@ def run_single(spec: RunSpec, launch: Launch, uri: str, experiment: str, out: Pa
             checkpoint_dir = (out / name / "checkpoint").resolve()
             tracking.set_tags(c, run_id, {CHECKPOINT_TAG: str(checkpoint_dir)})
             device = device_for(launch.gpus)
-            from kd_platform.tracking import system_metrics
-            sampler = system_metrics.start(launch.system_metrics)
-            try:
+            from kd_platform.tracking.system_metrics import sampling
+            with sampling(launch.system_metrics) as sampler:
                 final = engine.train(spec, with_system_metrics(mlflow_reporter(uri, run_id, checkpoint_dir), sampler),
                                      device=device, teachers=teachers.prepare(spec, device),
                                      hooks=faults.hooks(spec.all_knobs()))
-            finally:
-                if sampler is not None:
-                    sampler.close()
             location: str | None = str(checkpoint_dir)
         else:
             from dataclasses import replace

@@ -35,16 +35,12 @@ def run_trial(config: dict[str, Any], *, method: str, fixed: dict[str, Any], see
     if launch.in_process():
         set_threads(launch.cpus)
         device = device_for(launch.gpus)
-        from kd_platform.tracking import system_metrics
-        sampler = system_metrics.start(launch.system_metrics, gpus=gpu_ids())
-        reporter = with_system_metrics(with_placement(checkpoint_reporter(tune.report, attach=True),
-                                                      {"node_id": node_id(), "gpu_ids": gpu_ids()}), sampler)
-        try:
+        from kd_platform.tracking.system_metrics import sampling
+        with sampling(launch.system_metrics, gpus=gpu_ids()) as sampler:
+            reporter = with_system_metrics(with_placement(checkpoint_reporter(tune.report, attach=True),
+                                                          {"node_id": node_id(), "gpu_ids": gpu_ids()}), sampler)
             train_from(tune.get_checkpoint(),
                        lambda resume: engine.train(spec, reporter, device=device, resume_from=resume,
                                                    teachers=teachers.prepare(spec, device), hooks=injected))
-        finally:
-            if sampler is not None:
-                sampler.close()
     else:
         fit_with_train(spec, launch, name=f"train-{tune.get_context().get_trial_id()}", tune_callback=True)

@@ -32,7 +32,7 @@ from kd_platform.tracking.mlflow_writer import (
     string_tags,
 )
 from kd_platform.tracking.models import DEFAULT_LOG_MODELS, log_run_models
-from kd_platform.tracking.system_metrics import metrics_of
+from kd_platform.tracking.system_metrics import log_samples
 from kd_platform.tracking.teacher_artifacts import record_teacher
 
 TRIAL_TAG = "ray.trial_id"
@@ -168,9 +168,8 @@ class MlflowTrialLogger(Callback):
         else:  # guarded: a resumed run found only once the store is back may hold the epoch already
             tracking.log_metrics(self.client, run_id, result, step=epoch, guard=[trial.trial_id, epoch])
             self.logged_epoch[trial.trial_id] = max(epoch, self.logged_epoch.get(trial.trial_id, 0))
-        system, self.system_step[trial.trial_id] = metrics_of(result, self.system_step.get(trial.trial_id, 0))
-        if system:
-            self.client.log_batch(run_id, metrics=system)
+        self.system_step[trial.trial_id] = log_samples(self.client, run_id, result,
+                                                       self.system_step.get(trial.trial_id, 0))
         self.tag_placement(trial, run_id, result)
         warnings = warning_tags(result)
         if warnings and trial.trial_id not in self.warned:

@@ -8,7 +8,7 @@ from typing import Callable
 from kd_platform import tracking
 from kd_platform.run import engine
 from kd_platform.run.evaluation import warning_tags
-from kd_platform.tracking.system_metrics import metrics_of
+from kd_platform.tracking.system_metrics import log_samples
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +21,7 @@ def mlflow_reporter(uri: str, run_id: str, checkpoint_dir: Path | None) -> engin
     def report(metrics: dict[str, float], save: Callable[[Path], None]) -> None:
         nonlocal system_step
         tracking.log_metrics(c, run_id, metrics, step=int(metrics["epoch"]))
-        system, system_step = metrics_of(metrics, system_step)
-        if system:
-            c.log_batch(run_id, metrics=system)
+        system_step = log_samples(c, run_id, metrics, system_step)
         warnings = warning_tags(metrics)
         if warnings:
             tracking.set_tags(c, run_id, warnings)

@@ -18,7 +18,8 @@ import re
 import socket
 import threading
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,17 @@ def start(enabled: bool, node: str = "", gpus: str = "") -> Sampler | None:
         return None
 
 
+@contextmanager
+def sampling(enabled: bool, node: str = "", gpus: str = "") -> Iterator[Sampler | None]:
+    """:func:`start`'s sampler for the duration of a run, stopped however the run ends."""
+    sampler = start(enabled, node, gpus)
+    try:
+        yield sampler
+    finally:
+        if sampler is not None:
+            sampler.close()
+
+
 def attach(metrics: dict[str, Any], sampler: Sampler | None, world: int = 1) -> dict[str, Any]:
     """``metrics`` with the samples since the last report. Under DDP every rank must call it at
     the same report (it gathers each node's samples to every rank); ranks without a sampler add none."""
@@ -133,6 +145,14 @@ def attach(metrics: dict[str, Any], sampler: Sampler | None, world: int = 1) -> 
 def node_name() -> str:
     """How a node is named in its metrics' keys (``system/<node>/...``) when a run spans nodes."""
     return socket.gethostname().split(".")[0] or "node"
+
+
+def log_samples(c: Any, run_id: str, result: dict[str, Any], first_step: int) -> int:
+    """Log the samples ``result`` carries to ``run_id`` (see :func:`metrics_of`); the next step."""
+    system, step = metrics_of(result, first_step)
+    if system:
+        c.log_batch(run_id, metrics=system)
+    return step
 
 
 def metrics_of(result: dict[str, Any], first_step: int = 0) -> tuple[list[Any], int]:
