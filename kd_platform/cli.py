@@ -13,7 +13,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from kd_platform.console import OneLineParser, run_command
 from kd_platform.errors import UsageError
@@ -319,23 +319,28 @@ def sweep_parser() -> argparse.ArgumentParser:
 
 def _latest_sweep(out: Path, method: str) -> Path:
     """The newest interrupted TPE sweep of ``method`` in ``out`` (an ablation is resumed by its directory)."""
+    from kd_platform.sweep.tuner import STATE_FILE
+    return latest_interrupted(out, STATE_FILE,
+                              lambda state: state.get("method") == method and not state.get("ablation"),
+                              f"sweep of '{method}'")
+
+
+def latest_interrupted(out: Path, state_file: str, wanted: Callable[[dict], bool], what: str) -> Path:
+    """The newest directory in ``out`` whose ``state_file`` says it is unfinished and is ``wanted``;
+    printed, since ``--resume`` alone did not name it."""
     import json
 
-    from kd_platform.sweep.tuner import STATE_FILE
-
-    def interrupted_search(state_file: Path) -> bool:
+    def interrupted(path: Path) -> bool:
         try:
-            state = json.loads(state_file.read_text())
+            state = json.loads(path.read_text())
         except (OSError, ValueError):
             return False
-        return (isinstance(state, dict) and state.get("method") == method and not state.get("finished")
-                and not state.get("ablation"))
+        return isinstance(state, dict) and not state.get("finished") and wanted(state)
 
-    found = sorted((p.parent for p in out.glob(f"*/{STATE_FILE}") if interrupted_search(p)),
-                   key=lambda p: p.stat().st_mtime)
+    found = sorted((p.parent for p in out.glob(f"*/{state_file}") if interrupted(p)), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise UsageError(f"--resume: no interrupted sweep of '{method}' in '{out}'")
-    print(f"Resuming {found[-1]} (the newest interrupted {method} sweep in {out})", flush=True)
+        raise UsageError(f"--resume: no interrupted {what} in '{out}'")
+    print(f"Resuming {found[-1]} (the newest interrupted {what} in {out})", flush=True)
     return found[-1]
 
 

@@ -129,6 +129,7 @@ def test_a_malformed_reference_file_is_one_line(tmp_path):
     (["okdph", "ce", "--set", "nosuch=1"], "unknown knob 'nosuch'"),
     (["okdph", "ce", "--register", "--log-models", "none"], "--register needs the runs' models"),
     ([], "name the methods to compare"),
+    (["--resume"], "no interrupted comparison"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
     from kd_platform.compare.cli import main

@@ -212,18 +212,7 @@ def settings(argv: Sequence[str] | None) -> Any:
 
 def _latest(out: Path) -> Path:
     from kd_platform.compare.runner import STATE_FILE
-
-    def interrupted(state_file: Path) -> bool:
-        try:
-            return not json.loads(state_file.read_text()).get("finished")
-        except (OSError, ValueError, AttributeError):
-            return False
-
-    found = sorted((p.parent for p in out.glob(f"*/{STATE_FILE}") if interrupted(p)), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise UsageError(f"--resume: no interrupted comparison in '{out}'")
-    print(f"Resuming {found[-1]} (the newest interrupted comparison in {out})", flush=True)
-    return found[-1]
+    return cli.latest_interrupted(out, STATE_FILE, lambda state: True, "comparison")
 
 
 def _main(argv: Sequence[str] | None) -> int:
