@@ -36,6 +36,7 @@ from kd_platform.sweep.tuner import (
 )
 from kd_platform.tracking.mlflow_callback import MlflowTrialLogger
 from kd_platform.tracking.mlflow_writer import UNSENT_FILE
+from kd_platform.tracking.models import DEFAULT_LOG_MODELS
 
 STATE_FILE = "kd_compare.json"
 REPORT_DIR = "comparison"
@@ -62,7 +63,7 @@ class CompareSettings:
     experiment_id: str | None = None
     finished: bool = False
     verbose: int = 1
-    log_models: str = "completed"  # "best" logs none: a comparison has no single best to keep
+    log_models: str = DEFAULT_LOG_MODELS  # "best" logs none: a comparison has no single best to keep
     register: bool = False         # register each column's first-ranked method's best network
 
     @property
@@ -103,7 +104,7 @@ class CompareSettings:
                                    d.get("address"), d.get("max_concurrent"), list(d.get("protocol", [])),
                                    resume=True, parent_run_id=d.get("parent_run_id"),
                                    experiment_id=d.get("experiment_id"), finished=bool(d.get("finished")),
-                                   log_models=d.get("log_models", "completed"), register=bool(d.get("register")))
+                                   log_models=d.get("log_models", DEFAULT_LOG_MODELS), register=bool(d.get("register")))
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"--resume: '{state}' is unreadable ({exc})") from None
 

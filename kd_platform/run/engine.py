@@ -247,7 +247,7 @@ def fit(spec: RunSpec, report: Reporter, *, device: torch.device | None = None,
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best = int(state["epoch"]), float(state["best"])
-        at_best = dict(state.get("test_at_best_val", {}))
+        at_best = dict(state.get(AT_BEST_VAL, {}))
         log.info("resumed from %s at epoch %d", resume_from, start_epoch)
 
     steps = data.steps_per_epoch()
@@ -302,7 +302,7 @@ def fit(spec: RunSpec, report: Reporter, *, device: torch.device | None = None,
                  at_best: dict[str, float] = at_best) -> None:
             save_atomic({"method": method.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                         "epoch": epoch + 1, "best": best, "test_at_best_val": at_best, "layout": layout},
+                         "epoch": epoch + 1, "best": best, AT_BEST_VAL: at_best, "layout": layout},
                         Path(directory) / STATE_FILE)
         report(metrics, save)
     return Trained(metrics, method)

@@ -78,7 +78,6 @@ class SweepSettings:
     experiment_id: str | None = None
     report: bool = True                      # write the analysis report at the end (not kept)
     log_models: str = DEFAULT_LOG_MODELS     # none | best | completed (see tracking.models)
-    register: bool = True                    # register the confirmed best network at the end
 
     @property
     def confirms(self) -> bool:
@@ -110,7 +109,7 @@ class SweepSettings:
                 "confirm_top": self.confirm_top, "confirm_seeds": self.confirm_seeds,
                 "confirm_plan": self.confirm_plan.to_json() if self.confirm_plan else None, "search": self.search,
                 "finished": self.finished, "experiment_id": self.experiment_id, "layout": LAYOUT,
-                "log_models": self.log_models, "register": self.register}
+                "log_models": self.log_models}
 
     @staticmethod
     def from_sweep_dir(path: Path) -> "SweepSettings":
@@ -133,7 +132,7 @@ class SweepSettings:
                                  confirm_plan=ConfirmPlan.from_json(d["confirm_plan"]) if d["confirm_plan"] else None,
                                  search=d["search"], finished=bool(d.get("finished")),
                                  experiment_id=d.get("experiment_id"),
-                                 log_models=d.get("log_models", DEFAULT_LOG_MODELS), register=d.get("register", True))
+                                 log_models=d.get("log_models", DEFAULT_LOG_MODELS))
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"--resume: '{state}' is unreadable ({exc})") from None
 
@@ -478,7 +477,7 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
     outcome = _finish(s, logger.client, experiment_id, verdict, time.perf_counter() - t0)
     outcome.confirm_wall_s = confirm_wall
     outcome.warnings = progress.warnings()
-    if verdict is not None and verdict.rows and s.register and s.log_models != "none":
+    if verdict is not None and verdict.rows and s.log_models != "none":
         outcome.registered = register_best(s, logger, verdict)
     logger.close()
     s.finished, s.experiment_id = True, experiment_id
