@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from kd_platform.console import OneLineParser, run_command
-from kd_platform.errors import UsageError
+from kd_platform.errors import UsageError, error_line
 
 if TYPE_CHECKING:
     from kd_platform.run.spec import Assets
@@ -364,6 +364,9 @@ def sweep_settings(argv: Sequence[str] | None) -> Any:
         s = SweepSettings.from_sweep_dir(path.resolve())
         if s.method != args.method:
             raise UsageError(f"--resume: '{path}' is a sweep of '{s.method}', not '{args.method}'")
+        from kd_platform.sweep.disk import check_tune_state
+        for experiment in (s.experiment_path, f"{s.experiment_path}-confirm"):
+            check_tune_state(experiment)
         s.verbose, s.report = _verbosity(args), not args.no_report
         s.log_models = args.log_models or s.log_models
         if args.no_system_metrics:
@@ -488,7 +491,7 @@ def _report(s: Any, outcome: Any) -> None:
         rep = analyse(c, sweep, s.sweep_dir / "report")
         print(f"Report: {rep.path} (also under '{ARTIFACT_DIR}/' of the parent run)")
     except Exception as exc:  # the sweep's results stand without it
-        print(f"Report not written ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+        print(f"Report not written ({error_line(exc)}); "
               f"python -m analysis.ablation --sweep {outcome.parent_run_id} --tracking-uri {s.tracking_uri} "
               f"tries again")
 

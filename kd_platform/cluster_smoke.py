@@ -14,7 +14,7 @@ import math
 import time
 from typing import Any, Sequence
 
-from kd_platform.errors import UsageError
+from kd_platform.errors import UsageError, error_line
 
 METHOD, ARCH, CLASSES, IMAGE = "okdph", "resnet8", 100, 32
 COLUMNS = ("node", "device", "torch", "CUDA", "cuDNN", "bf16", "nvJPEG", "img/s unfused/fused", "result")
@@ -23,11 +23,6 @@ COLUMNS = ("node", "device", "torch", "CUDA", "cuDNN", "bf16", "nvJPEG", "img/s 
 class _Shape:
     """What ``build_method`` reads of a data module: CIFAR-100's shapes."""
     num_classes, in_channels, image_size = CLASSES, 3, IMAGE
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _img_s(device: Any, fused: str, batch: int, steps: int) -> float:
@@ -91,7 +86,7 @@ def node_check(want_gpu: bool) -> dict[str, Any]:
         row["img_s"] = [_img_s(device, fused, batch, steps) for fused in ("false", "true")]
         row["ok"] = True
     except Exception as exc:  # noqa: BLE001 - the row says what failed; the other nodes still report
-        row["ok"], row["error"] = False, _first_line(exc)
+        row["ok"], row["error"] = False, error_line(exc)
     return row
 
 
@@ -107,7 +102,7 @@ def run_smoke(address: str, timeout: float) -> list[dict[str, Any]]:
     try:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise UsageError(f"--address: no Ray cluster at '{address}' ({_first_line(exc)})") from None
+        raise UsageError(f"--address: no Ray cluster at '{address}' ({error_line(exc)})") from None
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         check = ray.remote(node_check)
@@ -126,7 +121,7 @@ def run_smoke(address: str, timeout: float) -> list[dict[str, Any]]:
                 try:
                     row = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - the task or its node died
-                    row = {"ok": False, "error": _first_line(getattr(exc, "cause", None) or exc)}
+                    row = {"ok": False, "error": error_line(getattr(exc, "cause", None) or exc)}
             else:
                 ray.cancel(ref, force=True)
                 row = {"ok": False, "error": f"no result within {timeout:.0f} s (node busy, or its task cannot start)"}

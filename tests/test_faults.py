@@ -251,29 +251,114 @@ def test_a_trial_lost_with_the_driver_is_closed_and_trashed(tmp_path):
     assert trashed.info.status == "KILLED" and trashed.data.tags["trial_outcome"] == "lost"
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 20 MB tmpfs for --out, nearly filled: the disk runs out during the sweep."""
+def test_an_error_wrapping_a_traceback_is_reported_by_the_error_it_wraps():
+    """Tune ends a sweep whose trial died with ``TuneError(<the trial's whole traceback>)``:
+    its first line is ``Traceback (most recent call last):``, which says nothing."""
+    import errno
+    import traceback
+
+    from ray.tune.error import TuneError
+
+    from kd_platform.errors import error_line
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        wrapped = TuneError(traceback.format_exc())
+    assert error_line(wrapped) == "OSError: [Errno 28] No space left on device"
+    assert error_line(ValueError("bad knob\nmore")) == "ValueError: bad knob"
+    assert error_line(RuntimeError()) == "RuntimeError"
+
+
+def _tmpfs(tmp_path, free_mib: float):
+    """A 40 MiB tmpfs with ``free_mib`` left: the disk under --out, run out on purpose."""
     import subprocess
     mount = tmp_path / "disk"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)], capture_output=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    (mount / "filler").write_bytes(bytes(19_000_000))
+    import shutil
+    (mount / "filler").write_bytes(bytes(shutil.disk_usage(mount).free - int(free_mib * 2 ** 20)))
+    return mount
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """1 MiB left: less than two of the sweep's checkpoints."""
+    import subprocess
+    mount = _tmpfs(tmp_path, 1)
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-def test_a_full_disk_is_one_line_closes_every_run_and_resumes(tmp_path, small_disk):
+@pytest.fixture
+def filling_disk(tmp_path):
+    """5.5 MiB left against a 5 MiB margin: the first checkpoint crosses it, with room to spare."""
+    import subprocess
+    mount = _tmpfs(tmp_path, 5.5)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+SPACE = "method: ce\nswept:\n  lr: {type: choice, values: [0.1, 0.05]}\n"
+
+
+def _disk_sweep(tmp_path, out, margin_mib: float):
+    space = tmp_path / "s.yaml"
+    space.write_text(SPACE)
+    return run_cli("platform.sweep", "ce", "--space", str(space), "--samples", "2", "--epochs", "3", "--no-confirm",
+                   "--no-report", "--out", str(out), "--name", "full", "--tracking-uri", sqlite_uri(tmp_path / "m.db"),
+                   env={"KD_MIN_FREE_MB": str(margin_mib)})
+
+
+def _outcomes(uri):
+    parent, children = _children(uri)
+    return parent, children, [(x.info.status, x.data.tags.get("trial_outcome"), x.data.tags.get("error"))
+                              for x in children]
+
+
+def test_a_disk_below_the_margin_stops_the_sweep_with_its_state_saved_and_resumes(tmp_path, filling_disk):
+    import re
+    uri, out = sqlite_uri(tmp_path / "m.db"), filling_disk / "res"
+    r = _disk_sweep(tmp_path, out, 5)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(r"disk nearly full under .*res.* \(\d+ MiB free, 5 MiB kept .*KD_MIN_FREE_MB"
+                                          r".*then --resume", errors[0]), r.stderr
+    parent, children, seen = _outcomes(uri)
+    # Stopped like Ctrl-C, before anything was cut short: every run KILLED or finished, none FAILED.
+    assert parent.info.status == "KILLED" and children, seen
+    assert all(s in ("KILLED", "FINISHED") for s, _, _ in seen), seen
+    (filling_disk / "filler").unlink()
+    again = run_cli("platform.sweep", "ce", "--resume", str(out / "full"), "--no-report", "--quiet",
+                    env={"KD_MIN_FREE_MB": "5"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    parent, children, seen = _outcomes(uri)
+    assert parent.info.status == "FINISHED"
+    assert sorted(s for s, _, _ in seen) == ["FINISHED", "FINISHED"], seen
+
+
+def test_a_disk_already_below_the_margin_is_one_line_and_nothing_written(tmp_path, small_disk):
+    out = small_disk / "res"
+    r = _disk_sweep(tmp_path, out, 5)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [f"error: disk nearly full under {out / 'full'} (1 MiB free, 5 MiB needed; "
+                                             f"KD_MIN_FREE_MB sets the margin): free space first"], r.stderr
+    assert not out.exists() and not runs_in(sqlite_uri(tmp_path / "m.db"))
+
+
+def test_a_disk_that_fills_at_once_is_one_line_closes_every_run_and_resumes_or_says_why_not(tmp_path, small_disk):
+    """With the margin off, the disk fills under a trial's checkpoint or under Tune's own files;
+    which, depends on the moment. A Tune file cut short cannot be resumed from: --resume says so
+    in one line and changes nothing, rather than resuming what it can into fewer trials."""
     import re
     uri, out = sqlite_uri(tmp_path / "m.db"), small_disk / "res"
-    space = tmp_path / "s.yaml"
-    space.write_text("method: ce\nswept:\n  lr: {type: choice, values: [0.1, 0.05]}\n")
-    r = run_cli("platform.sweep", "ce", "--space", str(space), "--samples", "2", "--epochs", "3", "--no-confirm",
-                "--no-report", "--out", str(out), "--name", "full", "--tracking-uri", uri)
+    r = _disk_sweep(tmp_path, out, 0)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Traceback" not in r.stdout + r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
@@ -282,14 +367,35 @@ def test_a_full_disk_is_one_line_closes_every_run_and_resumes(tmp_path, small_di
     assert runs and not [x for x in runs if x.info.status == "RUNNING"]
     assert next(x for x in runs if x.data.tags.get("kind") == "sweep").info.status == "FAILED"
     (small_disk / "filler").unlink()
-    again = run_cli("platform.sweep", "ce", "--resume", str(out / "full"), "--no-report", "--quiet")
+    before = _outcomes(uri)[2]
+    again = run_cli("platform.sweep", "ce", "--resume", str(out / "full"), "--no-report", "--quiet",
+                    env={"KD_MIN_FREE_MB": "0"})
+    parent, children, seen = _outcomes(uri)
+    if again.returncode == 2:
+        line = again.stderr.strip()
+        assert re.fullmatch(r"error: --resume: Ray Tune's state file '.*full/[a-z_-]+[-0-9_]*\.(json|pkl)' is damaged "
+                            r"\(\d+ bytes; .*\): this experiment cannot resume\. .*", line), line
+        assert seen == before and parent.info.status == "FAILED"
+        return
     assert again.returncode == 0, again.stderr[-3000:]
-    runs = runs_in(uri)
-    parent = next(x for x in runs if x.data.tags.get("kind") == "sweep")
-    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    # Two samples finished; a trial whose state the full disk kept Tune from saving was asked for
+    # Both samples finished; a trial whose state the full disk kept Tune from saving was asked for
     # again, and its first run stays FAILED with the reason. None is left RUNNING.
     assert parent.info.status == "FINISHED"
-    assert len([x for x in children if x.info.status == "FINISHED"]) == 2
+    assert len([x for x in children if x.info.status == "FINISHED"]) == 2, seen
     assert all(x.info.status == "FINISHED" or (x.info.status == "FAILED" and x.data.tags.get("error"))
-               for x in children), [(x.info.status, x.data.tags.get("error")) for x in children]
+               for x in children), seen
+    # A reopened run that finished keeps its interrupted attempt's error aside, not as its own.
+    assert not [x for x in children + [parent] if x.info.status == "FINISHED" and "error" in x.data.tags], seen
+
+
+def test_a_tune_state_file_cut_short_is_named(tmp_path):
+    import pickle
+
+    from kd_platform.sweep.disk import check_tune_state
+    (tmp_path / "experiment_state-2026.json").write_text('{"trial_data": []}')
+    (tmp_path / "searcher-state-2026.pkl").write_bytes(pickle.dumps({"a": 1}))
+    check_tune_state(str(tmp_path))
+    (tmp_path / "search_gen_state-2026.json").write_bytes(pickle.dumps({"counter": 2})[:5])
+    with pytest.raises(UsageError, match=r"search_gen_state-2026\.json' is damaged \(5 bytes"):
+        check_tune_state(str(tmp_path))
+    check_tune_state("s3://bucket/sweep")  # remote storage is Tune's to check

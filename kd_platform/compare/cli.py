@@ -146,6 +146,7 @@ def _protocol(columns: list[Column], cells: list[Cell], seeds: list[int], baseli
 def settings(argv: Sequence[str] | None) -> Any:
     """Parse and validate a comparison command line; touches nothing on disk."""
     from kd_platform.compare.runner import CompareSettings
+    from kd_platform.sweep.disk import check_tune_state
     args = parser().parse_args(argv)
     cli._check_common(args)
     args.experiment = args.experiment or EXPERIMENT
@@ -162,6 +163,7 @@ def settings(argv: Sequence[str] | None) -> Any:
             raise UsageError(f"--resume continues a comparison as it was started; drop {given[0]}")
         path = _latest(args.out) if args.resume == "latest" else Path(args.resume)
         s = CompareSettings.from_dir(path.resolve())
+        check_tune_state(s.experiment_path)
         s.verbose, s.log_models = verbose, args.log_models or s.log_models
         if args.no_system_metrics:
             from dataclasses import replace

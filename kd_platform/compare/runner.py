@@ -23,6 +23,7 @@ from kd_platform.errors import UsageError
 from kd_platform.launch.launcher import Launch
 from kd_platform.launch.trial import run_trial
 from kd_platform.run.spec import RunSpec
+from kd_platform.sweep.disk import DiskGuard
 from kd_platform.sweep.progress import Progress
 from kd_platform.sweep.tuner import (
     SweepInterrupted,
@@ -145,7 +146,7 @@ class CellLogger(MlflowTrialLogger):
 
 def _parent_run(s: CompareSettings, c: Any, experiment_id: str) -> str:
     if s.parent_run_id:
-        c.update_run(s.parent_run_id, status="RUNNING")
+        tracking.reopen(c, s.parent_run_id)
         return s.parent_run_id
     run = c.create_run(experiment_id, run_name=s.name, tags={
         "kind": KIND, "methods": ",".join(s.methods), "pairs": ",".join(col.label for col in s.columns),
@@ -216,10 +217,11 @@ def run_compare(s: CompareSettings) -> CompareOutcome:
     try:
         _save_state(s)
         progress = Progress(PRIMARY, s.epochs, ["cell"], s.trials, KIND)
-        callbacks: list[Any] = [logger, progress] if s.verbose == 1 else [logger]
+        guard = DiskGuard([str(s.run_dir), s.launch.storage_path], s.max_concurrent or 1)
+        callbacks: list[Any] = [logger, progress, guard] if s.verbose == 1 else [logger, guard]
         results = _fit(_tuner(s, _trainable(s), callbacks))
     except SweepInterrupted:
-        close_interrupted(c, logger, experiment_id, s.parent_run_id)
+        close_interrupted(c, logger, experiment_id, s.parent_run_id, guard)
         raise
     except BaseException as exc:
         close_failed(exc, c, experiment_id, s.parent_run_id, s.run_dir)

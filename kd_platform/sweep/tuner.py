@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_platform import tracking
-from kd_platform.errors import OneLineFailure, UsageError
+from kd_platform.errors import OneLineFailure, UsageError, error_line
 from kd_platform.launch.launcher import Launch
 from kd_platform.launch.trial import run_trial
 from kd_platform.run.evaluation import collapsed
@@ -40,6 +40,7 @@ from kd_platform.sweep.confirm import (
     markdown,
     plan_confirmation,
 )
+from kd_platform.sweep.disk import DiskGuard, check_free, free_bytes
 from kd_platform.sweep.space import SearchSpace
 from kd_platform.tracking.models import DEFAULT_LOG_MODELS
 
@@ -358,7 +359,7 @@ def with_trial_resources(fn: Any, launch: Launch) -> Any:
 
 def _parent_run(s: SweepSettings, c: Any, experiment_id: str, trials_per_gpu: float | None) -> str:
     if s.parent_run_id:
-        c.update_run(s.parent_run_id, status="RUNNING")
+        tracking.reopen(c, s.parent_run_id)
         return s.parent_run_id
     run = c.create_run(experiment_id, run_name=s.name, tags={
         "kind": "ablation" if s.ablation else "sweep", "method": s.method, "seed": s.seed,
@@ -400,6 +401,7 @@ def start_driver(run_dir: Path, resume: bool, address: str | None, launch: Launc
                  what: str) -> Driver:
     """Start (or join) Ray, open the MLflow store and the experiment, plan the packing, print the
     header, and create and lock ``run_dir``: the steps a sweep and a comparison share."""
+    check_free(run_dir)
     lock = _hold(run_dir) if resume else None  # before Ray starts: a second driver changes nothing
     # Workers' own logs reach the console only with -v: the trials' results say what matters.
     if verbose < 2:
@@ -449,7 +451,8 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
         trainable = _trainable(s)
         progress = Progress(s.space.metric, s.epochs, list(s.ablation.grid if s.ablation else s.space.swept),
                             s.samples, "ablation" if s.ablation else "search")
-        callbacks = [logger, progress] if s.verbose == 1 else [logger]
+        guard = DiskGuard([str(s.sweep_dir), s.launch.storage_path], s.max_concurrent or 1)
+        callbacks = [logger, progress, guard] if s.verbose == 1 else [logger, guard]
         if s.confirm_plan is None:  # the search (or the ablation) has not finished yet
             results = _fit(_search_tuner(s, trainable, callbacks))
             if not s.ablation:
@@ -467,7 +470,7 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
             confirm_results = _fit(_confirm_tuner(s, trainable, callbacks, s.confirm_plan))
             confirm_wall = time.perf_counter() - t_confirm
     except SweepInterrupted:
-        close_interrupted(c, logger, experiment_id, s.parent_run_id)
+        close_interrupted(c, logger, experiment_id, s.parent_run_id, guard)
         raise
     except BaseException as exc:
         close_failed(exc, c, experiment_id, s.parent_run_id, s.sweep_dir)
@@ -485,12 +488,15 @@ def run_sweep(s: SweepSettings) -> SweepOutcome:
     return outcome
 
 
-def close_interrupted(c: Any, logger: Any, experiment_id: str, parent_run_id: str) -> None:
+def close_interrupted(c: Any, logger: Any, experiment_id: str, parent_run_id: str, guard: DiskGuard) -> None:
     """After Ctrl-C: runs of the trials Tune stopped are closed, not left RUNNING (``--resume``
-    reopens them), and the held writes are sent."""
+    reopens them), and the held writes are sent. Where the disk guard sent the Ctrl-C, its one
+    line is raised."""
     _close_running(logger.client, experiment_id, parent_run_id, "KILLED", {"trial_outcome": "interrupted"})
     c.set_terminated(parent_run_id, status="KILLED")
     logger.close()
+    if guard.low is not None:
+        raise OneLineFailure(guard.message()) from None
 
 
 def close_failed(exc: BaseException, c: Any, experiment_id: str, parent_run_id: str, sweep_dir: Path) -> None:
@@ -498,14 +504,14 @@ def close_failed(exc: BaseException, c: Any, experiment_id: str, parent_run_id: 
     raises one line saying so (a full disk breaks Tune's own files first, and Tune reports
     whatever broke, not why)."""
     status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
+    reason = error_line(exc)[:500]
     try:  # best effort: the store may be what failed
         _close_running(c, experiment_id, parent_run_id, status, {"trial_outcome": "failed", "error": reason})
         tracking.set_tags(c, parent_run_id, {"error": reason})
     except Exception as also:  # noqa: BLE001 - the first failure is the one to report
         log.debug("runs not closed after %s: %s", reason, also)
     c.set_terminated(parent_run_id, status=status)
-    free = _free_bytes(sweep_dir)
+    free = free_bytes(sweep_dir)
     if status == "FAILED" and free is not None and free < LOW_DISK_BYTES:
         raise OneLineFailure(f"disk full under {sweep_dir} ({free // 1024} KiB free) when the run failed "
                              f"({reason}); free space, then --resume") from exc
@@ -523,6 +529,23 @@ def _quiet_libraries() -> None:
     # Tune's newer console prints an experiment box and paths even at verbose=0; the older one
     # prints nothing there, and the sweep prints its own lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A failed upload of Tune's state (to a bucket, or to a full disk) stays visible, as one line.
+    syncer = logging.getLogger("ray.train._internal.syncer")
+    if not any(isinstance(f, _OneLine) for f in syncer.filters):
+        syncer.addFilter(_OneLine())
+
+
+class _OneLine(logging.Filter):
+    """A library's log record in one line: its first line, and the error ending its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        lines = [line.strip() for line in record.getMessage().strip().splitlines() if line.strip()]
+        if record.exc_info and record.exc_info[1] is not None:
+            lines.append(error_line(record.exc_info[1]))
+        if len(lines) > 1:
+            record.msg, record.args = f"{lines[0]} ({lines[-1]})", ()
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
 
 
 def _header(s: SweepSettings) -> str:
@@ -552,13 +575,6 @@ def _hold(sweep_dir: Path) -> Any:
 
 LOW_DISK_BYTES = 16 * 2 ** 20
 
-
-def _free_bytes(path: Path) -> int | None:
-    import shutil
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return None
 
 
 def _close_running(client: Any, experiment_id: str, parent_run_id: str, status: str, tags: dict[str, str]) -> None:

@@ -199,6 +199,17 @@ def set_tags(c: Any, run_id: str, tags: Mapping[str, Any]) -> None:
     c.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
 
+def reopen(c: Any, run_id: str, tags: Mapping[str, str] | None = None) -> None:
+    """Mark a run that ``--resume`` continues RUNNING again. The error its interrupted attempt
+    left is kept as ``error.previous``: under ``error`` it would stay on a run that then finishes."""
+    if tags is None:
+        tags = c.get_run(run_id).data.tags
+    if "error" in tags:
+        set_tags(c, run_id, {"error.previous": tags["error"]})
+        c.delete_tag(run_id, "error")
+    c.update_run(run_id, status="RUNNING")
+
+
 def ui_command(uri: str) -> str:
     """The exact command that opens the MLflow UI on this store (bound to 127.0.0.1)."""
     if uri.startswith("sqlite:"):

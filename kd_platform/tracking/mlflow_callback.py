@@ -102,7 +102,7 @@ class MlflowTrialLogger(Callback):
                                   f"tags.`{tracking.PARENT_TAG}` = '{self.parent_run_id}'")
             if found and found[0].data.params:
                 run_id = found[0].info.run_id
-                c.update_run(run_id, status="RUNNING")
+                tracking.reopen(c, run_id, found[0].data.tags)
                 self.existing_epoch[trial_id] = _last_epoch(c, run_id)
                 self.logged_epoch[trial_id] = max(self.logged_epoch.get(trial_id, 0), self.existing_epoch[trial_id])
                 self.replayed[trial_id] = int(found[0].data.tags.get(REPLAYED_TAG, 0))

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping
 
-from kd_platform.errors import UsageError
+from kd_platform.errors import UsageError, error_line
 from kd_platform.run.checkpoint import STATE_FILE, load_checked
 from kd_platform.run.spec import RunSpec, data_recipe
 
@@ -207,7 +207,7 @@ def log_run_models(c: Any, uri: str, run_id: str, spec: RunSpec, location: str,
             state = fetch_state(location, Path(scratch))
             networks = load_networks(spec, state)
         except Exception as exc:  # noqa: BLE001 - bookkeeping of a finished run
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            reason = error_line(exc)
             log.warning("models of run %s not logged: %s", run_id, reason)
             set_tags(c, run_id, {ERROR_TAG: reason[:500]})
             return {}
@@ -251,8 +251,8 @@ def register(c: Any, name: str, model_id: str, run_id: str, tags: Mapping[str, A
         version = c.create_model_version(name, source, run_id=run_id,
                                          tags={k: str(v) for k, v in tags.items()}, model_id=model_id)
     except Exception as exc:  # noqa: BLE001 - the sweep's results stand without a registry
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"Model registry: not available on this store ({first[:200]}); the model stays at models:/{model_id}"
+        return (f"Model registry: not available on this store ({error_line(exc)[:200]}); "
+                f"the model stays at models:/{model_id}")
     return f"Registered {name} version {version.version} (models:/{name}/{version.version})"
 
 
