@@ -399,3 +399,23 @@ def test_a_tune_state_file_cut_short_is_named(tmp_path):
     with pytest.raises(UsageError, match=r"search_gen_state-2026\.json' is damaged \(5 bytes"):
         check_tune_state(str(tmp_path))
     check_tune_state("s3://bucket/sweep")  # remote storage is Tune's to check
+
+
+def test_the_disk_margin_grows_with_the_largest_checkpoint(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from kd_platform.sweep.disk import MIB, DiskGuard
+    monkeypatch.setenv("KD_MIN_FREE_MB", "1")
+    guard = DiskGuard([str(tmp_path), "s3://bucket/prefix"], concurrent=3)
+    assert guard.needed() == MIB and guard.folders == [tmp_path]
+    checkpoint = tmp_path / "checkpoint_000001"
+    checkpoint.mkdir()
+    (checkpoint / "state.pt").write_bytes(bytes(2 * MIB))
+    guard.on_checkpoint(1, [], None, SimpleNamespace(path=str(checkpoint)))
+    # Every running trial may write a new checkpoint before its old one is deleted.
+    assert guard.needed() == 2 * 3 * 2 * MIB and guard.low is None
+    monkeypatch.setenv("KD_MIN_FREE_MB", "0")
+    assert DiskGuard([str(tmp_path)], 3).needed() == 0
+    monkeypatch.setenv("KD_MIN_FREE_MB", "lots")
+    with pytest.raises(UsageError, match="KD_MIN_FREE_MB='lots' is not a number of MiB"):
+        DiskGuard([str(tmp_path)], 3)
