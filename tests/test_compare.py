@@ -268,6 +268,7 @@ def test_a_comparison_killed_halfway_resumes_without_training_a_cell_twice(tmp_p
     assert "ce" in out.stdout and "95%" in out.stdout
     again = run_cli("platform.compare", "--resume", str(res / "cmp-resume"))
     assert again.returncode == 0 and "nothing to resume" in again.stdout
+    assert f"/runs/{parents[0].info.run_id}" in again.stdout, again.stdout  # the UI page of the parent run
 
 
 def _fake_sweep(c, experiment_id: str, method: str, best: dict[str, str], finished: bool = True) -> str:

@@ -224,7 +224,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if isinstance(s, argparse.Namespace):
         return _rebuild(s)
     if s.finished:
-        print(f"Comparison {s.name} is finished; nothing to resume. Its parent run: {s.parent_run_id}")
+        from kd_platform.tracking import ui_url
+        url = ui_url(s.tracking_uri, s.experiment_id or "", s.parent_run_id) or f"MLflow run {s.parent_run_id}"
+        print(f"Comparison {s.name} is finished; nothing to resume. Its parent run: {url}")
         return 0
     try:
         outcome = run_compare(s)
