@@ -34,7 +34,7 @@ from kd_platform.tracking.teacher_artifacts import record_teacher
 
 CPU = torch.device("cpu")
 DESCRIPTION = {"format": 1, "kind": "teacher", "what": "a stand-in entry"}
-MAKE_S = 2.5  # longer than a waiter's stale_s: only the heartbeat keeps the claim alive
+MAKE_S = 4.0  # longer than a waiter's stale_s: only the heartbeat keeps the claim alive
 
 
 def _sha256(path: Path) -> str:
@@ -42,7 +42,7 @@ def _sha256(path: Path) -> str:
 
 
 def _quick_store(root: Path, exclusive: bool) -> TeacherStore:
-    return TeacherStore(str(root), exclusive=exclusive, heartbeat_s=0.2, stale_s=1.0, settle_s=0.3, poll_s=0.05)
+    return TeacherStore(str(root), exclusive=exclusive, heartbeat_s=0.2, stale_s=2.0, settle_s=0.3, poll_s=0.05)
 
 
 def _node(cache: str, store_root: str, exclusive: bool, counter: str, barrier, results) -> None:
@@ -103,6 +103,28 @@ def test_a_dead_trainers_marker_is_taken_over(tmp_path: Path) -> None:
     assert made == [1] and time.monotonic() - t0 >= store.stale_s  # it waited for the marker to go stale
     assert (tmp_path / "store" / digest / TEACHER_FILE).read_bytes() == b"weights"
     assert not (tmp_path / "store" / digest / CLAIM_FILE).exists()
+
+
+def test_a_marker_replaced_while_it_is_read_is_read_again(tmp_path: Path) -> None:
+    """Another node removed the marker and claimed again between this node's open and its
+    look: a race, read again, not a store to give up on (which trained the entry twice)."""
+    store = _quick_store(tmp_path / "store", exclusive=False)
+    digest = "e" * 64
+    (tmp_path / "store" / digest).mkdir(parents=True)
+    (tmp_path / "store" / digest / CLAIM_FILE).write_text('{"token": "other"}')
+    real, failures = store.fs, []
+
+    class OneMissedOpen:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def open_input_stream(self, path):
+            if not failures:
+                failures.append(path)
+                raise FileNotFoundError(f"Failed to open local file '{path}'")
+            return real.open_input_stream(path)
+    store.fs = OneMissedOpen()
+    assert store.claim_owner(digest) == "other" and len(failures) == 1
 
 
 def test_a_failed_training_frees_the_claim(tmp_path: Path) -> None:

@@ -170,14 +170,20 @@ class TeacherStore:
     # The training marker -------------------------------------------------------------
 
     def read_claim(self, digest: str) -> str | None:
-        """The marker's text, or None when there is none."""
-        try:
-            with self.fs.open_input_stream(self.path(digest, CLAIM_FILE)) as fh:
-                return fh.read().decode(errors="replace")
-        except OSError:
-            if self.has(digest, CLAIM_FILE):
-                raise
-            return None  # not every filesystem says FileNotFoundError
+        """The marker's text, or None when there is none. A marker that another node removes
+        and writes again while this one reads it (a takeover, then a new claim) is read again:
+        that is a race between nodes, not a store that cannot be used."""
+        for attempt in range(3):
+            try:
+                with self.fs.open_input_stream(self.path(digest, CLAIM_FILE)) as fh:
+                    return fh.read().decode(errors="replace")
+            except OSError:
+                if not self.has(digest, CLAIM_FILE):
+                    return None  # not every filesystem says FileNotFoundError
+                if attempt == 2:
+                    raise
+                time.sleep(self.poll_s)
+        return None
 
     def claim_owner(self, digest: str) -> str | None:
         text = self.read_claim(digest)
