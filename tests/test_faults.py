@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -269,39 +270,34 @@ def test_an_error_wrapping_a_traceback_is_reported_by_the_error_it_wraps():
     assert error_line(RuntimeError()) == "RuntimeError"
 
 
+@contextmanager
 def _tmpfs(tmp_path, free_mib: float):
     """A 40 MiB tmpfs with ``free_mib`` left: the disk under --out, run out on purpose."""
-    import subprocess
+    import shutil
     mount = tmp_path / "disk"
     mount.mkdir()
     made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)], capture_output=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    import shutil
     (mount / "filler").write_bytes(bytes(shutil.disk_usage(mount).free - int(free_mib * 2 ** 20)))
-    return mount
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 @pytest.fixture
 def small_disk(tmp_path):
     """1 MiB left: less than two of the sweep's checkpoints."""
-    import subprocess
-    mount = _tmpfs(tmp_path, 1)
-    try:
+    with _tmpfs(tmp_path, 1) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 @pytest.fixture
 def filling_disk(tmp_path):
     """5.5 MiB left against a 5 MiB margin: the first checkpoint crosses it, with room to spare."""
-    import subprocess
-    mount = _tmpfs(tmp_path, 5.5)
-    try:
+    with _tmpfs(tmp_path, 5.5) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 SPACE = "method: ce\nswept:\n  lr: {type: choice, values: [0.1, 0.05]}\n"

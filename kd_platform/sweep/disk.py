@@ -24,6 +24,8 @@ from kd_platform.errors import OneLineFailure, UsageError
 MIN_FREE_ENV = "KD_MIN_FREE_MB"
 DEFAULT_MIN_FREE_MB = 64
 MIB = 2 ** 20
+# Below this, a failure is taken for a full disk: Tune reports whatever broke, not why.
+LOW_DISK_BYTES = 16 * MIB
 
 
 def min_free_bytes() -> int:
@@ -123,8 +125,8 @@ def check_tune_state(experiment: str) -> None:
         return
     for pattern in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl", "tuner.pkl"):
         found = sorted(glob.glob(os.path.join(glob.escape(str(folder)), pattern)))
-        if found and not _readable(Path(found[-1])):
-            path = Path(found[-1])
+        path = Path(found[-1]) if found else None  # the newest: the one Tune restores from
+        if path is not None and not _readable(path):
             raise UsageError(f"--resume: Ray Tune's state file '{path}' is damaged ({path.stat().st_size} bytes; "
                              f"a disk that filled while Tune saved it cuts it short): this experiment cannot "
                              f"resume. Its finished trials stay in MLflow; start a new sweep for the rest")

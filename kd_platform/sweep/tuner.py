@@ -40,7 +40,7 @@ from kd_platform.sweep.confirm import (
     markdown,
     plan_confirmation,
 )
-from kd_platform.sweep.disk import DiskGuard, check_free, free_bytes
+from kd_platform.sweep.disk import LOW_DISK_BYTES, DiskGuard, check_free, free_bytes
 from kd_platform.sweep.space import SearchSpace
 from kd_platform.tracking.models import DEFAULT_LOG_MODELS
 
@@ -571,10 +571,6 @@ def _hold(sweep_dir: Path) -> Any:
         raise UsageError(f"sweep '{sweep_dir}' is being run by another driver; wait for it to end or stop it, "
                          f"then --resume") from None
     return handle  # the lock lasts as long as the file stays open, released when the process ends
-
-
-LOW_DISK_BYTES = 16 * 2 ** 20
-
 
 
 def _close_running(client: Any, experiment_id: str, parent_run_id: str, status: str, tags: dict[str, str]) -> None:
